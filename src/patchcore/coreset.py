@@ -45,7 +45,9 @@ def coreset_size(n: int, percentage: float) -> int:
 def _as_tensor(rows) -> torch.Tensor:
     if isinstance(rows, torch.Tensor):
         return rows.float()
-    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    # A read-only memmap chunk: copy it (torch does not take non-writable arrays).
+    return torch.from_numpy(rows if rows.flags.writeable else rows.copy())
 
 
 def random_projection(in_dim: int, out_dim: int, rng: np.random.Generator) -> np.ndarray:
