@@ -295,6 +295,8 @@ class PatchCore:
             shutil.rmtree(work_dir, ignore_errors=True)
 
         self.memory_bank_ = np.asarray(bank, dtype=np.float32)
+        # Set by an evaluation (map_min / map_max for heatmaps, image_threshold for decisions).
+        self.calibration_: dict[str, float] = {}
         self.coreset_indices_ = np.asarray(indices, dtype=np.int64)
         self._index = None
         self._search_index()
@@ -394,6 +396,7 @@ class PatchCore:
             "patch_grid": list(self.patch_grid_),
             "input_size": list(self.input_size_),
             "stats": dict(self.stats_),
+            "calibration": dict(getattr(self, "calibration_", {})),
             "versions": _versions(),
         }
 
@@ -450,6 +453,7 @@ class PatchCore:
             model.weights_id_ = state["weights_id"]
             model.layers_ = tuple(params["layers"])
             model.versions_ = dict(state.get("versions", {}))
+            model.calibration_ = dict(state.get("calibration", {}))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
         return model
@@ -495,6 +499,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, os.PathLike):
         return str(value)
+    if isinstance(value, np.generic):  # numpy scalars would not load with weights_only=True
+        return value.item()
     return value
 
 
@@ -508,11 +514,12 @@ def _versions() -> dict[str, str]:
     import faiss
     import torchvision
 
+    # Plain str: torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses.
     return {
-        "patchcore": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "faiss": getattr(faiss, "__version__", "unknown"),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
+        "patchcore": str(__version__),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "faiss": str(getattr(faiss, "__version__", "unknown")),
+        "numpy": str(np.__version__),
+        "python": str(platform.python_version()),
     }

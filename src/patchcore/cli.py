@@ -1,0 +1,119 @@
+"""``patchcore`` command line: a thin layer over :mod:`patchcore.workflow`.
+
+    patchcore train --config configs/elpv.yaml [key=value ...]
+    patchcore evaluate --model results/elpv/default/models --config configs/elpv.yaml
+    patchcore predict --model patchcore_mono.pt image.png folder/ --out predictions/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backbones import BackboneError
+    from .config import ConfigError
+    from .data import DataError
+    from .model import ModelFileError
+    from .tracking import TrackingError
+
+    return (ConfigError, DataError, BackboneError, ModelFileError, TrackingError, FileNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchcore", description="PatchCore industrial anomaly detection")
+    parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fit, save and evaluate one model per object of a data set")
+    train.add_argument("--config", "-c", help="YAML configuration (configs/elpv.yaml, mvtec.yaml, autovi.yaml)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any key, e.g. model.percentage=0.01")
+    train.add_argument("--log-online", choices=["wandb", "mlflow"], help="send metrics to W&B or MLflow (extras)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    evaluate = sub.add_parser("evaluate", help="re-evaluate saved models on a data set's test split")
+    evaluate.add_argument("--model", "-m", action="append", required=True, help="model file or folder (repeatable)")
+    evaluate.add_argument("--config", "-c", help="YAML configuration giving the data set and output folder")
+    evaluate.add_argument("--data", help="data set kind (mvtec, autovi, folder, elpv); overrides the config")
+    evaluate.add_argument("--root", help="data set folder; overrides the config")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    evaluate.add_argument("--no-progress", action="store_true")
+
+    predict = sub.add_parser("predict", help="score images with a saved model; heatmaps and JSON lines")
+    predict.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
+    predict.add_argument("images", nargs="+", help="image files or folders")
+    predict.add_argument("--out", "-o", default="predictions", help="folder for heatmaps and predictions.jsonl")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--batch-size", type=int, default=None)
+    predict.add_argument("--no-heatmaps", action="store_true")
+
+    sub.add_parser("backbones", help="list the registered backbones")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except _user_errors() as exc:
+        print(f"patchcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished objects and their reports are kept", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    if args.command == "backbones":
+        from .backbones import available_backbones
+
+        print("\n".join([*available_backbones(), "timm:<model name>"]))
+        return 0
+    if args.command == "train":
+        from .workflow import train
+
+        config = load_config(args.config, _with_progress(args.overrides, args.no_progress))
+        summary = train(config, online=args.log_online)
+        print(summary.reports["markdown"].read_text())
+        return 0
+    if args.command == "evaluate":
+        from .workflow import evaluate_models
+
+        overrides = list(args.overrides)
+        if args.data:
+            overrides.append(f"data.kind={args.data}")
+        if args.root:
+            overrides.append(f"data.root={args.root}")
+        config = load_config(args.config, _with_progress(overrides, args.no_progress))
+        summary = evaluate_models(config, args.model, device=args.device)
+        print(summary.reports["markdown"].read_text())
+        return 0
+    if args.command == "predict":
+        from .workflow import predict_images
+
+        records = predict_images(
+            args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,
+            heatmaps=not args.no_heatmaps,
+        )  # fmt: skip
+        for record in records:
+            print(json.dumps(record))
+        return 0
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+def _with_progress(overrides: Sequence[str], no_progress: bool) -> list[str]:
+    return [*overrides, "logging.progress=false"] if no_progress else list(overrides)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

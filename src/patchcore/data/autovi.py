@@ -1,0 +1,121 @@
+"""AutoVI loader (Renault automotive visual inspection data set, Carvalho et al. 2024)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .base import DataError, ObjectData, Sample, list_images, require_dir, resolve_root, sample_name
+
+__all__ = ["AUTOVI_OBJECTS", "find_autovi_object", "load_autovi", "load_autovi_object", "saturation_for"]
+
+AUTOVI_OBJECTS: tuple[str, ...] = (
+    "engine_wiring",
+    "pipe_clip",
+    "pipe_staple",
+    "tank_screw",
+    "underbody_pipes",
+    "underbody_screw",
+)
+
+_CONFIG_KEYS = ("defect_name", "pixel_value", "saturation_threshold", "relative_saturation")
+
+
+def find_autovi_object(root: Path, name: str) -> Path | None:
+    """The folder of object ``name``: ``root/<name>`` or, as unzipped, ``root/<name>/<name>``."""
+    for candidate in (root / name, root / name / name):
+        if (candidate / "train").is_dir():
+            return candidate
+    return None
+
+
+def _load_config(path: Path) -> list[dict]:
+    """Parse and validate ``defects_config.json``."""
+    if not path.is_file():
+        raise DataError(f"AutoVI defects config not found: {path}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot parse AutoVI defects config {path}: {exc}") from exc
+    if not isinstance(config, list) or not all(isinstance(e, dict) for e in config):
+        raise DataError(f"AutoVI defects config {path} must be a JSON list of objects")
+    for entry in config:
+        missing = [k for k in _CONFIG_KEYS if k not in entry]
+        if missing:
+            raise DataError(f"AutoVI defects config {path}: entry {entry} lacks {missing}")
+    return config
+
+
+def saturation_for(defects_config: Sequence[dict], pixel_value: int) -> tuple[float, bool]:
+    """(saturation_threshold, relative_saturation) of the defect type drawn with ``pixel_value``."""
+    for entry in defects_config:
+        if int(entry["pixel_value"]) == int(pixel_value):
+            return float(entry["saturation_threshold"]), bool(entry["relative_saturation"])
+    known = sorted(int(e["pixel_value"]) for e in defects_config)
+    raise DataError(f"mask pixel value {pixel_value} is not in defects_config (known values: {known})")
+
+
+def load_autovi_object(obj_dir: Path, name: str | None = None) -> ObjectData:
+    """One object folder: ``train/good``, ``test/<label>``, ``ground_truth/<defect>/<stem>/*.png``.
+
+    ``defect_example.png`` and other files outside those folders are not samples.
+    """
+    obj_dir = require_dir(Path(obj_dir), "AutoVI object folder")
+    config = _load_config(obj_dir / "defects_config.json")
+    train_dir = require_dir(obj_dir / "train" / "good", "AutoVI train/good folder")
+    train = [Sample(p, "good", (), sample_name(p, obj_dir)) for p in list_images(train_dir)]
+    if not train:
+        raise DataError(f"no training images in {train_dir}")
+
+    test_root = require_dir(obj_dir / "test", "AutoVI test folder")
+    test: list[Sample] = []
+    for label_dir in sorted(test_root.iterdir(), key=lambda p: p.name):
+        if not label_dir.is_dir() or label_dir.name.startswith("."):
+            continue
+        label = label_dir.name
+        for image_path in list_images(label_dir):
+            masks: tuple[Path, ...] = ()
+            if label != "good":
+                gt_dir = obj_dir / "ground_truth" / label / image_path.stem
+                if not gt_dir.is_dir():
+                    raise DataError(f"missing ground-truth folder {gt_dir} for defect image {image_path}")
+                masks = tuple(list_images(gt_dir))  # one PNG per annotated defect, sorted
+                if not masks:
+                    raise DataError(f"no mask images in {gt_dir} for defect image {image_path}")
+            test.append(Sample(image_path, label, masks, sample_name(image_path, obj_dir)))
+    if not test:
+        raise DataError(f"no test images in {test_root}")
+    return ObjectData(
+        name=name or obj_dir.name,
+        train=train,
+        test=test,
+        has_masks=True,
+        mask_format="autovi",
+        defects_config=config,
+        root=obj_dir,
+    )
+
+
+def load_autovi(root: str | Path | None, objects: Sequence[str] | None = None) -> list[ObjectData]:
+    """Load AutoVI objects from ``root``; both ``root/<obj>/train`` and ``root/<obj>/<obj>/train`` work.
+
+    ``objects`` None loads every object of :data:`AUTOVI_OBJECTS` present, in that order.
+    """
+    root_dir = resolve_root(root, "autovi")
+    if objects is None:
+        found = [(n, find_autovi_object(root_dir, n)) for n in AUTOVI_OBJECTS]
+        pairs = [(n, d) for n, d in found if d is not None]
+        if not pairs:
+            raise DataError(f"no AutoVI object folders ({', '.join(AUTOVI_OBJECTS)}) found under {root_dir}")
+    else:
+        pairs = []
+        for n in dict.fromkeys(objects):
+            d = find_autovi_object(root_dir, n)
+            if d is None:
+                raise DataError(
+                    f"AutoVI object '{n}' not found: neither {root_dir / n / 'train'} "
+                    f"nor {root_dir / n / n / 'train'} exists"
+                )
+            pairs.append((n, d))
+    return [load_autovi_object(d, n) for n, d in pairs]

@@ -1,0 +1,131 @@
+"""Run reports: results.csv (one row per object and a mean row), summary.md and summary.json.
+
+Metrics whose ground truth is absent are None: "n/a" in the CSV and the table, null in JSON, and left out
+of the mean (a mean over the objects that have the metric, with how many that was).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_json, atomic_write_text
+
+__all__ = ["ObjectResult", "mean_metrics", "write_reports"]
+
+# Preferred column order; any other metric keys follow in sorted order.
+METRIC_ORDER = (
+    "image_auroc",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_auroc_anomalous",
+    "au_pro",
+    "au_spro@0.01",
+    "au_spro@0.05",
+    "au_spro@0.1",
+    "au_spro@0.3",
+    "au_spro@1",
+)
+STAT_COLUMNS = (
+    "n_train_images",
+    "n_test_images",
+    "n_patches",
+    "memory_size",
+    "feature_dim",
+    "extract_seconds",
+    "coreset_seconds",
+    "index_seconds",
+    "predict_seconds",
+)
+
+
+@dataclass
+class ObjectResult:
+    name: str
+    metrics: dict[str, float | None]
+    stats: dict[str, Any] = field(default_factory=dict)
+    model_path: str | None = None
+
+
+def _metric_columns(results: list[ObjectResult]) -> list[str]:
+    keys = {k for r in results for k in r.metrics}
+    return [k for k in METRIC_ORDER if k in keys] + sorted(keys - set(METRIC_ORDER))
+
+
+def mean_metrics(results: list[ObjectResult]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in _metric_columns(results):
+        values = [r.metrics.get(key) for r in results]
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def _fmt(value: Any, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{100 * value:.2f}" if percent else f"{value:.4g}"
+    return str(value)
+
+
+def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, Any]) -> dict[str, Path]:
+    """Write results.csv, summary.md and summary.json into ``run_dir`` (atomically). Returns the paths."""
+    run_dir = Path(run_dir)
+    metric_keys = _metric_columns(results)
+    means = mean_metrics(results)
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["object", *metric_keys, *STAT_COLUMNS])
+    for r in results:
+        writer.writerow(
+            [r.name, *(_csv(r.metrics.get(k)) for k in metric_keys), *(_csv(r.stats.get(k)) for k in STAT_COLUMNS)]
+        )
+    writer.writerow(["mean", *(_csv(means[k]) for k in metric_keys), *([""] * len(STAT_COLUMNS))])
+    paths = {"csv": run_dir / "results.csv", "markdown": run_dir / "summary.md", "json": run_dir / "summary.json"}
+    atomic_write_text(paths["csv"], buffer.getvalue())
+
+    lines = [f"# PatchCore results: {header.get('project', '')} / {header.get('group', '')}", ""]
+    for key in ("data", "backbone", "layers", "sampler", "created"):
+        if key in header:
+            lines.append(f"- {key}: {header[key]}")
+    lines += ["", "Metrics in percent; n/a = no ground truth for that metric.", ""]
+    columns = ["object", *metric_keys, "memory", "train s", "test s"]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
+    for r in results:
+        train_seconds = sum(r.stats.get(k) or 0 for k in ("extract_seconds", "coreset_seconds", "index_seconds"))
+        cells = [r.name, *(_fmt(r.metrics.get(k), True) for k in metric_keys)]
+        cells += [
+            f"{r.stats.get('memory_size', 'n/a')} / {r.stats.get('n_patches', 'n/a')}",
+            f"{train_seconds:.1f}",
+            _fmt(r.stats.get("predict_seconds")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(_fmt(means[k], True) for k in metric_keys) + " | | | |")
+    atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
+
+    atomic_write_json(
+        paths["json"],
+        {
+            **header,
+            "objects": [
+                {"object": r.name, "metrics": r.metrics, "stats": r.stats, "model": r.model_path} for r in results
+            ],
+            "mean": means,
+        },
+    )
+    return paths
+
+
+def _csv(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return str(value)

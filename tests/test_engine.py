@@ -1,0 +1,553 @@
+"""Fast behavioural tests of the engine: backbone, patch features, coreset, index, scoring, model file.
+
+Everything runs on the CPU with tiny random images and a randomly initialised (seeded) ResNet-18, so no
+weights are downloaded. Agreement with the reference implementation's numbers is tests/test_golden.py's job.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+import patchcore.model as model_module
+from patchcore import ModelFileError, PatchCore
+from patchcore.backbones import BackboneError, FeatureExtractor, load_backbone
+from patchcore.coreset import (
+    ApproximateGreedyCoreset,
+    GreedyCoreset,
+    IdentitySampler,
+    RandomSampler,
+    covering_radius,
+    greedy_select,
+    make_sampler,
+    reference_greedy_select,
+    start_distances,
+)
+from patchcore.data.transforms import load_image
+from patchcore.features import patch_features
+from patchcore.fileio import atomic_write
+from patchcore.scoring import anomaly_maps
+
+# --------------------------------------------------------------------------- helpers and fixtures
+
+
+def random_images(n: int, height: int = 64, width: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def make_model(**overrides) -> PatchCore:
+    params = dict(
+        backbone="resnet18",
+        weights="random",
+        device="cpu",
+        resize=64,
+        imagesize=64,
+        percentage=0.25,
+        seed=0,
+    )
+    params.update(overrides)
+    return PatchCore(**params)
+
+
+def public_features(images: torch.Tensor, seed: int = 0, target_embed_dimension: int | None = 1024):
+    """Patch features of ``images`` built from the public pieces the estimator is made of."""
+    network, _, layers = load_backbone("resnet18", "random", seed=seed)
+    extractor = FeatureExtractor(network, layers)
+    rows, grid = patch_features(list(extractor(images).values()), 3, 1, 1024, target_embed_dimension)
+    return rows.numpy(), grid
+
+
+def brute_force_squared(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    diff = queries.astype(np.float64)[:, None, :] - bank.astype(np.float64)[None, :, :]
+    return (diff**2).sum(axis=2)
+
+
+def clustered_points(seed: int, n: int = 2000, dim: int = 16, clusters: int = 20) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10.0, size=(clusters, dim))
+    sizes = rng.multinomial(n, rng.dirichlet(np.ones(clusters)))
+    points = [c + rng.normal(scale=rng.uniform(0.2, 2.0), size=(s, dim)) for c, s in zip(centres, sizes)]
+    return np.concatenate(points).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def train_images() -> torch.Tensor:
+    return random_images(4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def test_images() -> torch.Tensor:
+    return random_images(3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(train_images) -> PatchCore:
+    return make_model().fit(train_images)
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights_file(tmp_path_factory) -> Path:
+    network, _, _ = load_backbone("resnet18", "random", seed=3)
+    path = tmp_path_factory.mktemp("weights") / "resnet18_random.pth"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+# --------------------------------------------------------------------------- 1, 2, 12: coreset
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_coresets_cover_no_worse_than_a_random_subset(seed):
+    points = clustered_points(seed)
+    samplers = {
+        "approx": ApproximateGreedyCoreset(percentage=0.05, projection_dim=None, num_starting_points=10),
+        "approx_projected": ApproximateGreedyCoreset(percentage=0.05, projection_dim=8, num_starting_points=10),
+        "exact": GreedyCoreset(percentage=0.05, projection_dim=None),
+    }
+    random_indices = RandomSampler(0.05).select(points, np.random.default_rng(seed))
+    random_radius = covering_radius(points, random_indices)
+    for name, sampler in samplers.items():
+        indices = sampler.select(points, np.random.default_rng(seed))
+        assert len(indices) == len(random_indices) == 100
+        radius = covering_radius(points, indices)
+        assert radius <= random_radius, f"{name}: covering radius {radius} > random subset's {random_radius}"
+
+
+def test_covering_radius_is_the_largest_nearest_selected_distance():
+    points = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    indices = np.array([7, 3, 100, 250])
+    expected = np.sqrt(brute_force_squared(points, points[indices]).min(axis=1).max())
+    assert covering_radius(points, indices) == pytest.approx(expected, rel=1e-5)
+    assert covering_radius(points, np.arange(len(points))) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_greedy_select_picks_the_first_index_on_exact_ties():
+    # From the start point (the origin, not itself selected) points 1-4 are all at distance 2: pick 1.
+    # Then min distances are [0, 0, 2, 2, 2] (2 is 4 from 1, 3 and 4 are 2*sqrt(2)): pick 2; then 3, not 4.
+    z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    start = np.array([0])
+    chosen = greedy_select(z, 3, start_distances(z, start))
+    np.testing.assert_array_equal(chosen, [1, 2, 3])
+    np.testing.assert_array_equal(chosen, reference_greedy_select(z, 3, start))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_select_matches_reference_loop_with_ties_and_duplicate_rows(seed):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(-3, 4, size=(30, 4))
+    # Every row three times, shuffled: many exact distance ties and exact zeros.
+    data = np.concatenate([base, base, base])[rng.permutation(90)]
+    z = torch.from_numpy(data.astype(np.float32))
+    start = rng.choice(len(z), 5, replace=False)
+    n_select = 45  # more than the distinct rows: the tail is all ties at distance 0
+    expected = reference_greedy_select(z, n_select, start)
+    chosen = greedy_select(z, n_select, start_distances(z, start))
+    np.testing.assert_array_equal(chosen, expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_select_matches_reference_loop_on_float_data(seed):
+    z = torch.from_numpy(np.random.default_rng(seed).normal(size=(200, 16)).astype(np.float32))
+    start = np.random.default_rng(seed + 10).choice(200, 10, replace=False)
+    np.testing.assert_array_equal(greedy_select(z, 40, start_distances(z, start)), reference_greedy_select(z, 40, start))
+
+
+def test_identity_sampler_keeps_every_row():
+    features = np.zeros((37, 4), dtype=np.float32)
+    np.testing.assert_array_equal(IdentitySampler().select(features, np.random.default_rng(0)), np.arange(37))
+    np.testing.assert_array_equal(
+        make_sampler("identity", percentage=0.1).select(features, np.random.default_rng(0)), np.arange(37)
+    )
+
+
+@pytest.mark.parametrize(("n", "percentage", "size"), [(1000, 0.1, 100), (999, 0.1, 99), (50, 0.01, 1), (20, 1.0, 20)])
+def test_random_sampler_keeps_floor_n_times_p_distinct_sorted_rows(n, percentage, size):
+    features = np.zeros((n, 3), dtype=np.float32)
+    indices = make_sampler("random", percentage).select(features, np.random.default_rng(1))
+    assert len(indices) == size
+    assert len(np.unique(indices)) == size
+    assert np.all(np.diff(indices) > 0)
+    assert indices.min() >= 0 and indices.max() < n
+
+
+def test_make_sampler_rejects_unknown_names_and_bad_percentages():
+    with pytest.raises(ValueError, match="unknown sampler 'kmeans'"):
+        make_sampler("kmeans")
+    for bad in (0.0, -0.1, 1.5):
+        for name in ("approx_greedy_coreset", "greedy_coreset", "random"):
+            with pytest.raises(ValueError, match=r"\(0, 1\]"):
+                make_sampler(name, bad)
+    assert isinstance(make_sampler("approx_greedy_coreset", 1.0), ApproximateGreedyCoreset)
+
+
+# --------------------------------------------------------------------------- 3, 13, 14: fit
+
+
+def test_same_seed_gives_a_bit_identical_memory_bank(train_images):
+    first = make_model(seed=5).fit(train_images)
+    second = make_model(seed=5).fit(train_images)
+    np.testing.assert_array_equal(first.coreset_indices_, second.coreset_indices_)
+    np.testing.assert_array_equal(first.memory_bank_, second.memory_bank_)
+
+
+def test_different_seed_gives_different_coreset_indices(train_images, resnet18_weights_file):
+    # Fixed backbone weights from a file, so only the coreset's randomness depends on the seed.
+    banks = [make_model(weights=str(resnet18_weights_file), seed=s).fit(train_images) for s in (0, 1)]
+    assert not np.array_equal(banks[0].coreset_indices_, banks[1].coreset_indices_)
+
+
+def test_memory_bank_rows_are_the_train_features_at_the_coreset_indices(fitted, train_images):
+    features, grid = public_features(train_images)
+    assert grid == (8, 8)
+    assert len(np.unique(fitted.coreset_indices_)) == len(fitted.coreset_indices_)
+    np.testing.assert_array_equal(fitted.memory_bank_, features[fitted.coreset_indices_])
+
+
+def test_stats_describe_the_fit(fitted):
+    stats = fitted.stats_
+    assert stats["n_train_images"] == 4
+    assert stats["n_patches"] == 4 * 8 * 8
+    assert stats["memory_size"] == int(4 * 8 * 8 * 0.25) == len(fitted.memory_bank_)
+    assert stats["feature_dim"] == 1024 == fitted.memory_bank_.shape[1]
+    assert stats["patch_grid"] == [8, 8]
+    assert stats["input_size"] == [64, 64]
+    for key in ("extract_seconds", "coreset_seconds", "index_seconds"):
+        assert isinstance(stats[key], float)
+        assert 0.0 <= stats[key] < 60.0
+    assert fitted.memory_bank_.dtype == np.float32
+
+
+def test_get_params_round_trips_and_unknown_params_are_rejected(fitted):
+    params = fitted.get_params()
+    assert params["backbone"] == "resnet18" and params["percentage"] == 0.25
+    assert PatchCore(**params).get_params() == params
+    with pytest.raises(ValueError, match="unknown PatchCore parameter"):
+        make_model().set_params(coreset_size=3)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        make_model().predict(random_images(1))
+
+
+# --------------------------------------------------------------------------- 4: model file
+
+
+def test_save_load_predict_is_bit_identical(fitted, test_images, tmp_path):
+    path = fitted.save(tmp_path / "patchcore_obj.pt")
+    assert sorted(os.listdir(tmp_path)) == ["patchcore_obj.pt"]  # no temp file left behind
+    state = torch.load(path, weights_only=True)
+    assert state["memory_bank"].dtype == torch.float32
+    loaded = PatchCore.load(path, device="cpu")
+    np.testing.assert_array_equal(loaded.memory_bank_, fitted.memory_bank_)
+    assert loaded.stats_ == fitted.stats_
+    before, after = fitted.predict(test_images), loaded.predict(test_images)
+    np.testing.assert_array_equal(after.image_scores, before.image_scores)
+    np.testing.assert_array_equal(after.anomaly_maps, before.anomaly_maps)
+    np.testing.assert_array_equal(after.patch_scores, before.patch_scores)
+
+
+def test_truncated_model_file_raises_model_file_error(fitted, tmp_path):
+    path = fitted.save(tmp_path / "model.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="not a readable patchcore model file"):
+        PatchCore.load(path)
+
+
+def test_garbage_model_file_raises_model_file_error(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"this is not a model\x00\xff" * 50)
+    with pytest.raises(ModelFileError, match="not a readable patchcore model file"):
+        PatchCore.load(path)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ModelFileError, match="not a patchcore model file"):
+        PatchCore.load(other)
+
+
+def test_model_file_of_another_format_version_raises_model_file_error(fitted, tmp_path):
+    path = fitted.save(tmp_path / "model.pt")
+    state = torch.load(path, weights_only=True)
+    state["format_version"] = 99
+    torch.save(state, path)
+    with pytest.raises(ModelFileError, match="format version 99"):
+        PatchCore.load(path)
+
+
+def test_missing_model_file_raises_model_file_error(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        PatchCore.load(tmp_path / "nowhere.pt")
+
+
+def test_failed_save_leaves_the_previous_file_intact(fitted, train_images, tmp_path, monkeypatch):
+    path = fitted.save(tmp_path / "model.pt")
+    previous = path.read_bytes()
+
+    def write_half_then_fail(target, write):
+        def writer(handle):
+            buffer = io.BytesIO()
+            write(buffer)
+            data = buffer.getvalue()
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            raise OSError("disk full")
+
+        atomic_write(target, writer)
+
+    monkeypatch.setattr(model_module, "atomic_write", write_half_then_fail)
+    other = make_model(seed=9, percentage=0.1).fit(train_images)
+    with pytest.raises(OSError, match="disk full"):
+        other.save(path)
+    assert path.read_bytes() == previous
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+    np.testing.assert_array_equal(PatchCore.load(path).memory_bank_, fitted.memory_bank_)
+
+
+# --------------------------------------------------------------------------- 5, 6: scoring
+
+
+def test_num_neighbors_k_is_the_mean_of_the_k_nearest_euclidean_distances(train_images, test_images):
+    model = make_model(num_neighbors=3).fit(train_images)
+    prediction = model.predict(test_images)
+    queries, grid = public_features(test_images)
+    squared = np.sort(brute_force_squared(queries, model.memory_bank_), axis=1)[:, :3]
+    expected = np.sqrt(squared).mean(axis=1).reshape(len(test_images), *grid)
+    np.testing.assert_allclose(prediction.patch_scores, expected, rtol=1e-4)
+    np.testing.assert_allclose(prediction.image_scores, expected.reshape(len(test_images), -1).max(axis=1), rtol=1e-4)
+    k1 = make_model(num_neighbors=1).fit(train_images).predict(test_images)
+    assert np.all(prediction.patch_scores >= k1.patch_scores * (1 - 1e-5))
+
+
+def test_squared_l2_distance_is_the_square_of_the_euclidean_scores(train_images, test_images):
+    euclidean = make_model(distance="euclidean").fit(train_images).predict(test_images)
+    squared_model = make_model(distance="squared_l2").fit(train_images)
+    squared = squared_model.predict(test_images)
+    np.testing.assert_array_equal(np.sqrt(squared.patch_scores), euclidean.patch_scores)
+    queries, _ = public_features(test_images)
+    expected = brute_force_squared(queries, squared_model.memory_bank_).min(axis=1)
+    np.testing.assert_allclose(squared.patch_scores.reshape(-1), expected, rtol=1e-4)
+
+
+def test_reweighting_follows_eq7_and_never_raises_scores(train_images, test_images):
+    b = 3
+    weighted = make_model(reweight=True, reweight_neighbors=b).fit(train_images)
+    plain = make_model(reweight=False).fit(train_images)
+    np.testing.assert_array_equal(weighted.memory_bank_, plain.memory_bank_)
+    weighted_scores = weighted.predict(test_images).image_scores
+    plain_prediction = plain.predict(test_images)
+
+    bank = weighted.memory_bank_.astype(np.float64)
+    queries, _ = public_features(test_images)
+    per_image = len(queries) // len(test_images)
+    expected = []
+    for i in range(len(test_images)):
+        rows = queries[i * per_image : (i + 1) * per_image].astype(np.float64)
+        distances = np.sqrt(brute_force_squared(rows, bank))  # (P, M)
+        patch = distances.min(axis=1)
+        worst = int(patch.argmax())
+        assert worst == int(plain_prediction.patch_scores[i].reshape(-1).argmax())
+        s_star = patch[worst]
+        m_star = int(distances[worst].argmin())
+        neighbourhood = np.argsort(brute_force_squared(bank[m_star : m_star + 1], bank)[0], kind="stable")[:b]
+        assert m_star in neighbourhood
+        to_test = np.sqrt(((bank[neighbourhood] - rows[worst]) ** 2).sum(axis=1))
+        softmax = np.exp(distances[worst, m_star]) / np.exp(to_test).sum()
+        expected.append((1.0 - softmax) * s_star)
+    np.testing.assert_allclose(weighted_scores, expected, rtol=1e-4)
+    assert np.all(weighted_scores <= plain_prediction.image_scores)
+    assert np.all(weighted_scores > 0)
+
+
+def test_anomaly_maps_are_the_smoothed_upsampled_patch_scores(fitted, test_images):
+    prediction = fitted.predict(test_images)
+    assert prediction.anomaly_maps.shape == (3, 64, 64)
+    np.testing.assert_array_equal(prediction.anomaly_maps, anomaly_maps(prediction.patch_scores, (64, 64), 4.0))
+    np.testing.assert_array_equal(prediction.image_scores, prediction.patch_scores.reshape(3, -1).max(axis=1))
+    assert fitted.predict(test_images, return_maps=False).anomaly_maps is None
+
+
+# --------------------------------------------------------------------------- 7: features
+
+
+def test_no_target_dimension_gives_layer_channel_sum_of_3x3_means_aligned_to_first_grid(train_images):
+    model = make_model(target_embed_dimension=None, sampler="identity").fit(train_images)
+    assert model.stats_["feature_dim"] == 128 + 256
+    assert model.memory_bank_.shape == (4 * 8 * 8, 384)
+
+    network, _, _ = load_backbone("resnet18", "random", seed=0)
+    maps = FeatureExtractor(network, ["layer2", "layer3"])(train_images)
+    layer2, layer3 = maps["layer2"], maps["layer3"]
+    assert layer2.shape[1:] == (128, 8, 8) and layer3.shape[1:] == (256, 4, 4)
+    pooled2 = F.avg_pool2d(layer2, 3, stride=1, padding=1, count_include_pad=True)
+    pooled3 = F.avg_pool2d(layer3, 3, stride=1, padding=1, count_include_pad=True)
+    pooled3 = F.interpolate(pooled3, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = torch.cat([pooled2, pooled3], dim=1).permute(0, 2, 3, 1).reshape(-1, 384).numpy()
+
+    rows, grid = patch_features([layer2, layer3], 3, 1, 1024, None)
+    assert grid == (8, 8)
+    np.testing.assert_allclose(rows.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.memory_bank_, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- 8, 9: backbone
+
+
+def test_feature_extractor_stops_after_the_last_needed_layer():
+    network, _, _ = load_backbone("resnet18", "random", seed=0)
+    calls = []
+    for name in ("layer4", "avgpool", "fc"):
+        getattr(network, name).register_forward_hook(lambda *args, name=name: calls.append(name))
+    for layers in (["layer2", "layer3"], ["layer3", "layer2"], ["layer2", "layer2.0"]):
+        extractor = FeatureExtractor(network, layers)
+        for _ in range(2):  # the first call finds the last layer, later calls use it
+            outputs = extractor(random_images(1))
+            assert list(outputs) == layers
+    assert calls == []
+
+
+def test_backbone_stays_in_eval_mode_and_batchnorm_statistics_do_not_move(train_images, monkeypatch):
+    networks = []
+    real_load_backbone = model_module.load_backbone
+
+    def recording_load_backbone(*args, **kwargs):
+        network, wid, layers = real_load_backbone(*args, **kwargs)
+
+        def check_eval(module, inputs):
+            assert not any(m.training for m in module.modules()), "forward pass in train mode"
+
+        network.register_forward_pre_hook(check_eval)
+        networks.append(network)
+        return network, wid, layers
+
+    monkeypatch.setattr(model_module, "load_backbone", recording_load_backbone)
+    make_model().fit(train_images)
+    assert len(networks) == 1
+    fresh, _, _ = real_load_backbone("resnet18", "random", seed=0)
+    for (name, after), before in zip(networks[0].state_dict().items(), fresh.state_dict().values()):
+        if "running" in name or "num_batches" in name:
+            assert torch.equal(after, before), f"{name} changed during fit"
+
+    extractor = FeatureExtractor(fresh, ["layer2", "layer3"])
+    extractor.train()
+    assert not extractor.training
+    assert not any(m.training for m in extractor.modules())
+    extractor(random_images(2))
+    bn = fresh.bn1
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_missing_torchvision_weights_file_names_the_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(BackboneError) as info:
+        load_backbone("wideresnet50")
+    message = str(info.value)
+    assert "wide_resnet50_2-95faca4d.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
+    assert "weights=PATH" in message
+
+
+def test_unknown_backbone_and_unknown_layer_give_clear_errors(train_images):
+    with pytest.raises(BackboneError, match=r"unknown backbone 'resnet9000'.*resnet18"):
+        load_backbone("resnet9000")
+    network, _, _ = load_backbone("resnet18", "random")
+    with pytest.raises(BackboneError, match=r"layer\(s\) \['layer9'\] not found.*layer4"):
+        FeatureExtractor(network, ["layer2", "layer9"])
+    with pytest.raises(BackboneError, match="layer9"):
+        make_model(layers=["layer9"]).fit(train_images)
+
+
+def test_weights_path_gives_the_same_features_as_the_original_network(resnet18_weights_file, train_images):
+    original, _, layers = load_backbone("resnet18", "random", seed=3)
+    from_file, wid, _ = load_backbone("resnet18", resnet18_weights_file, seed=0)
+    assert wid.startswith("file:")
+    expected = FeatureExtractor(original, layers)(train_images)
+    actual = FeatureExtractor(from_file, layers)(train_images)
+    for layer in layers:
+        torch.testing.assert_close(actual[layer], expected[layer], rtol=0, atol=0)
+
+
+def test_weights_file_of_another_architecture_is_rejected(resnet18_weights_file):
+    with pytest.raises(BackboneError, match="does not fit this backbone"):
+        load_backbone("resnet50", resnet18_weights_file)
+
+
+# --------------------------------------------------------------------------- 10: precision
+
+
+def test_bf16_autocast_stores_a_float32_bank_and_scores_close_to_fp32(train_images, test_images, fitted):
+    model = make_model(precision="bf16").fit(train_images)
+    assert model.memory_bank_.dtype == np.float32
+    prediction = model.predict(test_images)
+    assert prediction.image_scores.dtype == np.float32
+    reference = fitted.predict(test_images)
+    np.testing.assert_allclose(prediction.image_scores, reference.image_scores, rtol=0.1)
+    with pytest.raises(ValueError, match="precision"):
+        make_model(precision="int8").fit(train_images)
+
+
+# --------------------------------------------------------------------------- 11, 15: inputs
+
+
+def test_every_tensor_container_gives_the_same_results(fitted, train_images, test_images):
+    reference = fitted.predict(test_images)
+    containers = {
+        "numpy": test_images.numpy(),
+        "dataloader": DataLoader(TensorDataset(test_images), batch_size=2),
+        "dicts": [{"image": test_images[:2]}, {"image": test_images[2:]}],
+        "single images": list(test_images),
+        "single image": test_images[0],
+    }
+    for name, images in containers.items():
+        prediction = fitted.predict(images)
+        n = 1 if name == "single image" else 3
+        np.testing.assert_allclose(prediction.image_scores, reference.image_scores[:n], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(prediction.anomaly_maps, reference.anomaly_maps[:n], rtol=1e-5, atol=1e-5)
+
+    from_loader = make_model().fit(DataLoader(TensorDataset(train_images), batch_size=2))
+    from_list = make_model().fit(list(train_images))
+    for other in (from_loader, from_list):
+        assert other.stats_["n_train_images"] == 4
+        np.testing.assert_array_equal(other.coreset_indices_, fitted.coreset_indices_)
+        np.testing.assert_allclose(other.memory_bank_, fitted.memory_bank_, rtol=1e-5, atol=1e-5)
+
+
+def test_image_file_paths_go_through_the_models_transform(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    model = make_model().fit([str(p) for p in paths[:2]])
+    assert model.stats_["n_train_images"] == 2
+    tensors = torch.stack([model.transform(load_image(p)) for p in paths])
+    from_paths = model.predict(paths)
+    from_tensors = model.predict(tensors)
+    np.testing.assert_array_equal(from_paths.image_scores, from_tensors.image_scores)
+    from_pil = model.predict([Image.open(p) for p in paths])
+    np.testing.assert_array_equal(from_pil.image_scores, from_tensors.image_scores)
+
+
+def test_non_square_inputs_give_maps_of_the_input_size_and_matching_patch_grid(fitted, train_images):
+    wide = random_images(2, height=64, width=96, seed=4)
+    prediction = fitted.predict(wide)
+    assert prediction.anomaly_maps.shape == (2, 64, 96)
+    assert prediction.patch_scores.shape == (2, 8, 12)  # layer2 of ResNet-18 has stride 8
+    model = make_model().fit(random_images(2, height=96, width=64, seed=5))
+    assert model.patch_grid_ == (12, 8)
+    assert model.stats_["input_size"] == [96, 64]
+    tall = model.predict(random_images(1, height=96, width=64, seed=6))
+    assert tall.anomaly_maps.shape == (1, 96, 64)
+    assert tall.patch_scores.shape == (1, 12, 8)
+
+
+def test_images_of_different_sizes_in_one_batch_are_rejected(fitted):
+    with pytest.raises(ValueError, match="different sizes"):
+        fitted.predict([random_images(1)[0], random_images(1, width=96)[0]])
