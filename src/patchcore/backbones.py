@@ -151,7 +151,10 @@ def _load_state_dict_file(model: nn.Module, path: Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise BackboneError(f"weights file {path} does not hold a state dict")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shapes: a checkpoint of another architecture
+        raise BackboneError(f"weights file {path} does not fit this backbone: {exc}") from exc
     # A classifier head may legitimately be absent from feature-only checkpoints; anything else is a mismatch.
     missing = [k for k in missing if not k.startswith(("fc.", "_fc.", "classifier.", "head."))]
     if missing or unexpected:
@@ -265,6 +268,9 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(f"layer(s) {unknown} not found in the backbone; top-level modules: {candidates}")
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles = []
+        # Hooks act only during this extractor's own forward: the backbone stays usable on its own and by
+        # other extractors hooked on the same network.
+        self._active = False
         # The layer that finishes last during the forward pass is found at the first call.
         self._last_layer: str | None = None
         for layer in self.layers:
@@ -272,6 +278,8 @@ class FeatureExtractor(nn.Module):
 
     def _make_hook(self, layer: str):
         def hook(module: nn.Module, inputs, output) -> None:
+            if not self._active:
+                return
             self._outputs[layer] = output
             if self._last_layer is not None and layer == self._last_layer:
                 raise _StopForward
@@ -289,10 +297,13 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         self._outputs = {}
+        self._active = True
         try:
             self.backbone(images)
         except _StopForward:
             pass
+        finally:
+            self._active = False
         missing = [layer for layer in self.layers if layer not in self._outputs]
         if missing:
             raise BackboneError(f"layer(s) {missing} were not reached by the forward pass")

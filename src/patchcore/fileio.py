@@ -13,6 +13,16 @@ from typing import IO, Any
 __all__ = ["atomic_write", "atomic_write_json", "atomic_write_text"]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which races with other threads.
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it is fsynced and renamed over ``path``."""
@@ -24,6 +34,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file 0600; give it the mode a plain open() would (or the replaced file's).
+        try:
+            file_mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            file_mode = 0o666 & ~_UMASK
+        os.chmod(tmp, file_mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
