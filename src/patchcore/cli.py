@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from . import __version__
 
 
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .backbones import BackboneError
     from .config import ConfigError
@@ -25,6 +23,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .tracking import TrackingError
 
     return (ConfigError, DataError, BackboneError, ModelFileError, TrackingError, FileNotFoundError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error message on one line.
+
+    An error raised in a DataLoader worker comes back with the worker's whole traceback in its message
+    (torch's ExceptionWrapper): keep the original message, its last line. Other multi-line messages (torch.load
+    explains itself over several lines) are joined.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Caught ") and any(line.startswith("Original Traceback") for line in lines):
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        starts = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+        if starts:
+            return " ".join([lines[starts[-1]][len(prefix) :], *lines[starts[-1] + 1 :]])
+        return lines[-1]
+    return " ".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except _user_errors() as exc:
-        print(f"patchcore {args.command}: error: {exc}", file=sys.stderr)
+        print(f"patchcore {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished objects and their reports are kept", file=sys.stderr)

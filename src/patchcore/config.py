@@ -245,14 +245,36 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from exc
+        if isinstance(value, (bool, int, float)) and _is_string_key(parts):
+            # YAML reads group=2024 or project=1.10 as numbers; for a string key the text is what was meant.
+            value = raw.strip()
         node = data
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section left empty in the file (`model:`)
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _is_string_key(parts: list[str]) -> bool:
+    """Whether the dotted key names a field typed ``str`` or ``str | None``."""
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        annotation = hints[part]
+        if i < len(parts) - 1:
+            cls = annotation
+            continue
+        return annotation is str or set(typing.get_args(annotation)) == {str, type(None)}
+    return False
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

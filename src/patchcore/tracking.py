@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "TrackingError", "make_tracker"]
+__all__ = ["Tracker", "TrackingError", "check_tracker", "make_tracker"]
 
 log = logging.getLogger("patchcore")
 
@@ -36,10 +36,10 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 class WandbTracker(Tracker):
     def __init__(self, project: str, group: str, config: dict[str, Any], run_dir: Path):
-        import wandb
-
         # Offline unless the user configured otherwise (WANDB_MODE): runs are synced later with `wandb sync`.
         import os
+
+        import wandb
 
         mode = os.environ.get("WANDB_MODE", "offline")
         self._wandb = wandb
@@ -89,15 +89,22 @@ class MlflowTracker(Tracker):
 _TRACKERS = {"wandb": (WandbTracker, "wandb"), "mlflow": (MlflowTracker, "mlflow")}
 
 
-def make_tracker(kind: str | None, project: str, group: str, config: dict[str, Any], run_dir: Path) -> Tracker:
-    """A tracker by name (None: no tracking). A missing package is a TrackingError saying what to install."""
+def check_tracker(kind: str | None) -> None:
+    """Raise TrackingError (saying what to install) unless tracker ``kind`` can be used; None is fine."""
     if kind is None:
-        return Tracker()
+        return
     if kind not in _TRACKERS:
         raise TrackingError(f"unknown tracker {kind!r}; known: {', '.join(_TRACKERS)}")
-    cls, package = _TRACKERS[kind]
+    package = _TRACKERS[kind][1]
     if importlib.util.find_spec(package) is None:
         raise TrackingError(
             f"--log-online {kind} needs the package '{package}': pip install 'patchcore[{kind}]' (or pip install {package})"
         )
-    return cls(project, group, config, run_dir)
+
+
+def make_tracker(kind: str | None, project: str, group: str, config: dict[str, Any], run_dir: Path) -> Tracker:
+    """A tracker by name (None: no tracking). A missing package is a TrackingError saying what to install."""
+    check_tracker(kind)
+    if kind is None:
+        return Tracker()
+    return _TRACKERS[kind][0](project, group, config, run_dir)

@@ -5,6 +5,7 @@ The CLI is a thin layer over these functions; they can also be called from Pytho
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -32,13 +33,13 @@ from .data import (
     load_image,
     saturation_for,
 )
-from .data.base import IMAGE_EXTENSIONS
+from .data.base import is_image_file
 from .fileio import atomic_write_json, atomic_write_text
 from .heatmaps import normalize_maps, save_heatmap, save_map_png
 from .metrics import SaturationSpec, compute_metrics
 from .model import PatchCore
 from .reports import ObjectResult, mean_metrics, write_reports
-from .tracking import make_tracker
+from .tracking import check_tracker, make_tracker
 
 __all__ = [
     "RunSummary",
@@ -82,15 +83,29 @@ def make_run_dir(output_dir: str | os.PathLike, project: str, group: str) -> Pat
     raise RuntimeError(f"no free run folder under {parent}")
 
 
+_CONSOLE = None
+
+
+def _console():
+    """The rich console of logs and progress bars, shared so log lines print above live bars; on stderr,
+    because stdout carries the results (the summary table, predict's JSON lines)."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        _CONSOLE = Console(stderr=True)
+    return _CONSOLE
+
+
 def setup_logging(run_dir: Path | None, level: str = "INFO") -> None:
-    """Console logging through rich, plus ``run.log`` in the run folder."""
+    """Console logging through rich (on stderr: stdout carries results), plus ``run.log`` in the run folder."""
     from rich.logging import RichHandler
 
     log.setLevel(level.upper())
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
-    console = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    console = RichHandler(console=_console(), show_path=False, rich_tracebacks=False, markup=False)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
     if run_dir is not None:
@@ -127,6 +142,7 @@ class Progress:
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
+                console=_console(),
                 transient=False,
             )
             self._progress.__enter__()
@@ -174,6 +190,22 @@ def _loader(samples, transform, batch_size: int, num_workers: int, with_masks: b
         collate_fn=collate_samples,
         persistent_workers=False,
     )
+
+
+@contextlib.contextmanager
+def _batches(loader: DataLoader):
+    """Iterate ``loader``, shutting its worker processes down at once if the loop fails (a bad image).
+
+    Otherwise the failed iterator sits in a reference cycle with the exception's traceback and its workers
+    are only stopped by a later garbage collection, which then stalls for several seconds per worker.
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -231,25 +263,26 @@ def evaluate_object(
     original_sizes = []
     t0 = time.perf_counter()
     done = 0
-    for batch in loader:
-        prediction = model.predict(batch["image"])
-        scores.append(prediction.image_scores)
-        labels.extend(int(v) for v in batch["label"])
-        maps.extend(prediction.anomaly_maps)
-        original_sizes.extend(tuple(int(v) for v in s) for s in batch["original_size"])
-        if with_masks:
-            masks.extend(m.numpy().astype(bool) for m in batch["mask"])
-            for index in batch["index"]:
-                sample = obj.test[int(index)]
-                pixel_usable.append(not sample.is_anomalous or bool(sample.mask_paths))
-            if obj.mask_format == "autovi":
-                for index, channels in zip(batch["index"], batch["mask_channels"], strict=True):
-                    m, s = _channel_specs(obj, channels, obj.test[int(index)].image_path)
-                    spro_masks.append(m)
-                    spro_specs.append(s)
-        done += len(batch["image"])
-        if progress is not None:
-            progress("predict", done, len(obj.test))
+    with _batches(loader) as batches:
+        for batch in batches:
+            prediction = model.predict(batch["image"])
+            scores.append(prediction.image_scores)
+            labels.extend(int(v) for v in batch["label"])
+            maps.extend(prediction.anomaly_maps)
+            original_sizes.extend(tuple(int(v) for v in s) for s in batch["original_size"])
+            if with_masks:
+                masks.extend(m.numpy().astype(bool) for m in batch["mask"])
+                for index in batch["index"]:
+                    sample = obj.test[int(index)]
+                    pixel_usable.append(not sample.is_anomalous or bool(sample.mask_paths))
+                if obj.mask_format == "autovi":
+                    for index, channels in zip(batch["index"], batch["mask_channels"], strict=True):
+                        m, s = _channel_specs(obj, channels, obj.test[int(index)].image_path)
+                        spro_masks.append(m)
+                        spro_specs.append(s)
+            done += len(batch["image"])
+            if progress is not None:
+                progress("predict", done, len(obj.test))
     predict_seconds = time.perf_counter() - t0
     image_scores = np.concatenate(scores).astype(np.float32)
     label_array = np.asarray(labels, dtype=np.int64)
@@ -337,13 +370,15 @@ def _objects(config: Config) -> list[ObjectData]:
 
 def train(config: Config, online: str | None = None) -> RunSummary:
     """Fit, save and (optionally) evaluate one model per object; write the summary reports."""
+    # Bad input (missing data folder, tracker not installed) fails before a run folder is taken.
+    objects = _objects(config)
+    check_tracker(online or config.logging.online)
     run_dir = make_run_dir(config.output_dir, config.project, config.group)
     setup_logging(run_dir, config.logging.level)
     import yaml
 
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     log.info("run folder: %s", run_dir)
-    objects = _objects(config)
     log.info("data: %s, objects: %s", config.data.kind, ", ".join(o.name for o in objects))
     tracker = make_tracker(online or config.logging.online, config.project, run_dir.name, config_to_dict(config), run_dir)
     header = _header(config)
@@ -359,7 +394,8 @@ def train(config: Config, online: str | None = None) -> RunSummary:
                 log.info("%s: fitting on %d good images", obj.name, len(obj.train))
                 progress.start(obj.name, {"extract": len(obj.train)})
                 loader = _loader(obj.train, model.transform, config.model.batch_size, config.data.num_workers, False)
-                model.fit(loader, progress=progress)
+                with _batches(loader) as batches:
+                    model.fit(batches, progress=progress)
                 model.stats_["object"] = obj.name
                 stats = dict(model.stats_)
                 metrics: dict[str, float | None] = {}
@@ -415,9 +451,9 @@ def _model_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
 def evaluate_models(config: Config, model_paths: Sequence[str | os.PathLike], device: str = "auto") -> RunSummary:
     """Re-evaluate saved models on the test split of the configured data set (object from each model)."""
     files = _model_files(model_paths)
+    objects = {o.name: o for o in _objects(config)}
     run_dir = make_run_dir(config.output_dir, config.project, f"{config.group}_eval")
     setup_logging(run_dir, config.logging.level)
-    objects = {o.name: o for o in _objects(config)}
     results: list[ObjectResult] = []
     header = _header(config)
     header["models"] = [str(f) for f in files]
@@ -445,7 +481,11 @@ def _expand_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     images: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            # Like the data set loaders: skip hidden files and folders (macOS "._x.png", .ipynb_checkpoints).
+            found = sorted(
+                p for p in item.rglob("*")
+                if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )  # fmt: skip
             if not found:
                 raise DataError(f"no images in folder {item}")
             images.extend(found)
