@@ -153,18 +153,20 @@ def test_covering_radius_is_the_largest_nearest_selected_distance():
     assert covering_radius(points, np.arange(len(points))) == pytest.approx(0.0, abs=1e-3)
 
 
-def test_greedy_select_picks_the_first_index_on_exact_ties():
+@pytest.mark.parametrize("method", ["pruned", "fused"])
+def test_greedy_select_picks_the_first_index_on_exact_ties(method):
     # From the start point (the origin, not itself selected) points 1-4 are all at distance 2: pick 1.
     # Then min distances are [0, 0, 2, 2, 2] (2 is 4 from 1, 3 and 4 are 2*sqrt(2)): pick 2; then 3, not 4.
     z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
     start = np.array([0])
-    chosen = greedy_select(z, 3, start_distances(z, start))
+    chosen = greedy_select(z, 3, start_distances(z, start), method=method)
     np.testing.assert_array_equal(chosen, [1, 2, 3])
     np.testing.assert_array_equal(chosen, reference_greedy_select(z, 3, start))
 
 
+@pytest.mark.parametrize("method", ["pruned", "fused"])
 @pytest.mark.parametrize("seed", range(4))
-def test_greedy_select_matches_reference_loop_with_ties_and_duplicate_rows(seed):
+def test_greedy_select_matches_reference_loop_with_ties_and_duplicate_rows(seed, method):
     rng = np.random.default_rng(seed)
     base = rng.integers(-3, 4, size=(30, 4))
     # Every row three times, shuffled: many exact distance ties and exact zeros.
@@ -173,16 +175,17 @@ def test_greedy_select_matches_reference_loop_with_ties_and_duplicate_rows(seed)
     start = rng.choice(len(z), 5, replace=False)
     n_select = 45  # more than the distinct rows: the tail is all ties at distance 0
     expected = reference_greedy_select(z, n_select, start)
-    chosen = greedy_select(z, n_select, start_distances(z, start))
+    chosen = greedy_select(z, n_select, start_distances(z, start), method=method)
     np.testing.assert_array_equal(chosen, expected)
 
 
+@pytest.mark.parametrize("method", ["pruned", "fused"])
 @pytest.mark.parametrize("seed", range(3))
-def test_greedy_select_matches_reference_loop_on_float_data(seed):
+def test_greedy_select_matches_reference_loop_on_float_data(seed, method):
     z = torch.from_numpy(np.random.default_rng(seed).normal(size=(200, 16)).astype(np.float32))
     start = np.random.default_rng(seed + 10).choice(200, 10, replace=False)
     np.testing.assert_array_equal(
-        greedy_select(z, 40, start_distances(z, start)), reference_greedy_select(z, 40, start)
+        greedy_select(z, 40, start_distances(z, start), method=method), reference_greedy_select(z, 40, start)
     )
 
 

@@ -21,7 +21,8 @@ GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
 GOLDEN = GOLDEN_DIR / "elpv_effnetlite0_112.npz"
 
 pytestmark = pytest.mark.skipif(
-    not GOLDEN.is_file(), reason=f"golden fixtures not found at {GOLDEN} (only present beside the dev checkout)"
+    not GOLDEN.is_file(),
+    reason=f"golden fixtures not found at {GOLDEN} (only present beside the dev checkout)",
 )
 
 RTOL = 1e-4
@@ -83,16 +84,22 @@ def test_patch_features_match_reference(golden, extractor):
 
 def test_patch_features_from_reference_layer_maps(golden):
     # Independent of the backbone: the aggregation alone, from the reference's own layer outputs.
-    layer_maps = [torch.from_numpy(golden["test0_layer_blocks4"]), torch.from_numpy(golden["test0_layer_blocks10"])]
+    layer_maps = [
+        torch.from_numpy(golden["test0_layer_blocks4"]),
+        torch.from_numpy(golden["test0_layer_blocks10"]),
+    ]
     features, _ = patch_features(layer_maps, 3, 1, 1024, 1024)
     assert_close(features.numpy(), golden["test0_features"])
 
 
-def test_coreset_projection_and_indices_match_reference(golden):
+@pytest.mark.parametrize("method", ["pruned", "fused"])
+def test_coreset_projection_and_indices_match_reference(golden, method):
     projected = project(golden["train_features"], golden["coreset_projection_weight"])
     assert_close(projected.numpy(), golden["coreset_projected"])
-    sampler = ApproximateGreedyCoreset(percentage=0.1)
-    indices = sampler.select_projected(torch.from_numpy(golden["coreset_projected"]), golden["coreset_start_points"])
+    sampler = ApproximateGreedyCoreset(percentage=0.1, method=method)
+    indices = sampler.select_projected(
+        torch.from_numpy(golden["coreset_projected"]), golden["coreset_start_points"]
+    )
     np.testing.assert_array_equal(indices, golden["coreset_indices"])
     np.testing.assert_array_equal(golden["train_features"][indices], golden["memory_bank"])
 
@@ -113,7 +120,9 @@ def test_estimator_end_to_end_matches_reference(golden, monkeypatch):
     monkeypatch.setattr(
         ApproximateGreedyCoreset, "projection", lambda self, dim, rng: golden["coreset_projection_weight"]
     )
-    monkeypatch.setattr(ApproximateGreedyCoreset, "start_points", lambda self, n, rng: golden["coreset_start_points"])
+    monkeypatch.setattr(
+        ApproximateGreedyCoreset, "start_points", lambda self, n, rng: golden["coreset_start_points"]
+    )
     model = PatchCore(
         backbone="efficientnet-lite0", resize=128, imagesize=112, distance="squared_l2", device="cpu"
     ).fit(torch.from_numpy(golden["train_images"]))

@@ -45,22 +45,28 @@ def _exact_dot(a: np.ndarray, b: np.ndarray) -> np.float32:
 def greedy_picks(
     z: np.ndarray,  # (N, D) float32: the features the greedy loop runs on
     sq: np.ndarray,  # (N,) float32: ||z_j||^2
-    wt: np.ndarray,  # (m, N) float32: principal-component prefix of z, transposed
-    wsq: np.ndarray,  # (N,) float32: ||w_j||^2
-    margin: np.ndarray,  # (N,) float32: float-error allowance on squared distances
+    q: np.ndarray,  # (m, N) int8: quantised principal-component prefix, transposed
+    scale: np.ndarray,  # (m,) float32: dequantisation scale of each prefix coordinate
+    qsq: np.ndarray,  # (N,) float32: ||dequantised prefix_j||^2 minus its float-error allowance
+    slack: np.ndarray,  # (N,) float32: certified slack of the bound for point j (see prefix_bound_data)
     d: np.ndarray,  # (N,) float32: current min distances, updated in place
     first: int,  # the next pick (the argmax of d on entry)
     n_picks: int,
     chosen: np.ndarray,  # (n_picks,) int64, out
     computed: np.ndarray,  # (CHUNKS,) int64, in/out: exact distances computed per chunk
 ) -> int:
-    """Run ``n_picks`` greedy steps starting with ``first``; returns the argmax of d after the last one."""
+    """Run ``n_picks`` greedy steps starting with ``first``; returns the argmax of d after the last one.
+
+    Point j is skipped when ||p_j - p_i||^2 (dequantised prefixes) >= (d_j + slack_j + slack_i)^2: then
+    the reference's float distance cannot fall below d_j, so min(d_j, distance) = d_j.
+    """
     n = z.shape[0]
-    m = wt.shape[0]
+    m = q.shape[0]
     chunk = (n + CHUNKS - 1) // CHUNKS
     best_value = np.empty(CHUNKS, dtype=np.float32)
     best_index = np.empty(CHUNKS, dtype=np.int64)
     scratch = np.empty((CHUNKS, BLOCK), dtype=np.float32)
+    u = np.empty(m, dtype=np.float32)
     minus_two = np.float32(-2.0)
     zero = np.float32(0.0)
     pick = first
@@ -68,9 +74,11 @@ def greedy_picks(
         chosen[step] = pick
         zi = z[pick]
         sq_i = sq[pick]
-        wsq_i = wsq[pick]
-        margin_i = margin[pick]
-        wi = wt[:, pick].copy()
+        qsq_i = qsq[pick]
+        slack_i = slack[pick]
+        for k in range(m):
+            # dequantised p_i[k] times the scale of coordinate k: sum_k q_jk * u_k = p_j . p_i
+            u[k] = np.float32(q[k, pick]) * scale[k] * scale[k]
         for c in prange(CHUNKS):
             acc = scratch[c]
             local_value = np.float32(-1.0)
@@ -79,29 +87,33 @@ def greedy_picks(
             stop_chunk = min((c + 1) * chunk, n)
             for start in range(c * chunk, stop_chunk, BLOCK):
                 size = min(BLOCK, stop_chunk - start)
+                # Slices (not offset indexing) let LLVM vectorise the loops below.
+                d_block = d[start : start + size]
+                qsq_block = qsq[start : start + size]
+                slack_block = slack[start : start + size]
                 for t in range(size):
                     acc[t] = zero
                 for k in range(m):
-                    wk = wi[k]
-                    row = wt[k]
+                    uk = u[k]
+                    row = q[k, start : start + size]
                     for t in range(size):
-                        acc[t] += row[start + t] * wk
+                        acc[t] += np.float32(row[t]) * uk
                 for t in range(size):
-                    j = start + t
-                    dj = d[j]
-                    bound = minus_two * acc[t] + wsq[j] + wsq_i - margin[j] - margin_i
-                    if bound < dj * dj:
+                    dj = d_block[t]
+                    reach = dj + slack_block[t] + slack_i
+                    if minus_two * acc[t] + qsq_block[t] + qsq_i < reach * reach:
                         count += 1
+                        j = start + t
                         squared = minus_two * _exact_dot(z[j], zi) + sq[j] + sq_i
                         if squared < zero:
                             squared = zero
                         distance = np.float32(np.sqrt(squared))
                         if distance < dj:
                             dj = distance
-                            d[j] = dj
+                            d_block[t] = dj
                     if dj > local_value:
                         local_value = dj
-                        local_index = j
+                        local_index = start + t
             best_value[c] = local_value
             best_index[c] = local_index
             computed[c] += count

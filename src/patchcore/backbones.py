@@ -116,8 +116,15 @@ def _efficientnet_lite0_pretrained(model: nn.Module, path: Path | None) -> str:
 
 def _register_builtin() -> None:
     for spec in (
-        _torchvision_spec("wideresnet50", "wide_resnet50_2", "Wide_ResNet50_2_Weights.IMAGENET1K_V1", ("layer2", "layer3")),
-        _torchvision_spec("wideresnet101", "wide_resnet101_2", "Wide_ResNet101_2_Weights.IMAGENET1K_V1", ("layer2", "layer3")),
+        _torchvision_spec(
+            "wideresnet50", "wide_resnet50_2", "Wide_ResNet50_2_Weights.IMAGENET1K_V1", ("layer2", "layer3")
+        ),
+        _torchvision_spec(
+            "wideresnet101",
+            "wide_resnet101_2",
+            "Wide_ResNet101_2_Weights.IMAGENET1K_V1",
+            ("layer2", "layer3"),
+        ),
         _torchvision_spec("resnet18", "resnet18", "ResNet18_Weights.IMAGENET1K_V1", ("layer2", "layer3")),
         _torchvision_spec("resnet50", "resnet50", "ResNet50_Weights.IMAGENET1K_V1", ("layer2", "layer3")),
         BackboneSpec(
@@ -265,7 +272,9 @@ class FeatureExtractor(nn.Module):
         unknown = [layer for layer in self.layers if layer not in modules]
         if unknown:
             candidates = [n for n, m in backbone.named_children()]
-            raise BackboneError(f"layer(s) {unknown} not found in the backbone; top-level modules: {candidates}")
+            raise BackboneError(
+                f"layer(s) {unknown} not found in the backbone; top-level modules: {candidates}"
+            )
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles = []
         # Hooks act only during this extractor's own forward: the backbone stays usable on its own and by

@@ -1,8 +1,8 @@
 """``patchcore`` command line: a thin layer over :mod:`patchcore.workflow`.
 
-    patchcore train --config configs/elpv.yaml [key=value ...]
-    patchcore evaluate --model results/elpv/default/models --config configs/elpv.yaml
-    patchcore predict --model patchcore_mono.pt image.png folder/ --out predictions/
+patchcore train --config configs/elpv.yaml [key=value ...]
+patchcore evaluate --model results/elpv/default/models --config configs/elpv.yaml
+patchcore predict --model patchcore_mono.pt image.png folder/ --out predictions/
 """
 
 from __future__ import annotations
@@ -50,13 +50,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fit, save and evaluate one model per object of a data set")
-    train.add_argument("--config", "-c", help="YAML configuration (configs/elpv.yaml, mvtec.yaml, autovi.yaml)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any key, e.g. model.percentage=0.01")
-    train.add_argument("--log-online", choices=["wandb", "mlflow"], help="send metrics to W&B or MLflow (extras)")
+    train.add_argument(
+        "--config", "-c", help="YAML configuration (configs/elpv.yaml, mvtec.yaml, autovi.yaml)"
+    )
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override any key, e.g. model.percentage=0.01"
+    )
+    train.add_argument(
+        "--log-online", choices=["wandb", "mlflow"], help="send metrics to W&B or MLflow (extras)"
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate saved models on a data set's test split")
-    evaluate.add_argument("--model", "-m", action="append", required=True, help="model file or folder (repeatable)")
+    evaluate.add_argument(
+        "--model", "-m", action="append", required=True, help="model file or folder (repeatable)"
+    )
     evaluate.add_argument("--config", "-c", help="YAML configuration giving the data set and output folder")
     evaluate.add_argument("--data", help="data set kind (mvtec, autovi, folder, elpv); overrides the config")
     evaluate.add_argument("--root", help="data set folder; overrides the config")
@@ -67,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="score images with a saved model; heatmaps and JSON lines")
     predict.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
     predict.add_argument("images", nargs="+", help="image files or folders")
-    predict.add_argument("--out", "-o", default="predictions", help="folder for heatmaps and predictions.jsonl")
+    predict.add_argument(
+        "--out", "-o", default="predictions", help="folder for heatmaps and predictions.jsonl"
+    )
     predict.add_argument("--device", default="auto")
     predict.add_argument("--batch-size", type=int, default=None)
     predict.add_argument("--no-heatmaps", action="store_true")

@@ -192,13 +192,17 @@ def _validate_values(config: Config) -> None:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise ConfigError(f"{config.source}: key '{key}' must be one of {shown}, got {value!r}")
     if not 0.0 < config.model.percentage <= 1.0:
-        raise ConfigError(f"{config.source}: key 'model.percentage' must be in (0, 1], got {config.model.percentage}")
+        raise ConfigError(
+            f"{config.source}: key 'model.percentage' must be in (0, 1], got {config.model.percentage}"
+        )
     if config.model.batch_size < 1:
         raise ConfigError(f"{config.source}: key 'model.batch_size' must be >= 1")
     if config.model.num_neighbors < 1:
         raise ConfigError(f"{config.source}: key 'model.num_neighbors' must be >= 1")
     if config.data.kind in ("mvtec", "autovi", "folder") and not config.data.root:
-        raise ConfigError(f"{config.source}: data.kind {config.data.kind!r} needs 'data.root' (the data set folder)")
+        raise ConfigError(
+            f"{config.source}: data.kind {config.data.kind!r} needs 'data.root' (the data set folder)"
+        )
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:

@@ -25,6 +25,7 @@ __all__ = [
     "coreset_size",
     "covering_radius",
     "greedy_select",
+    "prefix_bound_data",
     "make_sampler",
     "random_projection",
     "project",
@@ -84,17 +85,51 @@ def start_distances(z: torch.Tensor, start_points: np.ndarray, chunk_rows: int =
     return out
 
 
+GREEDY_METHODS = ("auto", "pruned", "fused")
+PREFIX_DIM = 32  # principal components in the pruning bound (measured: 16 -> 11%, 32 -> 4% exact distances)
+
+
 def greedy_select(
     z: torch.Tensor,
     n_select: int,
     min_distances: torch.Tensor,
     progress: ProgressCallback | None = None,
+    method: str = "auto",
+    stats: dict | None = None,
 ) -> np.ndarray:
     """The greedy loop: pick i = argmax(d) (first index on ties), then d = min(d, ||z - z_i||).
 
-    A fused float32 loop: squared norms computed once, one matrix-vector product per pick, all updates
-    in place, so each pick streams z exactly once. ``min_distances`` is updated in place.
+    ``method="pruned"`` (the default when numba is installed) skips, with a certified bound, the points the
+    new pick cannot move and computes the exact distance for the rest; ``"fused"`` streams all of z once
+    per pick. Both use the reference's distance formula; they can differ from each other and from the
+    reference only where two distances are equal to float32 precision. ``min_distances`` is updated in place.
+    ``stats``, if given, receives the method used and the fraction of exact distances computed.
     """
+    if method not in GREEDY_METHODS:
+        raise ValueError(f"unknown greedy method {method!r}; known: {', '.join(GREEDY_METHODS)}")
+    n_select = int(n_select)
+    if n_select <= 0:
+        return np.empty(0, dtype=np.int64)
+    if method == "auto":
+        method = "pruned" if _numba_available() else "fused"
+    if stats is not None:
+        stats["method"] = method
+        stats["exact_fraction"] = 1.0
+    if method == "pruned":
+        return _pruned_greedy_select(z, n_select, min_distances, progress, stats)
+    return _fused_greedy_select(z, n_select, min_distances, progress)
+
+
+def _numba_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
+def _fused_greedy_select(
+    z: torch.Tensor, n_select: int, min_distances: torch.Tensor, progress: ProgressCallback | None
+) -> np.ndarray:
+    # Squared norms once, one matrix-vector product per pick, all updates in place.
     n = len(z)
     z = z.contiguous()
     squared_norms = (z * z).sum(1)
@@ -104,12 +139,88 @@ def greedy_select(
     for step in range(n_select):
         index = int(torch.argmax(min_distances))
         chosen[step] = index
-        # ||a||^2 - 2 a.b + ||b||^2, clamped at 0 before the square root, as the reference computes it.
+        # -2 a.b + ||a||^2 + ||b||^2, clamped at 0 before the square root, as the reference computes it.
         torch.addmv(squared_norms, z, z[index], beta=1.0, alpha=-2.0, out=distances)
         distances.add_(squared_norms[index]).clamp_(min=0).sqrt_()
         torch.minimum(min_distances, distances, out=min_distances)
         if progress is not None and (step % report_every == 0 or step == n_select - 1):
             progress(step + 1, n_select)
+    return chosen
+
+
+def prefix_bound_data(z: torch.Tensor, prefix_dim: int = PREFIX_DIM) -> dict[str, np.ndarray]:
+    """What the pruned loop needs: an int8 principal-component prefix of z and each point's slack.
+
+    The true distance between two points is at least the distance between their prefixes p (an orthogonal
+    rotation followed by dropping coordinates), and |A - ||p_j - p_i||| <= e_j + e_i for the dequantised
+    prefixes (A their distance, e the quantisation errors, computed in float64). The reference's float32
+    distance r satisfies r^2 >= true^2 - c (||z_j||^2 + ||z_i||^2) with c = 1e-4, far above the worst case
+    of a 128-term float32 dot product (about 2.5e-5). So A >= d_j + slack_j + slack_i, with
+    slack = e + sqrt(c ||z||^2) (padded), proves r >= d_j: the point keeps d_j.
+    """
+    n, dim = z.shape
+    m = int(min(prefix_dim, dim))
+    mean = torch.zeros(dim, dtype=torch.float64)
+    for start in range(0, n, _CHUNK_ROWS):
+        mean += z[start : start + _CHUNK_ROWS].double().sum(0)
+    mean /= n
+    covariance = torch.zeros((dim, dim), dtype=torch.float64)
+    for start in range(0, n, _CHUNK_ROWS):
+        centred = z[start : start + _CHUNK_ROWS].double() - mean
+        covariance += centred.T @ centred
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    basis = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:m]]
+    prefix = torch.empty((n, m), dtype=torch.float64)
+    for start in range(0, n, _CHUNK_ROWS):
+        prefix[start : start + _CHUNK_ROWS] = (z[start : start + _CHUNK_ROWS].double() - mean) @ basis
+    scale = (prefix.abs().amax(0) / 127.0).clamp(min=1e-30)
+    quantised = torch.round(prefix / scale).clamp_(-127, 127)
+    dequantised = quantised * scale
+    quantisation_error = (dequantised - prefix).norm(dim=1)
+    del prefix
+    squared_norms = (z * z).sum(1)
+    z_norm = torch.sqrt(squared_norms.double())
+    slack = (quantisation_error + 1e-2 * z_norm) * (1 + 1e-3) + 1e-6 * (z_norm + 1)
+    prefix_squared = (dequantised * dequantised).sum(1)
+    return {
+        "sq": squared_norms.numpy(),
+        "q": np.ascontiguousarray(quantised.T.to(torch.int8).numpy()),
+        "scale": scale.float().numpy(),
+        # Minus an allowance for the float32 error of -2 acc + qsq_j + qsq_i in the kernel.
+        "qsq": (prefix_squared * (1 - 1e-5) - 1e-6).float().numpy(),
+        "slack": slack.float().numpy(),
+    }
+
+
+def _pruned_greedy_select(
+    z: torch.Tensor,
+    n_select: int,
+    min_distances: torch.Tensor,
+    progress: ProgressCallback | None,
+    stats: dict | None,
+) -> np.ndarray:
+    from ._greedy_kernel import CHUNKS, greedy_picks
+
+    z_np = np.ascontiguousarray(z.numpy() if isinstance(z, torch.Tensor) else z, dtype=np.float32)
+    bound = prefix_bound_data(torch.from_numpy(z_np))
+    d = min_distances.numpy()  # shares memory: updated in place like the fused loop
+    chosen = np.empty(n_select, dtype=np.int64)
+    computed = np.zeros(CHUNKS, dtype=np.int64)
+    pick = int(np.argmax(d))
+    # Picks run in slices so the progress bar moves; the kernel releases the GIL.
+    step = max(1, n_select // 100)
+    for start in range(0, n_select, step):
+        count = min(step, n_select - start)
+        pick = int(
+            greedy_picks(
+                z_np, bound["sq"], bound["q"], bound["scale"], bound["qsq"], bound["slack"], d,
+                pick, count, chosen[start : start + count], computed,
+            )
+        )  # fmt: skip
+        if progress is not None:
+            progress(start + count, n_select)
+    if stats is not None:
+        stats["exact_fraction"] = float(computed.sum()) / (n_select * len(z_np))
     return chosen
 
 
@@ -182,6 +293,7 @@ class ApproximateGreedyCoreset(Sampler):
     percentage: float = 0.1
     projection_dim: int | None = 128
     num_starting_points: int = 10
+    method: str = "auto"  # greedy loop: auto | pruned | fused (same picks, see greedy_select)
     name = "approx_greedy_coreset"
 
     def projection(self, in_dim: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -204,7 +316,7 @@ class ApproximateGreedyCoreset(Sampler):
     ) -> np.ndarray:
         """The greedy loop on already projected features from given start points (golden tests use this)."""
         size = coreset_size(len(z), self.percentage)
-        return greedy_select(z, size, start_distances(z, start_points), progress)
+        return greedy_select(z, size, start_distances(z, start_points), progress, self.method)
 
 
 @dataclass
@@ -214,6 +326,7 @@ class GreedyCoreset(Sampler):
 
     percentage: float = 0.1
     projection_dim: int | None = None
+    method: str = "auto"
     name = "greedy_coreset"
 
     def select(self, features, rng, progress=None) -> np.ndarray:
@@ -225,7 +338,7 @@ class GreedyCoreset(Sampler):
         size = coreset_size(n, self.percentage)
         first = int(rng.integers(n))
         min_distances = _pairwise_distances(z, z[first : first + 1]).reshape(-1)
-        rest = greedy_select(z, size - 1, min_distances, progress)
+        rest = greedy_select(z, size - 1, min_distances, progress, self.method)
         return np.concatenate([[first], rest]).astype(np.int64)
 
 
@@ -238,17 +351,26 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(
-    name: str, percentage: float = 0.1, projection_dim: int | None = 128, num_starting_points: int = 10
+    name: str,
+    percentage: float = 0.1,
+    projection_dim: int | None = 128,
+    num_starting_points: int = 10,
+    method: str = "auto",
 ) -> Sampler:
-    """A sampler by name: approx_greedy_coreset (default), greedy_coreset, random, identity."""
+    """A sampler by name: approx_greedy_coreset (default), greedy_coreset, random, identity.
+
+    ``method`` picks the greedy loop's implementation (auto | pruned | fused); the selection is the same.
+    """
+    if method not in GREEDY_METHODS:
+        raise ValueError(f"unknown greedy method {method!r}; known: {', '.join(GREEDY_METHODS)}")
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
     if name != "identity" and not 0.0 < percentage <= 1.0:
         raise ValueError(f"sampler percentage must be in (0, 1], got {percentage}")
     if name == "approx_greedy_coreset":
-        return ApproximateGreedyCoreset(percentage, projection_dim, num_starting_points)
+        return ApproximateGreedyCoreset(percentage, projection_dim, num_starting_points, method)
     if name == "greedy_coreset":
-        return GreedyCoreset(percentage, projection_dim)
+        return GreedyCoreset(percentage, projection_dim, method)
     if name == "random":
         return RandomSampler(percentage)
     return IdentitySampler()

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 __all__ = ["PatchFeatures", "patchify", "patch_features"]
 
 
-def patchify(feature_map: torch.Tensor, patchsize: int, stride: int = 1) -> tuple[torch.Tensor, tuple[int, int]]:
+def patchify(
+    feature_map: torch.Tensor, patchsize: int, stride: int = 1
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Unfold p x p neighbourhoods: (B, C, h, w) -> (B, C*p*p, gh, gw) and the patch grid (gh, gw).
 
     Inside one neighbourhood the channel is outermost, then kernel row, then column (torch's unfold order).
@@ -24,9 +26,7 @@ def patchify(feature_map: torch.Tensor, patchsize: int, stride: int = 1) -> tupl
     padding = (patchsize - 1) // 2
     batch = feature_map.shape[0]
     unfolded = F.unfold(feature_map, kernel_size=patchsize, stride=stride, padding=padding, dilation=1)
-    grid = tuple(
-        (size + 2 * padding - (patchsize - 1) - 1) // stride + 1 for size in feature_map.shape[-2:]
-    )
+    grid = tuple((size + 2 * padding - (patchsize - 1) - 1) // stride + 1 for size in feature_map.shape[-2:])
     return unfolded.reshape(batch, unfolded.shape[1], grid[0], grid[1]), grid  # type: ignore[return-value]
 
 

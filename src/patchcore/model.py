@@ -255,7 +255,9 @@ class PatchCore:
                 if len(pending) == self.batch_size:
                     yield from _flush(pending)
             else:
-                raise ValueError(f"an image must be (C, H, W) and a batch (B, C, H, W), got {tuple(item.shape)}")
+                raise ValueError(
+                    f"an image must be (C, H, W) and a batch (B, C, H, W), got {tuple(item.shape)}"
+                )
         yield from _flush(pending)
 
     # ----------------------------------------------------------------- fit
@@ -284,7 +286,9 @@ class PatchCore:
             t1 = time.perf_counter()
 
             rng = np.random.default_rng(self.seed)
-            sampler = make_sampler(self.sampler, self.percentage, self.projection_dim, self.num_starting_points)
+            sampler = make_sampler(
+                self.sampler, self.percentage, self.projection_dim, self.num_starting_points
+            )
             indices = sampler.select(
                 train_features, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
             )
@@ -409,7 +413,9 @@ class PatchCore:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None) -> PatchCore:
+    def load(
+        cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None
+    ) -> PatchCore:
         """Rebuild a fitted model from a file written by ``save`` (backbone weights resolved again:
         ``weights`` overrides where they come from)."""
         path = Path(path)

@@ -84,10 +84,18 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
     writer.writerow(["object", *metric_keys, *STAT_COLUMNS])
     for r in results:
         writer.writerow(
-            [r.name, *(_csv(r.metrics.get(k)) for k in metric_keys), *(_csv(r.stats.get(k)) for k in STAT_COLUMNS)]
+            [
+                r.name,
+                *(_csv(r.metrics.get(k)) for k in metric_keys),
+                *(_csv(r.stats.get(k)) for k in STAT_COLUMNS),
+            ]
         )
     writer.writerow(["mean", *(_csv(means[k]) for k in metric_keys), *([""] * len(STAT_COLUMNS))])
-    paths = {"csv": run_dir / "results.csv", "markdown": run_dir / "summary.md", "json": run_dir / "summary.json"}
+    paths = {
+        "csv": run_dir / "results.csv",
+        "markdown": run_dir / "summary.md",
+        "json": run_dir / "summary.json",
+    }
     atomic_write_text(paths["csv"], buffer.getvalue())
 
     lines = [f"# PatchCore results: {header.get('project', '')} / {header.get('group', '')}", ""]
@@ -99,7 +107,9 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
     for r in results:
-        train_seconds = sum(r.stats.get(k) or 0 for k in ("extract_seconds", "coreset_seconds", "index_seconds"))
+        train_seconds = sum(
+            r.stats.get(k) or 0 for k in ("extract_seconds", "coreset_seconds", "index_seconds")
+        )
         cells = [r.name, *(_fmt(r.metrics.get(k), True) for k in metric_keys)]
         cells += [
             f"{r.stats.get('memory_size', 'n/a')} / {r.stats.get('n_patches', 'n/a')}",
@@ -115,7 +125,8 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
         {
             **header,
             "objects": [
-                {"object": r.name, "metrics": r.metrics, "stats": r.stats, "model": r.model_path} for r in results
+                {"object": r.name, "metrics": r.metrics, "stats": r.stats, "model": r.model_path}
+                for r in results
             ],
             "mean": means,
         },

@@ -56,12 +56,16 @@ def reweighted_image_scores(
 
 def anomaly_maps(scores: np.ndarray, size: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
     """Patch scores (B, gh, gw) -> maps (B, H, W): bilinear (align_corners=False), then gaussian sigma."""
-    upsampled = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)).unsqueeze(1),
-        size=tuple(size),
-        mode="bilinear",
-        align_corners=False,
-    ).squeeze(1).numpy()
+    upsampled = (
+        F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)).unsqueeze(1),
+            size=tuple(size),
+            mode="bilinear",
+            align_corners=False,
+        )
+        .squeeze(1)
+        .numpy()
+    )
     if sigma > 0:
         for i in range(len(upsampled)):
             upsampled[i] = ndimage.gaussian_filter(upsampled[i], sigma=sigma)

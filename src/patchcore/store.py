@@ -53,5 +53,7 @@ def open_features(path: str | os.PathLike, n_rows: int, dim: int) -> np.ndarray:
     expected = n_rows * dim * 4
     actual = os.path.getsize(path)
     if actual != expected:
-        raise ValueError(f"feature file {path} has {actual} bytes, expected {expected} ({n_rows} x {dim} float32)")
+        raise ValueError(
+            f"feature file {path} has {actual} bytes, expected {expected} ({n_rows} x {dim} float32)"
+        )
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n_rows, dim))

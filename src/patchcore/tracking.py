@@ -31,7 +31,9 @@ class Tracker:
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class WandbTracker(Tracker):
@@ -102,7 +104,9 @@ def check_tracker(kind: str | None) -> None:
         )
 
 
-def make_tracker(kind: str | None, project: str, group: str, config: dict[str, Any], run_dir: Path) -> Tracker:
+def make_tracker(
+    kind: str | None, project: str, group: str, config: dict[str, Any], run_dir: Path
+) -> Tracker:
     """A tracker by name (None: no tracking). A missing package is a TrackingError saying what to install."""
     check_tracker(kind)
     if kind is None:

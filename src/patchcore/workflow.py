@@ -228,7 +228,9 @@ def _channel_specs(obj: ObjectData, channels: torch.Tensor, sample_path: Path) -
             # A channel that vanished in the resize (a tiny defect): still one ground-truth region.
             continue
         if len(values) > 1:
-            raise DataError(f"a ground-truth PNG of {sample_path} holds several defect values {values.tolist()}")
+            raise DataError(
+                f"a ground-truth PNG of {sample_path} holds several defect values {values.tolist()}"
+            )
         threshold, relative = saturation_for(obj.defects_config or [], int(values[0]))
         masks.append((channel != 0).numpy())
         specs.append(SaturationSpec(threshold=threshold, relative=relative))
@@ -361,7 +363,10 @@ def _header(config: Config) -> dict[str, Any]:
 def _objects(config: Config) -> list[ObjectData]:
     options: dict[str, Any] = {}
     if config.data.kind == "elpv":
-        options = {"train_fraction": config.data.train_fraction, "include_uncertain": config.data.include_uncertain}
+        options = {
+            "train_fraction": config.data.train_fraction,
+            "include_uncertain": config.data.include_uncertain,
+        }
     return load_dataset(config.data.kind, config.data.root, config.data.objects, **options)
 
 
@@ -380,7 +385,9 @@ def train(config: Config, online: str | None = None) -> RunSummary:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     log.info("run folder: %s", run_dir)
     log.info("data: %s, objects: %s", config.data.kind, ", ".join(o.name for o in objects))
-    tracker = make_tracker(online or config.logging.online, config.project, run_dir.name, config_to_dict(config), run_dir)
+    tracker = make_tracker(
+        online or config.logging.online, config.project, run_dir.name, config_to_dict(config), run_dir
+    )
     header = _header(config)
     results: list[ObjectResult] = []
     models_dir = run_dir / "models"
@@ -393,7 +400,9 @@ def train(config: Config, online: str | None = None) -> RunSummary:
                 model = build_model(config)
                 log.info("%s: fitting on %d good images", obj.name, len(obj.train))
                 progress.start(obj.name, {"extract": len(obj.train)})
-                loader = _loader(obj.train, model.transform, config.model.batch_size, config.data.num_workers, False)
+                loader = _loader(
+                    obj.train, model.transform, config.model.batch_size, config.data.num_workers, False
+                )
                 with _batches(loader) as batches:
                     model.fit(batches, progress=progress)
                 model.stats_["object"] = obj.name
@@ -405,8 +414,14 @@ def train(config: Config, online: str | None = None) -> RunSummary:
                 model_path = model.save(models_dir / f"patchcore_{_safe_name(obj.name)}.pt")
                 atomic_write_json(
                     models_dir / f"patchcore_{_safe_name(obj.name)}.json",
-                    {"object": obj.name, "params": model.get_params(), "stats": stats, "metrics": metrics,
-                     "calibration": model.calibration_, "weights_id": model.weights_id_},
+                    {
+                        "object": obj.name,
+                        "params": model.get_params(),
+                        "stats": stats,
+                        "metrics": metrics,
+                        "calibration": model.calibration_,
+                        "weights_id": model.weights_id_,
+                    },
                 )
                 result = ObjectResult(obj.name, metrics, stats, str(model_path))
                 results.append(result)
@@ -448,7 +463,9 @@ def _model_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def evaluate_models(config: Config, model_paths: Sequence[str | os.PathLike], device: str = "auto") -> RunSummary:
+def evaluate_models(
+    config: Config, model_paths: Sequence[str | os.PathLike], device: str = "auto"
+) -> RunSummary:
     """Re-evaluate saved models on the test split of the configured data set (object from each model)."""
     files = _model_files(model_paths)
     objects = {o.name: o for o in _objects(config)}
@@ -462,7 +479,9 @@ def evaluate_models(config: Config, model_paths: Sequence[str | os.PathLike], de
             model = PatchCore.load(path, device=device)
             name = model.stats_.get("object") or path.stem.removeprefix("patchcore_")
             if name not in objects:
-                raise DataError(f"model {path} is for object {name!r}, not in the data set ({', '.join(objects)})")
+                raise DataError(
+                    f"model {path} is for object {name!r}, not in the data set ({', '.join(objects)})"
+                )
             config.model.batch_size = model.batch_size
             metrics, eval_stats = evaluate_object(model, objects[name], config, run_dir, progress)
             stats = {**model.stats_, **eval_stats}
@@ -539,7 +558,9 @@ def predict_images(
         low, high = calibration["map_min"], calibration["map_max"]
         score_low, score_high = calibration["score_min"], calibration["score_max"]
     else:
-        log.warning("model %s carries no evaluation range: heatmaps use one range over these images", model_path)
+        log.warning(
+            "model %s carries no evaluation range: heatmaps use one range over these images", model_path
+        )
         low, high = min(float(m.min()) for m in all_maps), max(float(m.max()) for m in all_maps)
         scores = [r["score"] for r in records]
         score_low, score_high = min(scores), max(scores)
