@@ -67,6 +67,7 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 32
+    feature_cache: str | None = None  # folder: reuse training features when data and feature settings match
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 
 from . import __version__
 from .backbones import FeatureExtractor, load_backbone
+from .cache import FeatureCache, data_fingerprint
 from .coreset import make_sampler
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
 from .features import PatchFeatures
@@ -82,6 +83,8 @@ class PatchCore:
         for the backbone only (patch features and the bank are always float32).
     batch_size: images per backbone pass. seed: every random choice of a fit (and random weights).
     work_dir: where training features are streamed to disk (default: the system temp dir).
+    feature_cache: a folder where training features are kept and reused when the images and feature
+        settings are unchanged (a new percentage, sampler or k then skips the backbone).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class PatchCore:
         batch_size: int = 32,
         seed: int = 0,
         work_dir: str | os.PathLike | None = None,
+        feature_cache: str | os.PathLike | None = None,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -137,6 +141,7 @@ class PatchCore:
         self.batch_size = batch_size
         self.seed = seed
         self.work_dir = work_dir
+        self.feature_cache = feature_cache
         self._features: PatchFeatures | None = None
         self._index: MemoryBankIndex | None = None
 
@@ -146,7 +151,7 @@ class PatchCore:
         "backbone", "layers", "weights", "resize", "imagesize", "mean", "std", "patchsize", "patchstride",
         "pretrain_embed_dimension", "target_embed_dimension", "sampler", "percentage", "projection_dim",
         "num_starting_points", "num_neighbors", "distance", "reweight", "reweight_neighbors",
-        "smoothing_sigma", "device", "precision", "batch_size", "seed", "work_dir",
+        "smoothing_sigma", "device", "precision", "batch_size", "seed", "work_dir", "feature_cache",
     )  # fmt: skip
 
     def get_params(self) -> dict[str, Any]:
@@ -263,26 +268,42 @@ class PatchCore:
     # ----------------------------------------------------------------- fit
 
     def fit(self, images: Any, *, progress: ProgressCallback | None = None) -> PatchCore:
-        """Build the memory bank from defect-free images. Returns self."""
+        """Build the memory bank from defect-free images. Returns self.
+
+        Patch features stream to a memory-mapped file (in ``feature_cache`` when set, else a temporary
+        folder), so peak memory does not grow with the number of images.
+        """
         features = self._patch_features()
         device = self.torch_device
-        work_dir = Path(tempfile.mkdtemp(prefix="patchcore-", dir=self.work_dir))
+        t0 = time.perf_counter()
+        cache_status, cache_key, cache = "off", None, None
+        if self.feature_cache is not None:
+            fingerprint = data_fingerprint(images)
+            if fingerprint is None:
+                cache_status = "unsupported input"
+            else:
+                cache = FeatureCache(self.feature_cache)
+                cache_key = cache.key(fingerprint, self._feature_settings())
+                cache_status = "hit" if cache.lookup(cache_key) is not None else "miss"
+        work_dir = None
         try:
-            t0 = time.perf_counter()
-            store = FeatureStore(work_dir / "train_features.f32")
-            n_images = 0
-            grid = None
-            input_size = None
-            for batch in self._batches(images):
-                rows, grid = features(batch.to(device, non_blocking=True))
-                store.append(rows.cpu().numpy())
-                n_images += len(batch)
-                input_size = tuple(batch.shape[-2:])
-                if progress is not None:
-                    progress("extract", n_images, None)
-            if n_images == 0:
-                raise ValueError("fit() got no images")
-            train_features = store.array()
+            if cache_status == "hit":
+                entry = cache.lookup(cache_key)
+            elif cache_status == "miss":
+                with cache.writer(cache_key) as (store, meta):
+                    meta.update(self._extract(features, images, store, progress))
+                entry = cache.lookup(cache_key)
+            else:
+                work_dir = Path(tempfile.mkdtemp(prefix="patchcore-", dir=self.work_dir))
+                store = FeatureStore(work_dir / "train_features.f32")
+                meta = self._extract(features, images, store, progress)
+                meta.update(n_rows=store.n_rows, dim=store.dim)
+                entry = None
+            if entry is not None:
+                meta = entry.meta
+                train_features = entry.features()
+            else:
+                train_features = store.array()
             t1 = time.perf_counter()
 
             rng = np.random.default_rng(self.seed)
@@ -292,24 +313,25 @@ class PatchCore:
             indices = sampler.select(
                 train_features, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
             )
-            bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the memmap's file goes next
+            bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the memmap's file may go
             t2 = time.perf_counter()
             del train_features
         finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            if work_dir is not None:
+                shutil.rmtree(work_dir, ignore_errors=True)
 
-        self.memory_bank_ = np.asarray(bank, dtype=np.float32)
+        self.memory_bank_ = bank
         # Set by an evaluation (map_min / map_max for heatmaps, image_threshold for decisions).
         self.calibration_: dict[str, float] = {}
         self.coreset_indices_ = np.asarray(indices, dtype=np.int64)
         self._index = None
         self._search_index()
         t3 = time.perf_counter()
-        self.patch_grid_ = tuple(int(g) for g in grid)
-        self.input_size_ = tuple(int(s) for s in input_size)
+        self.patch_grid_ = tuple(int(g) for g in meta["patch_grid"])
+        self.input_size_ = tuple(int(s) for s in meta["input_size"])
         self.stats_ = {
-            "n_train_images": n_images,
-            "n_patches": int(store.n_rows),
+            "n_train_images": int(meta["n_images"]),
+            "n_patches": int(meta["n_rows"]),
             "memory_size": int(len(bank)),
             "feature_dim": int(bank.shape[1]),
             "patch_grid": list(self.patch_grid_),
@@ -317,9 +339,47 @@ class PatchCore:
             "extract_seconds": round(t1 - t0, 4),
             "coreset_seconds": round(t2 - t1, 4),
             "index_seconds": round(t3 - t2, 4),
+            "feature_cache": cache_status,
             "device": str(device),
         }
         return self
+
+    def _extract(
+        self, features: PatchFeatures, images: Any, store: FeatureStore, progress: ProgressCallback | None
+    ) -> dict[str, Any]:
+        """Run the backbone over all images, appending patch features to ``store``."""
+        device = self.torch_device
+        n_images = 0
+        grid = input_size = None
+        for batch in self._batches(images):
+            rows, batch_grid = features(batch.to(device, non_blocking=True))
+            if grid is not None and (tuple(batch_grid) != grid or tuple(batch.shape[-2:]) != input_size):
+                raise ValueError(
+                    f"training images must all have one size: got {tuple(batch.shape[-2:])} after {input_size}"
+                )
+            grid, input_size = tuple(batch_grid), tuple(batch.shape[-2:])
+            store.append(rows.cpu().numpy())
+            n_images += len(batch)
+            if progress is not None:
+                progress("extract", n_images, None)
+        if n_images == 0:
+            raise ValueError("fit() got no images")
+        return {"n_images": n_images, "patch_grid": list(grid), "input_size": list(input_size)}
+
+    def _feature_settings(self) -> dict[str, Any]:
+        """Everything that changes the training patch features (the feature cache key)."""
+        return {
+            "backbone": self.backbone,
+            "weights_id": self.weights_id_,
+            "layers": list(self.layers_),
+            "transform": self.transform.to_dict(),
+            "patchsize": self.patchsize,
+            "patchstride": self.patchstride,
+            "pretrain_embed_dimension": self.pretrain_embed_dimension,
+            "target_embed_dimension": self.target_embed_dimension,
+            "precision": self.precision,
+            "device_type": self.torch_device.type,
+        }
 
     def _search_index(self) -> MemoryBankIndex:
         if self._index is None:
@@ -391,6 +451,7 @@ class PatchCore:
         params["layers"] = list(self.layers_)
         params["device"] = "auto"
         params["work_dir"] = None
+        params["feature_cache"] = None
         return {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
