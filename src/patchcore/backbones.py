@@ -178,6 +178,8 @@ def _build_timm(model_name: str, weights: str | os.PathLike | None) -> tuple[nn.
     if importlib.util.find_spec("timm") is None:
         raise BackboneError(f"backbone 'timm:{model_name}' needs timm: pip install 'patchcore[timm]'")
     timm = importlib.import_module("timm")
+    if not timm.is_model(model_name):
+        raise BackboneError(f"unknown timm model {model_name!r} (see timm.list_models())")
     if weights == "random":
         return timm.create_model(model_name, pretrained=False), "random"
     if weights is not None:
