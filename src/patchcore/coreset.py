@@ -160,6 +160,7 @@ def prefix_bound_data(z: torch.Tensor, prefix_dim: int = PREFIX_DIM) -> dict[str
     """
     n, dim = z.shape
     m = int(min(prefix_dim, dim))
+    # Two chunked passes in float64 (memory stays O(chunk) beyond the outputs): statistics, then prefixes.
     mean = torch.zeros(dim, dtype=torch.float64)
     for start in range(0, n, _CHUNK_ROWS):
         mean += z[start : start + _CHUNK_ROWS].double().sum(0)
@@ -170,25 +171,35 @@ def prefix_bound_data(z: torch.Tensor, prefix_dim: int = PREFIX_DIM) -> dict[str
         covariance += centred.T @ centred
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     basis = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:m]]
-    prefix = torch.empty((n, m), dtype=torch.float64)
+
+    def prefix_rows(start: int) -> torch.Tensor:
+        return (z[start : start + _CHUNK_ROWS].double() - mean) @ basis
+
+    largest = torch.zeros(m, dtype=torch.float64)
     for start in range(0, n, _CHUNK_ROWS):
-        prefix[start : start + _CHUNK_ROWS] = (z[start : start + _CHUNK_ROWS].double() - mean) @ basis
-    scale = (prefix.abs().amax(0) / 127.0).clamp(min=1e-30)
-    quantised = torch.round(prefix / scale).clamp_(-127, 127)
-    dequantised = quantised * scale
-    quantisation_error = (dequantised - prefix).norm(dim=1)
-    del prefix
+        largest = torch.maximum(largest, prefix_rows(start).abs().amax(0))
+    scale = (largest / 127.0).clamp(min=1e-30)
+    quantised = np.empty((m, n), dtype=np.int8)
+    prefix_squared = np.empty(n, dtype=np.float32)
+    slack = np.empty(n, dtype=np.float32)
     squared_norms = (z * z).sum(1)
-    z_norm = torch.sqrt(squared_norms.double())
-    slack = (quantisation_error + 1e-2 * z_norm) * (1 + 1e-3) + 1e-6 * (z_norm + 1)
-    prefix_squared = (dequantised * dequantised).sum(1)
+    for start in range(0, n, _CHUNK_ROWS):
+        prefix = prefix_rows(start)
+        levels = torch.round(prefix / scale).clamp_(-127, 127)
+        dequantised = levels * scale
+        stop = start + len(prefix)
+        quantised[:, start:stop] = levels.T.to(torch.int8).numpy()
+        error = (dequantised - prefix).norm(dim=1)
+        norm = torch.sqrt(squared_norms[start:stop].double())
+        slack[start:stop] = ((error + 1e-2 * norm) * (1 + 1e-3) + 1e-6 * (norm + 1)).numpy()
+        # Minus an allowance for the float32 error of -2 acc + qsq_j + qsq_i in the kernel.
+        prefix_squared[start:stop] = ((dequantised * dequantised).sum(1) * (1 - 1e-5) - 1e-6).numpy()
     return {
         "sq": squared_norms.numpy(),
-        "q": np.ascontiguousarray(quantised.T.to(torch.int8).numpy()),
+        "q": quantised,
         "scale": scale.float().numpy(),
-        # Minus an allowance for the float32 error of -2 acc + qsq_j + qsq_i in the kernel.
-        "qsq": (prefix_squared * (1 - 1e-5) - 1e-6).float().numpy(),
-        "slack": slack.float().numpy(),
+        "qsq": prefix_squared,
+        "slack": slack,
     }
 
 
