@@ -620,3 +620,18 @@ def test_non_square_inputs_give_maps_of_the_input_size_and_matching_patch_grid(f
 def test_images_of_different_sizes_in_one_batch_are_rejected(fitted):
     with pytest.raises(ValueError, match="different sizes"):
         fitted.predict([random_images(1)[0], random_images(1, width=96)[0]])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_scores_are_never_below_exact_scores(fitted, query_images, kind):
+    exact = fitted.predict(query_images, return_maps=False)
+    approximate_model = PatchCore.from_state_dict(fitted.state_dict(), device="cpu")
+    approximate_model.set_params(index_kind=kind, nprobe=2, ef_search=16)
+    approximate = approximate_model.predict(query_images, return_maps=False)
+    assert np.all(approximate.patch_scores >= exact.patch_scores * (1 - 1e-4))
+    assert np.all(approximate.image_scores >= exact.image_scores * (1 - 1e-4))
+
+
+def test_unknown_index_kind_is_rejected(train_images):
+    with pytest.raises(ValueError, match="index_kind"):
+        PatchCore(backbone="resnet18", weights="random", device="cpu", index_kind="kdtree").fit(train_images)

@@ -28,7 +28,7 @@ from .coreset import make_sampler
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
 from .features import PatchFeatures
 from .fileio import atomic_write
-from .index import DISTANCES, MemoryBankIndex
+from .index import DISTANCES, INDEX_KINDS, MemoryBankIndex
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
 from .store import FeatureStore
 
@@ -85,6 +85,9 @@ class PatchCore:
     work_dir: where training features are streamed to disk (default: the system temp dir).
     feature_cache: a folder where training features are kept and reused when the images and feature
         settings are unchanged (a new percentage, sampler or k then skips the backbone).
+    index_kind: nearest-neighbour index: ``flat`` (exact, default), ``ivf`` or ``hnsw`` (approximate:
+        faster search, scores can only go up; ``MemoryBankIndex.recall`` measures what is missed).
+    nprobe, ef_search: the IVF and HNSW search breadths. search_threads: FAISS threads (None: its default).
     """
 
     def __init__(
@@ -115,6 +118,10 @@ class PatchCore:
         seed: int = 0,
         work_dir: str | os.PathLike | None = None,
         feature_cache: str | os.PathLike | None = None,
+        index_kind: str = "flat",
+        nprobe: int = 8,
+        ef_search: int = 64,
+        search_threads: int | None = None,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -142,6 +149,10 @@ class PatchCore:
         self.seed = seed
         self.work_dir = work_dir
         self.feature_cache = feature_cache
+        self.index_kind = index_kind
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self.search_threads = search_threads
         self._features: PatchFeatures | None = None
         self._index: MemoryBankIndex | None = None
 
@@ -152,6 +163,7 @@ class PatchCore:
         "pretrain_embed_dimension", "target_embed_dimension", "sampler", "percentage", "projection_dim",
         "num_starting_points", "num_neighbors", "distance", "reweight", "reweight_neighbors",
         "smoothing_sigma", "device", "precision", "batch_size", "seed", "work_dir", "feature_cache",
+        "index_kind", "nprobe", "ef_search", "search_threads",
     )  # fmt: skip
 
     def get_params(self) -> dict[str, Any]:
@@ -184,6 +196,8 @@ class PatchCore:
             raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.index_kind not in INDEX_KINDS:
+            raise ValueError(f"index_kind must be one of {INDEX_KINDS}, got {self.index_kind!r}")
 
     @property
     def transform(self) -> ImageTransform:
@@ -384,7 +398,14 @@ class PatchCore:
     def _search_index(self) -> MemoryBankIndex:
         if self._index is None:
             self._check_fitted()
-            self._index = MemoryBankIndex(self.memory_bank_, use_gpu=self.torch_device.type == "cuda")
+            self._index = MemoryBankIndex(
+                self.memory_bank_,
+                use_gpu=self.torch_device.type == "cuda",
+                kind=self.index_kind,
+                nprobe=self.nprobe,
+                ef_search=self.ef_search,
+                threads=self.search_threads,
+            )
         return self._index
 
     def _check_fitted(self) -> None:

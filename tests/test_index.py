@@ -1,0 +1,162 @@
+"""The memory-bank index: exact flat search and the approximate IVF / HNSW kinds with their recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from patchcore.index import INDEX_KINDS, MIN_CHUNK_ROWS, MemoryBankIndex, blas_min_rows, ivf_nlist
+
+
+def clustered(n: int, dim: int = 64, clusters: int = 50, seed: int = 0) -> np.ndarray:
+    """Points around random cluster centres (the structure patch features have), float32."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 1.0, size=(clusters, dim))
+    labels = rng.integers(clusters, size=n)
+    return (centres[labels] + rng.normal(0.0, 0.3, size=(n, dim))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bank() -> np.ndarray:
+    return clustered(5000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    return clustered(1000, seed=1)
+
+
+def brute_force(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    q, b = queries.astype(np.float64), bank.astype(np.float64)
+    squared = (q * q).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * q @ b.T  # float64: exact enough
+    order = np.argsort(squared, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(squared, order, axis=1), order
+
+
+def test_flat_search_equals_brute_force_squared_distances(bank, queries):
+    distances, indices = MemoryBankIndex(bank).search(queries[:200], k=3)
+    expected_distances, expected_indices = brute_force(bank, queries[:200], 3)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(indices, expected_indices)
+    assert distances.dtype == np.float32 and indices.dtype == np.int64
+
+
+def test_flat_results_do_not_depend_on_the_chunking(bank, queries):
+    many = np.concatenate([queries] * 5)
+    chunked_index = MemoryBankIndex(bank, chunk_rows=MIN_CHUNK_ROWS)
+    # Chunks are raised to what FAISS computes with BLAS; a short tail joins the chunk before it.
+    assert chunked_index.chunk_rows == max(MIN_CHUNK_ROWS, blas_min_rows(bank.shape[1]))
+    bounds = list(chunked_index._chunks(len(many)))
+    assert bounds[0] == (0, chunked_index.chunk_rows) and bounds[-1][1] == len(many) and len(bounds) > 1
+    assert all(stop - start >= blas_min_rows(bank.shape[1]) for start, stop in bounds)
+    whole = MemoryBankIndex(bank, chunk_rows=1 << 20).search(many, 2)
+    chunked = chunked_index.search(many, 2)
+    np.testing.assert_array_equal(whole[1], chunked[1])
+    np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-5, atol=1e-5)
+
+
+def test_flat_recall_is_one(bank, queries):
+    assert MemoryBankIndex(bank).recall(queries) == 1.0
+    assert MemoryBankIndex(bank).recall(queries, k=5) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_recall_is_high_on_clustered_data(bank, queries, kind):
+    index = MemoryBankIndex(bank, kind=kind)
+    assert index.recall(queries) >= 0.9
+    assert index.recall(queries, k=5) >= 0.9
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_distances_are_never_below_exact(bank, queries, kind):
+    exact, _ = MemoryBankIndex(bank).search(queries, 3)
+    approximate, indices = MemoryBankIndex(bank, kind=kind, nprobe=1, ef_search=4).search(queries, 3)
+    assert (indices >= 0).all() and (indices < len(bank)).all()
+    assert (approximate >= exact * (1 - 1e-4) - 1e-6).all()
+    # The distances are those of the bank vectors returned.
+    true = ((queries[:, None, :].astype(np.float64) - bank[indices]) ** 2).sum(axis=2)
+    np.testing.assert_allclose(approximate, true, rtol=1e-4, atol=1e-4)
+
+
+def test_low_nprobe_lowers_ivf_recall(bank, queries):
+    low = MemoryBankIndex(bank, kind="ivf", nprobe=1).recall(queries)
+    high = MemoryBankIndex(bank, kind="ivf", nprobe=32).recall(queries)
+    assert low <= high
+    assert high >= 0.99
+
+
+def test_ivf_builds_are_deterministic(bank, queries):
+    first = MemoryBankIndex(bank, kind="ivf", nprobe=2).search(queries, 4)
+    second = MemoryBankIndex(bank, kind="ivf", nprobe=2).search(queries, 4)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+
+
+def test_ivf_cell_count_follows_the_bank_size():
+    assert ivf_nlist(1) == 1
+    assert ivf_nlist(5000) == 5000 // 39  # 4 sqrt(5000) = 283 cells would have < 39 points each
+    assert ivf_nlist(1_000_000) == 4000
+    assert MemoryBankIndex(clustered(500), kind="ivf").nlist == 500 // 39
+
+
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_k_nearest_shapes(bank, queries, kind):
+    distances, indices = MemoryBankIndex(bank, kind=kind).search(queries[:7], k=4)
+    assert distances.shape == indices.shape == (7, 4)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    assert (distances >= 0).all()
+
+
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_k_larger_than_the_bank_is_clamped(kind):
+    small = clustered(40, seed=2)
+    distances, indices = MemoryBankIndex(small, kind=kind).search(clustered(5, seed=3), k=100)
+    assert distances.shape == indices.shape == (5, 40)
+    for row in indices:  # every bank vector, each once
+        assert sorted(row.tolist()) == list(range(40))
+
+
+def test_ivf_query_with_too_few_candidates_is_answered_exactly():
+    bank = clustered(400, clusters=10, seed=4)
+    index = MemoryBankIndex(bank, kind="ivf", nlist=10, nprobe=1)
+    distances, indices = index.search(bank[:20], k=200)  # one cell holds fewer than 200 vectors
+    exact_distances, exact_indices = MemoryBankIndex(bank).search(bank[:20], k=200)
+    assert (indices >= 0).all()
+    np.testing.assert_allclose(distances, exact_distances, rtol=1e-4, atol=1e-4)
+
+
+def test_search_clamps_tiny_negative_distances_to_zero(bank):
+    distances, indices = MemoryBankIndex(bank).search(bank[:100], 1)
+    assert (distances >= 0).all()
+    np.testing.assert_array_equal(indices[:, 0], np.arange(100))
+
+
+def test_unknown_kind_is_refused_with_the_known_kinds(bank):
+    with pytest.raises(ValueError, match="flat, ivf, hnsw"):
+        MemoryBankIndex(bank, kind="lsh")
+
+
+@pytest.mark.parametrize("options", [{"nprobe": 0}, {"ef_search": 0}, {"threads": 0}, {"nlist": 0}])
+def test_bad_search_parameters_are_refused(bank, options):
+    with pytest.raises(ValueError):
+        MemoryBankIndex(bank, kind="hnsw" if "ef_search" in options else "ivf", **options)
+
+
+def test_bad_queries_and_banks_are_refused(bank):
+    index = MemoryBankIndex(bank)
+    with pytest.raises(ValueError, match="queries"):
+        index.search(np.zeros((3, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(bank[:2], k=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        MemoryBankIndex(np.zeros((0, 4), dtype=np.float32))
+
+
+def test_threads_sets_the_faiss_thread_count(bank):
+    faiss = pytest.importorskip("faiss")
+    before = faiss.omp_get_max_threads()
+    try:
+        MemoryBankIndex(bank[:100], threads=1)
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
