@@ -64,9 +64,15 @@ class MlflowTracker(Tracker):
 
         import mlflow
 
-        # A local file store inside the run folder unless MLFLOW_TRACKING_URI points elsewhere.
+        # A local store inside the run folder unless MLFLOW_TRACKING_URI points elsewhere: SQLite when
+        # SQLAlchemy is there (full mlflow), else the file store, which MLflow 3 only opens on request.
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+            if importlib.util.find_spec("sqlalchemy") is not None:
+                mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+            else:
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+        self.tracking_uri = mlflow.get_tracking_uri()
         mlflow.set_experiment(project)
         self._mlflow = mlflow
         self._run = mlflow.start_run(run_name=group)
@@ -111,4 +117,7 @@ def make_tracker(
     check_tracker(kind)
     if kind is None:
         return Tracker()
-    return _TRACKERS[kind][0](project, group, config, run_dir)
+    try:
+        return _TRACKERS[kind][0](project, group, config, run_dir)
+    except Exception as exc:  # the tracker's own error, e.g. a store it refuses: one clear line
+        raise TrackingError(f"cannot start {kind} tracking: {exc}") from exc

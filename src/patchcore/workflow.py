@@ -406,6 +406,7 @@ def train(config: Config, online: str | None = None) -> RunSummary:
                 with _batches(loader) as batches:
                     model.fit(batches, progress=progress)
                 model.stats_["object"] = obj.name
+                header["layers"] = list(model.layers_)  # the resolved layers, also when left to the default
                 stats = dict(model.stats_)
                 metrics: dict[str, float | None] = {}
                 if config.evaluation.enabled:
