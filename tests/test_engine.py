@@ -635,3 +635,12 @@ def test_approximate_index_scores_are_never_below_exact_scores(fitted, query_ima
 def test_unknown_index_kind_is_rejected(train_images):
     with pytest.raises(ValueError, match="index_kind"):
         PatchCore(backbone="resnet18", weights="random", device="cpu", index_kind="kdtree").fit(train_images)
+
+
+def test_pruned_exact_index_gives_the_flat_index_scores(fitted, query_images):
+    exact = fitted.predict(query_images)
+    pruned_model = PatchCore.from_state_dict(fitted.state_dict(), device="cpu")
+    pruned_model.set_params(index_kind="pruned")
+    pruned = pruned_model.predict(query_images)
+    np.testing.assert_allclose(pruned.patch_scores, exact.patch_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pruned.image_scores, exact.image_scores, rtol=1e-5)

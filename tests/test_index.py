@@ -132,7 +132,7 @@ def test_search_clamps_tiny_negative_distances_to_zero(bank):
 
 
 def test_unknown_kind_is_refused_with_the_known_kinds(bank):
-    with pytest.raises(ValueError, match="flat, ivf, hnsw"):
+    with pytest.raises(ValueError, match=", ".join(INDEX_KINDS)):
         MemoryBankIndex(bank, kind="lsh")
 
 
@@ -160,3 +160,38 @@ def test_threads_sets_the_faiss_thread_count(bank):
         assert faiss.omp_get_max_threads() == 1
     finally:
         faiss.omp_set_num_threads(before)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pruned_exact_search_finds_the_true_nearest_neighbours(k):
+    # A decaying spectrum, as patch features have: most variance in the leading components.
+    spectrum = (0.97 ** np.arange(256)).astype(np.float32)
+    bank = clustered(4000, dim=256, clusters=40, seed=5) * spectrum
+    rng = np.random.default_rng(6)
+    queries = bank[rng.choice(4000, 600)] + (rng.normal(0, 0.3, size=(600, 256)) * spectrum).astype(
+        np.float32
+    )
+    index = MemoryBankIndex(bank, kind="pruned")
+    distances, indices = index.search(queries, k)
+    true_squared, true_indices = brute_force(bank, queries, k)
+    np.testing.assert_allclose(distances, true_squared, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(indices, true_indices)
+    assert index.exact and index.recall(queries, k) == 1.0
+    assert index._pruned.last_exact_fraction < 0.5  # the bound did prune
+
+
+def test_pruned_search_with_duplicate_bank_vectors_returns_the_smaller_index_first():
+    base = clustered(300, dim=160, clusters=5, seed=7)
+    bank = np.concatenate([base, base])  # every vector twice: exact ties
+    distances, indices = MemoryBankIndex(bank, kind="pruned").search(base[:50] + 1e-3, k=2)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(50))
+    np.testing.assert_array_equal(indices[:, 1], np.arange(50) + 300)
+    np.testing.assert_allclose(distances[:, 0], distances[:, 1], rtol=1e-6)
+
+
+def test_pruned_search_handles_features_with_tiny_values():
+    # Tiny differences square to float32 subnormals; the kernel sums in float64 and stays exact.
+    bank = clustered(2000, dim=192, seed=8) * np.float32(1e-20)
+    queries = bank[:100] * np.float32(1.0 + 1e-3)
+    _, indices = MemoryBankIndex(bank, kind="pruned").search(queries, 1)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(100))

@@ -68,7 +68,7 @@ class ModelConfig:
     precision: str = "fp32"
     batch_size: int = 32
     feature_cache: str | None = None  # folder: reuse training features when data and feature settings match
-    index_kind: str = "flat"  # flat (exact) | ivf | hnsw (approximate)
+    index_kind: str = "flat"  # flat | pruned (both exact) | ivf | hnsw (approximate)
     nprobe: int = 8
     ef_search: int = 64
     search_threads: int | None = None
@@ -189,7 +189,7 @@ def _validate_values(config: Config) -> None:
         ),
         "model.distance": (config.model.distance, ("euclidean", "squared_l2")),
         "model.precision": (config.model.precision, ("fp32", "fp16", "bf16")),
-        "model.index_kind": (config.model.index_kind, ("flat", "ivf", "hnsw")),
+        "model.index_kind": (config.model.index_kind, ("flat", "pruned", "ivf", "hnsw")),
         "logging.online": (config.logging.online, (None, "wandb", "mlflow")),
         "logging.level": (config.logging.level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
     }

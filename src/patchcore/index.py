@@ -6,6 +6,10 @@ root; ``distance="squared_l2"`` keeps them (what the reference code reports).
 Three kinds of index (``kind``):
 
 - ``"flat"`` (default): exact search, ``IndexFlatL2`` (the reference's; on the GPU when asked and available).
+- ``"pruned"``: exact search too, on the CPU, with a certified principal-component lower bound that skips
+  most bank vectors (see ``_pruned_search``); needs numba. Same neighbours as ``flat`` up to float32
+  rounding of the distances (its distances are computed as sums of squared differences, not by FAISS's
+  ``||a||^2 - 2 a.b + ||b||^2``, so they differ from ``flat``'s in the last bits).
 - ``"ivf"``: ``IndexIVFFlat``, an inverted file of ``nlist`` k-means cells (trained on the bank itself with a
   fixed seed, so two builds on the same bank give the same index and the same results); a query visits the
   ``nprobe`` nearest cells. On the GPU when asked and available (trained on the CPU, then copied).
@@ -27,7 +31,7 @@ import numpy as np
 __all__ = ["DISTANCES", "INDEX_KINDS", "MemoryBankIndex", "blas_min_rows", "faiss_has_gpu", "ivf_nlist"]
 
 DISTANCES = ("euclidean", "squared_l2")
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "pruned", "ivf", "hnsw")
 
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 80
@@ -104,8 +108,16 @@ class MemoryBankIndex:
         self.threads = threads
         self.nlist: int | None = None
         self._exact: MemoryBankIndex | None = None
-        gpu = bool(use_gpu and kind != "hnsw" and faiss_has_gpu())
+        gpu = bool(use_gpu and kind in ("flat", "ivf") and faiss_has_gpu())
+        self._pruned = None
 
+        if kind == "pruned":
+            from ._pruned_search import PrunedExactSearch
+
+            self._pruned = PrunedExactSearch(bank)
+            self.on_gpu = False
+            self.index = None
+            return
         if kind == "flat":
             index = faiss.IndexFlatL2(self.dim)
         elif kind == "ivf":
@@ -143,7 +155,7 @@ class MemoryBankIndex:
 
     @property
     def exact(self) -> bool:
-        return self.kind == "flat"
+        return self.kind in ("flat", "pruned")
 
     def _chunks(self, n: int):
         """(start, stop) slices of at most chunk_rows queries; a short tail joins the chunk before it."""
@@ -166,6 +178,9 @@ class MemoryBankIndex:
         k = min(int(k), len(self.bank))
         distances = np.empty((len(queries), k), dtype=np.float32)
         indices = np.empty((len(queries), k), dtype=np.int64)
+        if self._pruned is not None:
+            distances, indices = self._pruned.search(queries, k)
+            return distances, indices
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, k)
         for start, stop in self._chunks(len(queries)):
@@ -182,7 +197,7 @@ class MemoryBankIndex:
         if self.exact:
             return self
         if self._exact is None:
-            self._exact = MemoryBankIndex(self.bank, chunk_rows=self.chunk_rows)
+            self._exact = MemoryBankIndex(self.bank, chunk_rows=self.chunk_rows)  # flat
         return self._exact
 
     def recall(self, queries: np.ndarray, k: int = 1) -> float:

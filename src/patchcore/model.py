@@ -85,7 +85,9 @@ class PatchCore:
     work_dir: where training features are streamed to disk (default: the system temp dir).
     feature_cache: a folder where training features are kept and reused when the images and feature
         settings are unchanged (a new percentage, sampler or k then skips the backbone).
-    index_kind: nearest-neighbour index: ``flat`` (exact, default), ``ivf`` or ``hnsw`` (approximate:
+    index_kind: nearest-neighbour index: ``flat`` (exact, FAISS, default), ``pruned`` (exact, CPU, about 2x
+        faster on real features: a certified principal-component bound skips most of the bank), ``ivf`` or
+        ``hnsw`` (approximate:
         faster search, scores can only go up; ``MemoryBankIndex.recall`` measures what is missed).
     nprobe, ef_search: the IVF and HNSW search breadths. search_threads: FAISS threads (None: its default).
     """
