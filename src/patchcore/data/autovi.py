@@ -6,7 +6,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import DataError, ObjectData, Sample, list_images, require_dir, resolve_root, sample_name
+from .base import (
+    DataError,
+    ObjectData,
+    Sample,
+    labelled_images,
+    list_images,
+    require_dir,
+    resolve_root,
+    sample_name,
+)
 
 __all__ = ["AUTOVI_OBJECTS", "find_autovi_object", "load_autovi", "load_autovi_object", "saturation_for"]
 
@@ -70,20 +79,16 @@ def load_autovi_object(obj_dir: Path, name: str | None = None) -> ObjectData:
 
     test_root = require_dir(obj_dir / "test", "AutoVI test folder")
     test: list[Sample] = []
-    for label_dir in sorted(test_root.iterdir(), key=lambda p: p.name):
-        if not label_dir.is_dir() or label_dir.name.startswith("."):
-            continue
-        label = label_dir.name
-        for image_path in list_images(label_dir):
-            masks: tuple[Path, ...] = ()
-            if label != "good":
-                gt_dir = obj_dir / "ground_truth" / label / image_path.stem
-                if not gt_dir.is_dir():
-                    raise DataError(f"missing ground-truth folder {gt_dir} for defect image {image_path}")
-                masks = tuple(list_images(gt_dir))  # one PNG per annotated defect, sorted
-                if not masks:
-                    raise DataError(f"no mask images in {gt_dir} for defect image {image_path}")
-            test.append(Sample(image_path, label, masks, sample_name(image_path, obj_dir)))
+    for label, image_path in labelled_images(test_root):
+        masks: tuple[Path, ...] = ()
+        if label != "good":
+            gt_dir = obj_dir / "ground_truth" / label / image_path.stem
+            if not gt_dir.is_dir():
+                raise DataError(f"missing ground-truth folder {gt_dir} for defect image {image_path}")
+            masks = tuple(list_images(gt_dir))  # one PNG per annotated defect, sorted
+            if not masks:
+                raise DataError(f"no mask images in {gt_dir} for defect image {image_path}")
+        test.append(Sample(image_path, label, masks, sample_name(image_path, obj_dir)))
     if not test:
         raise DataError(f"no test images in {test_root}")
     return ObjectData(

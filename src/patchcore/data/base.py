@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+def labelled_images(test_root: Path) -> Iterator[tuple[str, Path]]:
+    """(label, image path) for the images of every ``test_root/<label>/`` folder, labels in name order.
+
+    Hidden folders are skipped, and so is a folder without images (checkpoints, notes): not a defect type.
+    """
+    for label_dir in sorted(test_root.iterdir(), key=lambda p: p.name):
+        if label_dir.is_dir() and not label_dir.name.startswith("."):
+            for image_path in list_images(label_dir):
+                yield label_dir.name, image_path
 
 
 def sample_name(path: Path, root: Path) -> str:

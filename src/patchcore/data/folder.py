@@ -10,6 +10,7 @@ from .base import (
     ObjectData,
     Sample,
     find_mask,
+    labelled_images,
     list_images,
     require_dir,
     resolve_root,
@@ -41,17 +42,13 @@ def load_folder_object(obj_dir: Path, name: str | None = None) -> ObjectData:
     test: list[Sample] = []
     test_root = obj_dir / "test"
     if test_root.is_dir():
-        for label_dir in sorted(test_root.iterdir(), key=lambda p: p.name):
-            if not label_dir.is_dir() or label_dir.name.startswith("."):
-                continue
-            label = label_dir.name
-            for image_path in list_images(label_dir):
-                masks: tuple[Path, ...] = ()
-                if label != "good":
-                    stem = image_path.stem
-                    mask = find_mask(obj_dir / "ground_truth" / label, (f"{stem}_mask", stem))
-                    masks = (mask,) if mask is not None else ()
-                test.append(Sample(image_path, label, masks, sample_name(image_path, obj_dir)))
+        for label, image_path in labelled_images(test_root):
+            masks: tuple[Path, ...] = ()
+            if label != "good":
+                stem = image_path.stem
+                mask = find_mask(obj_dir / "ground_truth" / label, (f"{stem}_mask", stem))
+                masks = (mask,) if mask is not None else ()
+            test.append(Sample(image_path, label, masks, sample_name(image_path, obj_dir)))
     return ObjectData(
         name=name or obj_dir.name,
         train=train,

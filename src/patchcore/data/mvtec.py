@@ -10,6 +10,7 @@ from .base import (
     ObjectData,
     Sample,
     find_mask,
+    labelled_images,
     list_images,
     require_dir,
     resolve_root,
@@ -49,21 +50,16 @@ def load_mvtec_object(class_dir: Path, name: str | None = None) -> ObjectData:
 
     test_root = require_dir(class_dir / "test", "MVTec test folder")
     test: list[Sample] = []
-    for label_dir in sorted(test_root.iterdir(), key=lambda p: p.name):
-        if not label_dir.is_dir() or label_dir.name.startswith("."):
-            continue
-        label = label_dir.name
-        # A folder without images (checkpoints, notes) is not a defect type: skip it.
-        for image_path in list_images(label_dir):
-            masks: tuple[Path, ...] = ()
-            if label != "good":
-                gt_dir = class_dir / "ground_truth" / label
-                mask = find_mask(gt_dir, (f"{image_path.stem}_mask",))
-                if mask is None:
-                    expected = gt_dir / f"{image_path.stem}_mask.png"
-                    raise DataError(f"missing ground-truth mask {expected} for defect image {image_path}")
-                masks = (mask,)
-            test.append(Sample(image_path, label, masks, sample_name(image_path, class_dir)))
+    for label, image_path in labelled_images(test_root):
+        masks: tuple[Path, ...] = ()
+        if label != "good":
+            gt_dir = class_dir / "ground_truth" / label
+            mask = find_mask(gt_dir, (f"{image_path.stem}_mask",))
+            if mask is None:
+                expected = gt_dir / f"{image_path.stem}_mask.png"
+                raise DataError(f"missing ground-truth mask {expected} for defect image {image_path}")
+            masks = (mask,)
+        test.append(Sample(image_path, label, masks, sample_name(image_path, class_dir)))
     if not test:
         raise DataError(f"no test images in {test_root}")
     return ObjectData(
