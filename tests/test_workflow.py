@@ -540,3 +540,23 @@ def test_model_fitted_by_train_rebuilds_with_the_same_transform(mvtec_run):
     model = PatchCore.load(mvtec_run["run_dir"] / "models" / "patchcore_bottle.pt", device="cpu")
     assert model.transform.output_size((48, 48)) == (48, 48)
     assert model.calibration_["image_threshold"] > 0
+
+
+def test_train_reuses_cached_features_when_only_the_coreset_changes(tmp_path):
+    data = make_mvtec(tmp_path / "data")
+    cache = tmp_path / "cache"
+    config = write_config(
+        tmp_path / "c.yaml", "mvtec", data, tmp_path / "results", model={"feature_cache": str(cache)}
+    )
+    code, _, err = run_cli("train", "--config", config)
+    assert code == 0, err
+    code, _, err = run_cli("train", "--config", config, "model.percentage=0.5")
+    assert code == 0, err
+    first = json.loads((tmp_path / "results" / "tiny" / "run" / "summary.json").read_text())
+    second = json.loads((tmp_path / "results" / "tiny" / "run_1" / "summary.json").read_text())
+    assert {o["stats"]["feature_cache"] for o in first["objects"]} == {"miss"}
+    assert {o["stats"]["feature_cache"] for o in second["objects"]} == {"hit"}
+    assert all(
+        o["stats"]["memory_size"] > p["stats"]["memory_size"]
+        for o, p in zip(second["objects"], first["objects"], strict=True)
+    )

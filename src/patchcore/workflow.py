@@ -192,6 +192,25 @@ def _loader(samples, transform, batch_size: int, num_workers: int, with_masks: b
     )
 
 
+class _LoaderBatches:
+    """The loader's batches, iterated once, with ``dataset`` still visible (the feature cache fingerprints
+    its files). The worker processes start only when iteration does: not at all on a cache hit."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.dataset = loader.dataset
+        self._iterator = None
+
+    def __iter__(self):
+        self._iterator = iter(self.loader)
+        return self._iterator
+
+    def close(self) -> None:
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 @contextlib.contextmanager
 def _batches(loader: DataLoader):
     """Iterate ``loader``, shutting its worker processes down at once if the loop fails (a bad image).
@@ -199,13 +218,11 @@ def _batches(loader: DataLoader):
     Otherwise the failed iterator sits in a reference cycle with the exception's traceback and its workers
     are only stopped by a later garbage collection, which then stalls for several seconds per worker.
     """
-    iterator = iter(loader)
+    batches = _LoaderBatches(loader)
     try:
-        yield iterator
+        yield batches
     finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        batches.close()
 
 
 def _f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float | None:
