@@ -292,7 +292,7 @@ class PatchCore:
         features = self._patch_features()
         device = self.torch_device
         t0 = time.perf_counter()
-        cache_status, cache_key, cache = "off", None, None
+        cache_status, cache_key, cache, entry = "off", None, None, None
         if self.feature_cache is not None:
             fingerprint = data_fingerprint(images)
             if fingerprint is None:
@@ -300,21 +300,19 @@ class PatchCore:
             else:
                 cache = FeatureCache(self.feature_cache)
                 cache_key = cache.key(fingerprint, self._feature_settings())
-                cache_status = "hit" if cache.lookup(cache_key) is not None else "miss"
+                entry = cache.lookup(cache_key)
+                cache_status = "hit" if entry is not None else "miss"
         work_dir = None
         try:
-            if cache_status == "hit":
-                entry = cache.lookup(cache_key)
-            elif cache_status == "miss":
+            if cache_status == "miss":
                 with cache.writer(cache_key) as (store, meta):
                     meta.update(self._extract(features, images, store, progress))
                 entry = cache.lookup(cache_key)
-            else:
+            elif cache_status != "hit":
                 work_dir = Path(tempfile.mkdtemp(prefix="patchcore-", dir=self.work_dir))
                 store = FeatureStore(work_dir / "train_features.f32")
                 meta = self._extract(features, images, store, progress)
                 meta.update(n_rows=store.n_rows, dim=store.dim)
-                entry = None
             if entry is not None:
                 meta = entry.meta
                 train_features = entry.features()
