@@ -293,3 +293,17 @@ def test_installed_patchcore_command_exits_2_with_one_line_on_an_unknown_key(tmp
     assert len(lines) == 1, done.stderr
     assert "evaluation.heatmap" in lines[0] and str(config) in lines[0]
     assert done.stdout == ""
+
+
+def test_predict_with_other_backbone_weights_exits_2_saying_which_were_used(model_file, tmp_path, capsys):
+    from patchcore.backbones import load_backbone
+
+    network, _, _ = load_backbone("resnet18", "random", seed=12345)
+    other = tmp_path / "other.pth"
+    torch.save(network.state_dict(), other)
+    good = _image(tmp_path / "fine.png", 1)
+    code = cli.main(
+        ["predict", "-m", str(model_file), str(good), "--weights", str(other), "-o", str(tmp_path / "p")]
+    )
+    assert code == 2
+    assert "fitted with backbone weights" in _error_line(capsys, "predict")

@@ -644,3 +644,22 @@ def test_pruned_exact_index_gives_the_flat_index_scores(fitted, query_images):
     pruned = pruned_model.predict(query_images)
     np.testing.assert_allclose(pruned.patch_scores, exact.patch_scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pruned.image_scores, exact.image_scores, rtol=1e-5)
+
+
+def test_a_model_refuses_backbone_weights_other_than_those_it_was_fitted_with(
+    train_images, query_images, resnet18_weights_file, tmp_path
+):
+    model = PatchCore(backbone="resnet18", weights=str(resnet18_weights_file), device="cpu", percentage=0.5)
+    path = model.fit(train_images).save(tmp_path / "model.pt")
+    other, _, _ = load_backbone("resnet18", "random", seed=99)
+    other_file = tmp_path / "other.pth"
+    torch.save(other.state_dict(), other_file)
+    with pytest.raises(BackboneError, match="fitted with backbone weights"):
+        PatchCore.load(path, device="cpu", weights=other_file).predict(query_images)
+    copy = tmp_path / "copy.pth"  # the same weights under another name are fine
+    copy.write_bytes(Path(resnet18_weights_file).read_bytes())
+    np.testing.assert_array_equal(
+        PatchCore.load(path, device="cpu", weights=copy).score(query_images), model.score(query_images)
+    )
+    # Re-fitting a fitted model with other weights is a new fit, not a mismatch.
+    model.set_params(weights=str(other_file)).fit(train_images)

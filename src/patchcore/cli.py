@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="data set kind (mvtec, autovi, folder, elpv); overrides the config")
     evaluate.add_argument("--root", help="data set folder; overrides the config")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
     evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     evaluate.add_argument("--no-progress", action="store_true")
 
@@ -79,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out", "-o", default="predictions", help="folder for heatmaps and predictions.jsonl"
     )
     predict.add_argument("--device", default="auto")
+    predict.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
     predict.add_argument("--batch-size", type=int, default=None)
     predict.add_argument("--no-heatmaps", action="store_true")
 
@@ -122,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.root:
             overrides.append(f"data.root={args.root}")
         config = load_config(args.config, _with_progress(overrides, args.no_progress))
-        summary = evaluate_models(config, args.model, device=args.device)
+        summary = evaluate_models(config, args.model, device=args.device, weights=args.weights)
         print(summary.reports["markdown"].read_text())
         return 0
     if args.command == "predict":
@@ -130,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
 
         records = predict_images(
             args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,
-            heatmaps=not args.no_heatmaps,
+            heatmaps=not args.no_heatmaps, weights=args.weights,
         )  # fmt: skip
         for record in records:
             print(json.dumps(record))

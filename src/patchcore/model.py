@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import FeatureExtractor, load_backbone
+from .backbones import BackboneError, FeatureExtractor, load_backbone
 from .cache import FeatureCache, data_fingerprint
 from .coreset import make_sampler
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
@@ -217,10 +217,20 @@ class PatchCore:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def _patch_features(self) -> PatchFeatures:
+    def _patch_features(self, refitting: bool = False) -> PatchFeatures:
+        """The feature extractor, built on first use. Unless ``refitting``, a fitted model checks that the
+        backbone weights found now are those its memory bank was built with."""
         if self._features is None:
             self._validate()
             network, wid, default_layers = load_backbone(self.backbone, self.weights, seed=self.seed)
+            expected = getattr(self, "weights_id_", None)
+            if not refitting and hasattr(self, "memory_bank_") and expected is not None and wid != expected:
+                # A bank is only meaningful with the features it was built from.
+                raise BackboneError(
+                    f"this model was fitted with backbone weights {expected}, but the weights found now are "
+                    f"{wid}; pass weights=PATH (patchcore predict/evaluate --weights PATH) to the file it was "
+                    "fitted with"
+                )
             layers = tuple(self.layers) if self.layers else default_layers
             if not layers:
                 raise ValueError(f"backbone {self.backbone!r} has no default layers: pass layers=[...]")
@@ -289,7 +299,7 @@ class PatchCore:
         Patch features stream to a memory-mapped file (in ``feature_cache`` when set, else a temporary
         folder), so peak memory does not grow with the number of images.
         """
-        features = self._patch_features()
+        features = self._patch_features(refitting=True)
         device = self.torch_device
         t0 = time.perf_counter()
         cache_status, cache_key, cache, entry = "off", None, None, None

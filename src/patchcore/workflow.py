@@ -482,7 +482,10 @@ def _model_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def evaluate_models(
-    config: Config, model_paths: Sequence[str | os.PathLike], device: str = "auto"
+    config: Config,
+    model_paths: Sequence[str | os.PathLike],
+    device: str = "auto",
+    weights: str | os.PathLike | None = None,
 ) -> RunSummary:
     """Re-evaluate saved models on the test split of the configured data set (object from each model)."""
     files = _model_files(model_paths)
@@ -494,7 +497,7 @@ def evaluate_models(
     header["models"] = [str(f) for f in files]
     with Progress(config.logging.progress) as progress:
         for path in files:
-            model = PatchCore.load(path, device=device)
+            model = PatchCore.load(path, device=device, weights=weights)
             name = model.stats_.get("object") or path.stem.removeprefix("patchcore_")
             if name not in objects:
                 raise DataError(
@@ -540,13 +543,14 @@ def predict_images(
     device: str = "auto",
     batch_size: int | None = None,
     heatmaps: bool = True,
+    weights: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Score images with a saved model: one JSON-able record per image, heatmap PNGs in ``out_dir``.
 
     Heatmaps use the map range recorded when the model was evaluated; without one (a model fitted only
     through the API), one range over all maps of this call (never a per-image range).
     """
-    model = PatchCore.load(model_path, device=device)
+    model = PatchCore.load(model_path, device=device, weights=weights)
     if batch_size:
         model.batch_size = batch_size
     paths = _expand_images(inputs)
