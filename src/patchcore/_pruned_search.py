@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .principal import principal_basis
+
 PREFIX_DIM = 128
 SEEDS = 4  # prefix-nearest candidates whose exact distances seed the upper bound
 QUERY_BLOCK = 512
@@ -104,15 +106,11 @@ class PrunedExactSearch:
 
     def __init__(self, bank: np.ndarray, prefix_dim: int = PREFIX_DIM):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-        n, dim = self.bank.shape
-        m = int(min(prefix_dim, dim))
-        bank64 = torch.from_numpy(self.bank).double()
-        self.mean = bank64.mean(0)
-        centred = bank64 - self.mean
-        eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)
-        self.basis = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:m]].float().contiguous()
-        self.mean32 = self.mean.float()
-        prefix = (centred @ eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:m]]).float()
+        mean, basis = principal_basis(torch.from_numpy(self.bank), prefix_dim)
+        self.basis = basis.float().contiguous()
+        self.mean32 = mean.float()
+        centred = torch.from_numpy(self.bank).double() - mean
+        prefix = (centred @ basis).float()
         self.bank_prefix = prefix.contiguous()
         self.bank_prefix_sq = (prefix.double() ** 2).sum(1).float()
         # The float32 prefix of a vector and its float32 squared-distance formula err by far less than

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .principal import principal_basis
+
 __all__ = [
     "ApproximateGreedyCoreset",
     "GreedyCoreset",
@@ -158,19 +160,9 @@ def prefix_bound_data(z: torch.Tensor, prefix_dim: int = PREFIX_DIM) -> dict[str
     of a 128-term float32 dot product (about 2.5e-5). So A >= d_j + slack_j + slack_i, with
     slack = e + sqrt(c ||z||^2) (padded), proves r >= d_j: the point keeps d_j.
     """
-    n, dim = z.shape
-    m = int(min(prefix_dim, dim))
-    # Two chunked passes in float64 (memory stays O(chunk) beyond the outputs): statistics, then prefixes.
-    mean = torch.zeros(dim, dtype=torch.float64)
-    for start in range(0, n, _CHUNK_ROWS):
-        mean += z[start : start + _CHUNK_ROWS].double().sum(0)
-    mean /= n
-    covariance = torch.zeros((dim, dim), dtype=torch.float64)
-    for start in range(0, n, _CHUNK_ROWS):
-        centred = z[start : start + _CHUNK_ROWS].double() - mean
-        covariance += centred.T @ centred
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    basis = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:m]]
+    n = len(z)
+    mean, basis = principal_basis(z, prefix_dim, _CHUNK_ROWS)
+    m = basis.shape[1]
 
     def prefix_rows(start: int) -> torch.Tensor:
         return (z[start : start + _CHUNK_ROWS].double() - mean) @ basis
