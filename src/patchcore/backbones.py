@@ -29,7 +29,6 @@ __all__ = [
     "available_backbones",
     "load_backbone",
     "register_backbone",
-    "weights_id",
 ]
 
 
@@ -241,16 +240,6 @@ def load_backbone(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model, wid, spec.default_layers
-
-
-def weights_id(name: str, weights: str | os.PathLike | None) -> str:
-    """The id recorded for a backbone's weights without building it (used in cache keys)."""
-    if weights is None:
-        spec = _REGISTRY.get(name)
-        return spec.weights_label if spec is not None else f"timm:{name[5:]}"
-    if weights == "random":
-        return "random"
-    return f"file:{_sha256(Path(weights))[:16]}"
 
 
 class _StopForward(Exception):
