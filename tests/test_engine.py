@@ -36,6 +36,8 @@ from patchcore.features import patch_features
 from patchcore.fileio import atomic_write
 from patchcore.scoring import anomaly_maps
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 # --------------------------------------------------------------------------- helpers and fixtures
 
 
@@ -79,15 +81,6 @@ def clustered_points(seed: int, n: int = 2000, dim: int = 16, clusters: int = 20
         for c, s in zip(centres, sizes, strict=True)
     ]
     return np.concatenate(points).astype(np.float32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

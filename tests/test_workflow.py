@@ -23,6 +23,8 @@ from PIL import Image
 from patchcore import cli
 from patchcore.model import PatchCore
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 FAST_MODEL = {
     "backbone": "resnet18",
     "weights": "random",
@@ -166,15 +168,6 @@ def heat_green(heatmap_png: Path) -> np.ndarray:
     array = np.asarray(Image.open(heatmap_png).convert("RGB")).astype(np.int64)
     width = array.shape[1] // 2
     return 2 * array[:, width:, 1] - array[:, :width, 1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
