@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from patchcore import PatchCore
 from patchcore import __version__ as patchcore_version
-from patchcore.coreset import (
+from patchcore.data import ImageDataset, collate_samples, load_elpv
+from patchcore.engine.coreset import (
     ApproximateGreedyCoreset,
     coreset_size,
     covering_radius,
@@ -44,11 +45,10 @@ from patchcore.coreset import (
     reference_greedy_select,
     start_distances,
 )
-from patchcore.data import ImageDataset, collate_samples, load_elpv
+from patchcore.engine.index import INDEX_KINDS, MemoryBankIndex, ivf_nlist
+from patchcore.engine.store import FeatureStore
+from patchcore.evaluation.metrics import image_auroc
 from patchcore.fileio import atomic_write_json
-from patchcore.index import INDEX_KINDS, MemoryBankIndex, ivf_nlist
-from patchcore.metrics import image_auroc
-from patchcore.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parent
 BACKBONE = "efficientnet-lite0"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from patchcore import PatchCore
-from patchcore.backbones import BackboneError, FeatureExtractor, available_backbones, load_backbone
+from patchcore.engine.backbones import BackboneError, FeatureExtractor, available_backbones, load_backbone
 
 
 def test_registry_lists_the_builtin_backbones():

@@ -10,16 +10,28 @@ import torch
 from PIL import Image
 
 from patchcore import PatchCore
-from patchcore.features import PatchFeatures
+from patchcore.app.cache import fit_cached
+from patchcore.engine.features import PatchFeatures
 
 
-def small_model(cache_dir, **overrides) -> PatchCore:
-    params = dict(
-        backbone="resnet18", weights="random", resize=32, imagesize=32, device="cpu",
-        percentage=0.25, feature_cache=str(cache_dir), batch_size=4,
-    )  # fmt: skip
-    params.update(overrides)
-    return PatchCore(**params)
+class CachedModel:
+    """A small PatchCore whose ``fit`` goes through the application's feature cache in ``cache_dir``."""
+
+    def __init__(self, cache_dir, **overrides):
+        params = dict(
+            backbone="resnet18", weights="random", resize=32, imagesize=32, device="cpu",
+            percentage=0.25, batch_size=4,
+        )  # fmt: skip
+        params.update(overrides)
+        self.model = PatchCore(**params)
+        self.cache_dir = str(cache_dir)
+
+    def fit(self, images) -> PatchCore:
+        return fit_cached(self.model, images, self.cache_dir)
+
+
+def small_model(cache_dir, **overrides) -> CachedModel:
+    return CachedModel(cache_dir, **overrides)
 
 
 @pytest.fixture()

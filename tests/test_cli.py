@@ -16,9 +16,10 @@ import torch
 import yaml
 from PIL import Image
 
-from patchcore import __version__, cli
+from patchcore import __version__
+from patchcore.app import cli
 from patchcore.data import DataError
-from patchcore.model import PatchCore
+from patchcore.engine.model import PatchCore
 
 FAST_MODEL = {"backbone": "resnet18", "weights": "random", "resize": 48, "imagesize": 48, "batch_size": 4}
 
@@ -296,7 +297,7 @@ def test_installed_patchcore_command_exits_2_with_one_line_on_an_unknown_key(tmp
 
 
 def test_predict_with_other_backbone_weights_exits_2_saying_which_were_used(model_file, tmp_path, capsys):
-    from patchcore.backbones import load_backbone
+    from patchcore.engine.backbones import load_backbone
 
     network, _, _ = load_backbone("resnet18", "random", seed=12345)
     other = tmp_path / "other.pth"

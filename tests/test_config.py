@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from patchcore.config import (
+from patchcore.app.config import (
     Config,
     ConfigError,
     apply_overrides,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore.coreset import (
+from patchcore.engine.coreset import (
     covering_radius,
     greedy_select,
     prefix_bound_data,

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-import patchcore.model as model_module
+import patchcore.engine.model as model_module
 from patchcore import ModelFileError, PatchCore
-from patchcore.backbones import BackboneError, FeatureExtractor, load_backbone
-from patchcore.coreset import (
+from patchcore.data.transforms import load_image
+from patchcore.engine.backbones import BackboneError, FeatureExtractor, load_backbone
+from patchcore.engine.coreset import (
     ApproximateGreedyCoreset,
     GreedyCoreset,
     IdentitySampler,
@@ -31,10 +32,9 @@ from patchcore.coreset import (
     reference_greedy_select,
     start_distances,
 )
-from patchcore.data.transforms import load_image
-from patchcore.features import patch_features
+from patchcore.engine.features import patch_features
+from patchcore.engine.scoring import anomaly_maps
 from patchcore.fileio import atomic_write
-from patchcore.scoring import anomaly_maps
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

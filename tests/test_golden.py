@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from patchcore import PatchCore
-from patchcore.backbones import FeatureExtractor, load_backbone
-from patchcore.coreset import ApproximateGreedyCoreset, project
 from patchcore.data.transforms import ImageTransform, load_image
-from patchcore.features import patch_features
-from patchcore.index import MemoryBankIndex
-from patchcore.scoring import anomaly_maps, image_scores, patch_scores
+from patchcore.engine.backbones import FeatureExtractor, load_backbone
+from patchcore.engine.coreset import ApproximateGreedyCoreset, project
+from patchcore.engine.features import patch_features
+from patchcore.engine.index import MemoryBankIndex
+from patchcore.engine.scoring import anomaly_maps, image_scores, patch_scores
 
 GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
 GOLDEN = GOLDEN_DIR / "elpv_effnetlite0_112.npz"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from patchcore.index import INDEX_KINDS, MIN_CHUNK_ROWS, MemoryBankIndex, blas_min_rows, ivf_nlist
+from patchcore.engine.index import INDEX_KINDS, MIN_CHUNK_ROWS, MemoryBankIndex, blas_min_rows, ivf_nlist
 
 
 def clustered(n: int, dim: int = 64, clusters: int = 50, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from patchcore.metrics import (
+from patchcore.evaluation.metrics import (
     SaturationSpec,
     au_pro,
     au_spro,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from patchcore import fileio
+from patchcore.evaluation.reports import ObjectResult, mean_metrics, write_reports
 from patchcore.fileio import atomic_write, atomic_write_text
-from patchcore.reports import ObjectResult, mean_metrics, write_reports
 
 STATS = {
     "n_train_images": 6,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from patchcore.store import FeatureStore, open_features
+from patchcore.engine.store import FeatureStore, open_features
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from patchcore.tracking import Tracker, TrackingError, make_tracker
+from patchcore.app.tracking import Tracker, TrackingError, make_tracker
 
 CONFIG = {"model": {"backbone": "resnet18", "percentage": 0.1}, "seed": 0}
 

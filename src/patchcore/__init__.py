@@ -1,7 +1,10 @@
-"""patchcore: PatchCore industrial visual anomaly detection, faithful to the paper and fast on a CPU."""
+"""patchcore: PatchCore industrial visual anomaly detection, faithful to the paper and fast on a CPU.
 
-__version__ = "0.1.0"
+Wings (sub-packages), imports running one way only, checked by ``lint-imports`` (pyproject.toml):
+``app`` -> ``deploy`` | ``distributed`` | ``evaluation`` -> ``engine`` -> ``data`` | ``heatmaps`` -> ``fileio``.
+"""
 
-from .model import ModelFileError, PatchCore, Prediction  # noqa: E402
+from ._version import __version__
+from .engine.model import ModelFileError, PatchCore, Prediction
 
 __all__ = ["ModelFileError", "PatchCore", "Prediction", "__version__"]

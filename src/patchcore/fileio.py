@@ -1,16 +1,17 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one) and safe file names."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "safe_name"]
 
 
 def _read_umask() -> int:
@@ -60,3 +61,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def safe_name(name: str) -> str:
+    """``name`` reduced to characters safe in a file name (an object or image name from user data)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"

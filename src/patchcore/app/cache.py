@@ -1,4 +1,4 @@
-"""Feature caching on disk: training patch features are reused when the data and feature settings are
+"""Feature caching on disk (an application concern: the estimator only extracts and fits features): training patch features are reused when the data and feature settings are
 unchanged, so a new coreset percentage, sampler or k does not run the backbone again.
 
 The cache key is explicit: a SHA-256 over the data fingerprint (every image file's path, size and
@@ -16,15 +16,17 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .store import FeatureStore, open_features
+from ..engine.model import PatchCore, ProgressCallback
+from ..engine.store import FeatureStore, open_features
 
-__all__ = ["FEATURE_FORMAT_VERSION", "CacheEntry", "FeatureCache", "data_fingerprint"]
+__all__ = ["FEATURE_FORMAT_VERSION", "CacheEntry", "FeatureCache", "data_fingerprint", "fit_cached"]
 
 # Bump when the patch-feature computation changes: old entries then no longer match any key.
 FEATURE_FORMAT_VERSION = 1
@@ -123,3 +125,37 @@ class FeatureCache:
             store.close()
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def fit_cached(
+    model: PatchCore,
+    images: Any,
+    cache_dir: str | os.PathLike | None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> PatchCore:
+    """``model.fit(images)``, reusing the training features kept in ``cache_dir`` when the images and the
+    feature settings are unchanged (``stats_["feature_cache"]``: off, hit, miss or unsupported input)."""
+    if cache_dir is None:
+        return model.fit(images, progress=progress)
+    fingerprint = data_fingerprint(images)
+    if fingerprint is None:
+        model.fit(images, progress=progress)
+        model.stats_["feature_cache"] = "unsupported input"
+        return model
+    t0 = time.perf_counter()
+    cache = FeatureCache(cache_dir)
+    key = cache.key(fingerprint, model.feature_settings())
+    entry = cache.lookup(key)
+    status = "hit" if entry is not None else "miss"
+    if entry is None:
+        with cache.writer(key) as (store, meta):
+            meta.update(model.extract_features(images, store, progress=progress))
+        entry = cache.lookup(key)
+        if entry is None:  # pragma: no cover - the entry was just renamed into place
+            raise RuntimeError(f"feature cache entry {key} in {cache.root} vanished after writing")
+    model.fit_features(
+        entry.features(), entry.meta, progress=progress, extract_seconds=time.perf_counter() - t0
+    )
+    model.stats_["feature_cache"] = status
+    return model

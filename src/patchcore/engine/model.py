@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from .._version import __version__
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
+from ..fileio import atomic_write
 from .backbones import BackboneError, FeatureExtractor, load_backbone
-from .cache import FeatureCache, data_fingerprint
 from .coreset import make_sampler
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
 from .features import PatchFeatures
-from .fileio import atomic_write
 from .index import DISTANCES, INDEX_KINDS, MemoryBankIndex
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
 from .store import FeatureStore
@@ -83,8 +83,6 @@ class PatchCore:
         for the backbone only (patch features and the bank are always float32).
     batch_size: images per backbone pass. seed: every random choice of a fit (and random weights).
     work_dir: where training features are streamed to disk (default: the system temp dir).
-    feature_cache: a folder where training features are kept and reused when the images and feature
-        settings are unchanged (a new percentage, sampler or k then skips the backbone).
     index_kind: nearest-neighbour index: ``flat`` (exact, FAISS, default), ``pruned`` (exact, CPU, about 2x
         faster on real features: a certified principal-component bound skips most of the bank), ``ivf`` or
         ``hnsw`` (approximate:
@@ -119,7 +117,6 @@ class PatchCore:
         batch_size: int = 32,
         seed: int = 0,
         work_dir: str | os.PathLike | None = None,
-        feature_cache: str | os.PathLike | None = None,
         index_kind: str = "flat",
         nprobe: int = 8,
         ef_search: int = 64,
@@ -150,13 +147,26 @@ class PatchCore:
         self.batch_size = batch_size
         self.seed = seed
         self.work_dir = work_dir
-        self.feature_cache = feature_cache
         self.index_kind = index_kind
         self.nprobe = nprobe
         self.ef_search = ef_search
         self.search_threads = search_threads
         self._features: PatchFeatures | None = None
         self._index: MemoryBankIndex | None = None
+        # Guards the lazy construction of the extractor and the index: predict() may be called from many
+        # threads at once and must build each only once.
+        self._build_lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (copied, or sent to another process): the extractor, the index and the lock are rebuilt
+        # on first use there.
+        state = dict(self.__dict__)
+        state.update(_features=None, _index=None, _build_lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._build_lock = threading.RLock()
 
     # ----------------------------------------------------------------- configuration
 
@@ -164,7 +174,7 @@ class PatchCore:
         "backbone", "layers", "weights", "resize", "imagesize", "mean", "std", "patchsize", "patchstride",
         "pretrain_embed_dimension", "target_embed_dimension", "sampler", "percentage", "projection_dim",
         "num_starting_points", "num_neighbors", "distance", "reweight", "reweight_neighbors",
-        "smoothing_sigma", "device", "precision", "batch_size", "seed", "work_dir", "feature_cache",
+        "smoothing_sigma", "device", "precision", "batch_size", "seed", "work_dir",
         "index_kind", "nprobe", "ef_search", "search_threads",
     )  # fmt: skip
 
@@ -220,32 +230,36 @@ class PatchCore:
     def _patch_features(self, refitting: bool = False) -> PatchFeatures:
         """The feature extractor, built on first use. Unless ``refitting``, a fitted model checks that the
         backbone weights found now are those its memory bank was built with."""
-        if self._features is None:
-            self._validate()
-            network, wid, default_layers = load_backbone(self.backbone, self.weights, seed=self.seed)
-            expected = getattr(self, "weights_id_", None)
-            if not refitting and hasattr(self, "memory_bank_") and expected is not None and wid != expected:
-                # A bank is only meaningful with the features it was built from.
-                raise BackboneError(
-                    f"this model was fitted with backbone weights {expected}, but the weights found now are "
-                    f"{wid}; pass weights=PATH (patchcore predict/evaluate --weights PATH) to the file it was "
-                    "fitted with"
-                )
-            layers = tuple(self.layers) if self.layers else default_layers
-            if not layers:
-                raise ValueError(f"backbone {self.backbone!r} has no default layers: pass layers=[...]")
-            extractor = FeatureExtractor(network, layers).to(self.torch_device)
-            self._features = PatchFeatures(
-                extractor,
-                self.patchsize,
-                self.patchstride,
-                self.pretrain_embed_dimension,
-                self.target_embed_dimension,
-                _PRECISIONS[self.precision],
+        with self._build_lock:
+            if self._features is None:
+                self._build_features(refitting)
+            return self._features
+
+    def _build_features(self, refitting: bool) -> None:
+        self._validate()
+        network, wid, default_layers = load_backbone(self.backbone, self.weights, seed=self.seed)
+        expected = getattr(self, "weights_id_", None)
+        if not refitting and hasattr(self, "memory_bank_") and expected is not None and wid != expected:
+            # A bank is only meaningful with the features it was built from.
+            raise BackboneError(
+                f"this model was fitted with backbone weights {expected}, but the weights found now are "
+                f"{wid}; pass weights=PATH (patchcore predict/evaluate --weights PATH) to the file it was "
+                "fitted with"
             )
-            self.weights_id_ = wid
-            self.layers_ = layers
-        return self._features
+        layers = tuple(self.layers) if self.layers else default_layers
+        if not layers:
+            raise ValueError(f"backbone {self.backbone!r} has no default layers: pass layers=[...]")
+        extractor = FeatureExtractor(network, layers).to(self.torch_device)
+        self._features = PatchFeatures(
+            extractor,
+            self.patchsize,
+            self.patchstride,
+            self.pretrain_embed_dimension,
+            self.target_embed_dimension,
+            _PRECISIONS[self.precision],
+        )
+        self.weights_id_ = wid
+        self.layers_ = layers
 
     # ----------------------------------------------------------------- input handling
 
@@ -296,53 +310,54 @@ class PatchCore:
     def fit(self, images: Any, *, progress: ProgressCallback | None = None) -> PatchCore:
         """Build the memory bank from defect-free images. Returns self.
 
-        Patch features stream to a memory-mapped file (in ``feature_cache`` when set, else a temporary
-        folder), so peak memory does not grow with the number of images.
+        Patch features stream to a file in a temporary folder (under ``work_dir``) and are read back in
+        chunks, so peak memory does not grow with the number of images. To reuse features across fits,
+        call :meth:`extract_features` into a store you keep and :meth:`fit_features` on it (the
+        application's feature cache does this).
         """
         features = self._patch_features(refitting=True)
-        device = self.torch_device
         t0 = time.perf_counter()
-        cache_status, cache_key, cache, entry = "off", None, None, None
-        if self.feature_cache is not None:
-            fingerprint = data_fingerprint(images)
-            if fingerprint is None:
-                cache_status = "unsupported input"
-            else:
-                cache = FeatureCache(self.feature_cache)
-                cache_key = cache.key(fingerprint, self._feature_settings())
-                entry = cache.lookup(cache_key)
-                cache_status = "hit" if entry is not None else "miss"
-        work_dir = None
+        work_dir = Path(tempfile.mkdtemp(prefix="patchcore-", dir=self.work_dir))
         try:
-            if cache_status == "miss":
-                with cache.writer(cache_key) as (store, meta):
-                    meta.update(self._extract(features, images, store, progress))
-                entry = cache.lookup(cache_key)
-            elif cache_status != "hit":
-                work_dir = Path(tempfile.mkdtemp(prefix="patchcore-", dir=self.work_dir))
-                store = FeatureStore(work_dir / "train_features.f32")
-                meta = self._extract(features, images, store, progress)
-                meta.update(n_rows=store.n_rows, dim=store.dim)
-            if entry is not None:
-                meta = entry.meta
-                train_features = entry.features()
-            else:
-                train_features = store.array()
-            t1 = time.perf_counter()
-
-            rng = np.random.default_rng(self.seed)
-            sampler = make_sampler(
-                self.sampler, self.percentage, self.projection_dim, self.num_starting_points
+            store = FeatureStore(work_dir / "train_features.f32")
+            meta = self._extract(features, images, store, progress)
+            meta.update(n_rows=store.n_rows, dim=store.dim)
+            self.fit_features(
+                store.array(), meta, progress=progress, extract_seconds=time.perf_counter() - t0
             )
-            indices = sampler.select(
-                train_features, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
-            )
-            bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the memmap's file may go
-            t2 = time.perf_counter()
-            del train_features
         finally:
-            if work_dir is not None:
-                shutil.rmtree(work_dir, ignore_errors=True)
+            shutil.rmtree(work_dir, ignore_errors=True)
+        return self
+
+    def extract_features(
+        self, images: Any, store: FeatureStore, *, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
+        """Run the backbone over ``images``, appending their patch features to ``store``.
+
+        Returns the metadata :meth:`fit_features` needs (``n_images``, ``patch_grid``, ``input_size``).
+        """
+        return self._extract(self._patch_features(refitting=True), images, store, progress)
+
+    def fit_features(
+        self,
+        train_features: Any,
+        meta: dict[str, Any],
+        *,
+        progress: ProgressCallback | None = None,
+        extract_seconds: float = 0.0,
+    ) -> PatchCore:
+        """Build the memory bank from precomputed patch features (an (N, D) array or a feature store's
+        array, read in chunks) and the metadata :meth:`extract_features` returned. Returns self."""
+        self._patch_features(refitting=True)
+        device = self.torch_device
+        t1 = time.perf_counter()
+        rng = np.random.default_rng(self.seed)
+        sampler = make_sampler(self.sampler, self.percentage, self.projection_dim, self.num_starting_points)
+        indices = sampler.select(
+            train_features, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
+        )
+        bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the feature file may go
+        t2 = time.perf_counter()
 
         self.memory_bank_ = bank
         # Set by an evaluation (map_min / map_max for heatmaps, image_threshold for decisions).
@@ -360,10 +375,10 @@ class PatchCore:
             "feature_dim": int(bank.shape[1]),
             "patch_grid": list(self.patch_grid_),
             "input_size": list(self.input_size_),
-            "extract_seconds": round(t1 - t0, 4),
+            "extract_seconds": round(extract_seconds, 4),
             "coreset_seconds": round(t2 - t1, 4),
             "index_seconds": round(t3 - t2, 4),
-            "feature_cache": cache_status,
+            "feature_cache": "off",
             "device": str(device),
         }
         return self
@@ -390,8 +405,9 @@ class PatchCore:
             raise ValueError("fit() got no images")
         return {"n_images": n_images, "patch_grid": list(grid), "input_size": list(input_size)}
 
-    def _feature_settings(self) -> dict[str, Any]:
-        """Everything that changes the training patch features (the feature cache key)."""
+    def feature_settings(self) -> dict[str, Any]:
+        """Everything that changes the training patch features (what a feature cache must key on)."""
+        self._patch_features(refitting=True)  # resolves the weights id and the layers
         return {
             "backbone": self.backbone,
             "weights_id": self.weights_id_,
@@ -406,17 +422,21 @@ class PatchCore:
         }
 
     def _search_index(self) -> MemoryBankIndex:
-        if self._index is None:
-            self._check_fitted()
-            self._index = MemoryBankIndex(
-                self.memory_bank_,
-                use_gpu=self.torch_device.type == "cuda",
-                kind=self.index_kind,
-                nprobe=self.nprobe,
-                ef_search=self.ef_search,
-                threads=self.search_threads,
-            )
-        return self._index
+        with self._build_lock:
+            if self._index is None:
+                self._build_index()
+            return self._index
+
+    def _build_index(self) -> None:
+        self._check_fitted()
+        self._index = MemoryBankIndex(
+            self.memory_bank_,
+            use_gpu=self.torch_device.type == "cuda",
+            kind=self.index_kind,
+            nprobe=self.nprobe,
+            ef_search=self.ef_search,
+            threads=self.search_threads,
+        )
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "memory_bank_"):
@@ -482,7 +502,6 @@ class PatchCore:
         params["layers"] = list(self.layers_)
         params["device"] = "auto"
         params["work_dir"] = None
-        params["feature_cache"] = None
         return {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,

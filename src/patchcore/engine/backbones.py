@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,24 +267,27 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(
                 f"layer(s) {unknown} not found in the backbone; top-level modules: {candidates}"
             )
-        self._outputs: dict[str, torch.Tensor] = {}
+        # Per-call state lives in a thread-local: one extractor serves concurrent forward passes from many
+        # threads (a service), each collecting its own layer outputs.
+        self._call = threading.local()
         self._handles = []
-        # Hooks act only during this extractor's own forward: the backbone stays usable on its own and by
-        # other extractors hooked on the same network.
-        self._active = False
-        # The layer that finishes last during the forward pass is found at the first call.
+        # The layer that finishes last during the forward pass is found at the first call (every thread
+        # finds the same one, so a race to set it is harmless).
         self._last_layer: str | None = None
         for layer in self.layers:
             self._handles.append(modules[layer].register_forward_hook(self._make_hook(layer)))
 
     def _make_hook(self, layer: str):
         def hook(module: nn.Module, inputs, output) -> None:
-            if not self._active:
+            # Hooks act only during this extractor's own forward, in the calling thread: the backbone
+            # stays usable on its own and by other extractors hooked on the same network.
+            outputs = getattr(self._call, "outputs", None)
+            if outputs is None:
                 return
-            self._outputs[layer] = output
+            outputs[layer] = output
             if self._last_layer is not None and layer == self._last_layer:
                 raise _StopForward
-            if self._last_layer is None and len(self._outputs) == len(self.layers):
+            if self._last_layer is None and len(outputs) == len(self.layers):
                 self._last_layer = layer
                 raise _StopForward
 
@@ -296,20 +300,18 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._outputs = {}
-        self._active = True
+        collected: dict[str, torch.Tensor] = {}
+        self._call.outputs = collected
         try:
             self.backbone(images)
         except _StopForward:
             pass
         finally:
-            self._active = False
-        missing = [layer for layer in self.layers if layer not in self._outputs]
+            self._call.outputs = None
+        missing = [layer for layer in self.layers if layer not in collected]
         if missing:
             raise BackboneError(f"layer(s) {missing} were not reached by the forward pass")
-        outputs = {layer: self._outputs[layer] for layer in self.layers}
-        self._outputs = {}
-        return outputs
+        return {layer: collected[layer] for layer in self.layers}
 
 
 _register_builtin()

@@ -1,4 +1,4 @@
-"""``patchcore`` command line: a thin layer over :mod:`patchcore.workflow`.
+"""``patchcore`` command line: a thin layer over the application's commands (train, evaluate, predict).
 
 patchcore train --config configs/elpv.yaml [key=value ...]
 patchcore evaluate --model results/elpv/default/models --config configs/elpv.yaml
@@ -12,14 +12,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .._version import __version__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .backbones import BackboneError
+    from ..data import DataError
+    from ..engine.backbones import BackboneError
+    from ..engine.model import ModelFileError
     from .config import ConfigError
-    from .data import DataError
-    from .model import ModelFileError
     from .tracking import TrackingError
 
     return (ConfigError, DataError, BackboneError, ModelFileError, TrackingError, FileNotFoundError)
@@ -104,19 +104,19 @@ def _run(args: argparse.Namespace) -> int:
     from .config import load_config
 
     if args.command == "backbones":
-        from .backbones import available_backbones
+        from ..engine.backbones import available_backbones
 
         print("\n".join([*available_backbones(), "timm:<model name>"]))
         return 0
     if args.command == "train":
-        from .workflow import train
+        from .train import train
 
         config = load_config(args.config, _with_progress(args.overrides, args.no_progress))
         summary = train(config, online=args.log_online)
         print(summary.reports["markdown"].read_text())
         return 0
     if args.command == "evaluate":
-        from .workflow import evaluate_models
+        from .evaluate import evaluate_models
 
         overrides = list(args.overrides)
         if args.data:
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         print(summary.reports["markdown"].read_text())
         return 0
     if args.command == "predict":
-        from .workflow import predict_images
+        from .predict import predict_images
 
         records = predict_images(
             args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["ObjectResult", "mean_metrics", "write_reports"]
 

@@ -1,0 +1,65 @@
+"""``patchcore predict``: score image files with a saved model, write JSON lines and PNG heatmaps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..data import load_image
+from ..data.loading import expand_images
+from ..deploy.inference import Predictor
+from ..fileio import atomic_write_text, safe_name
+from ..heatmaps import save_heatmap
+
+__all__ = ["predict_images"]
+
+log = logging.getLogger("patchcore")
+
+
+def predict_images(
+    model_path: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    device: str = "auto",
+    batch_size: int | None = None,
+    heatmaps: bool = True,
+    weights: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Score images with a saved model: one JSON-able record per image, heatmap PNGs in ``out_dir``.
+
+    Heatmaps use the map range recorded when the model was evaluated; without one (a model fitted only
+    through the API), one range over all maps of this call (never a per-image range).
+    """
+    predictor = Predictor.load(model_path, device=device, weights=weights)
+    paths = expand_images(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions = predictor.predict(paths, batch_size=batch_size)
+    if not predictor.calibrated:
+        log.warning(
+            "model %s carries no evaluation range: heatmaps use one range over these images", model_path
+        )
+    records: list[dict[str, Any]] = []
+    used_names: set[str] = set()
+    for path, prediction in zip(paths, predictions, strict=True):
+        record: dict[str, Any] = {
+            "image": str(path),
+            "score": prediction.score,
+            "normalized_score": prediction.normalized_score,
+            "anomalous": prediction.anomalous,
+        }
+        if heatmaps:
+            stem = safe_name(path.stem)
+            name, n = stem, 1
+            while name in used_names:
+                name, n = f"{stem}_{n}", n + 1
+            used_names.add(name)
+            heat = save_heatmap(out_dir / f"{name}_heatmap.png", load_image(path), prediction.unit_map)
+            record["heatmap"] = str(heat)
+        records.append(record)
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return records
