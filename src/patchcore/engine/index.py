@@ -71,6 +71,10 @@ class MemoryBankIndex:
     threads: when given, ``faiss.omp_set_num_threads(threads)``: FAISS's OpenMP thread count for build and
         search. This is process-wide and is not restored afterwards; None leaves it as it is (by default
         FAISS uses every core OpenMP sees).
+    search_precision: ``pruned`` only: the precision of its candidate bound's matrix product, ``auto``
+        (bf16 where the CPU multiplies bf16 natively: AMX or AVX512-BF16; float32 elsewhere), ``bf16`` or
+        ``fp32``. The answer is exact in every mode; the chosen one is logged and kept in
+        ``search_precision``.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class MemoryBankIndex:
         ef_search: int = 64,
         nlist: int | None = None,
         threads: int | None = None,
+        search_precision: str = "auto",
     ):
         import faiss
 
@@ -110,11 +115,13 @@ class MemoryBankIndex:
         self._exact: MemoryBankIndex | None = None
         gpu = bool(use_gpu and kind in ("flat", "ivf") and faiss_has_gpu())
         self._pruned = None
+        self.search_precision = "fp32"
 
         if kind == "pruned":
             from ._pruned_search import PrunedExactSearch
 
-            self._pruned = PrunedExactSearch(bank)
+            self._pruned = PrunedExactSearch(bank, precision=search_precision)
+            self.search_precision = self._pruned.precision
             self.on_gpu = False
             self.index = None
             return
