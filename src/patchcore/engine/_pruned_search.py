@@ -1,8 +1,7 @@
 """Exact k-nearest-neighbour search with a certified principal-component bound (``kind="pruned"``).
 
 The distance over the first m principal components of the bank is a lower bound of the full distance (an
-orthogonal rotation preserves distances; dropping coordinates can only shrink them), and the dropped part
-is at least (|t_q| - |t_b|)^2, t the residual outside the prefix (reverse triangle inequality). On PatchCore
+orthogonal rotation preserves distances; dropping coordinates can only shrink them). On PatchCore
 features the first 128 of 1024 components hold about 90% of the variance, so for a test patch only a few
 percent of the bank vectors have a bound below the true nearest-neighbour distance. Per query: the prefix
 dot products with the whole bank come from one matrix product (m/D of a brute-force search's work); the
@@ -107,7 +106,7 @@ def _insert(values: np.ndarray, labels: np.ndarray, value, label: int) -> None:
 
 @njit(inline="always", fastmath=_FAST)
 def _search_row(
-    row, query, sq, bank, bank_sq, allowance, margin_b, r_q, n_q, cross_b, t_q, tail_b, k, out_d2, out_index
+    row, query, sq, bank, bank_sq, allowance, margin_b, r_q, n_q, cross_b, k, out_d2, out_index
 ) -> int:
     """One query: its k nearest bank vectors into out_d2/out_index; returns the exact distances computed."""
     n_bank = bank.shape[0]
@@ -127,11 +126,6 @@ def _search_row(
     for j in range(n_bank):
         bound = sq + bank_sq[j] - 2.0 * row[j] - allowance - margin_b[j]
         bound -= 2.0 * (r_q * cross_b[j, 0] + n_q * cross_b[j, 1])
-        # The residual outside the prefix adds at least (|t_q| - |t_b|)^2; the bank vectors with a larger
-        # residual than the query's would need the query's upper bound too, which rarely helps.
-        gap = t_q - tail_b[j, 1]
-        if gap > 0.0:
-            bound += gap * gap
         if bound <= best[k - 1]:
             already = False
             for s in range(seeds):
@@ -157,8 +151,6 @@ def pruned_knn(
     margin_b: np.ndarray,  # (M,) float32: per-bank-vector allowance
     cross_q: np.ndarray,  # (B, 2) float32: (r_q, n_q) of the reduced-precision allowance (zeros in fp32)
     cross_b: np.ndarray,  # (M, 2) float32: (n_b, r'_b); allowance 2 (r_q n_b + n_q r'_b)
-    tail_q: np.ndarray,  # (B,) float32: lower bound of the residual norm outside the prefix
-    tail_b: np.ndarray,  # (M, 2) float32: (lower, upper) bounds of the bank's residual norms
     k: int,
     out_d2: np.ndarray,  # (B, k) float32
     out_index: np.ndarray,  # (B, k) int64
@@ -167,14 +159,14 @@ def pruned_knn(
     for q in prange(dots.shape[0]):
         computed[q] = _search_row(
             dots[q], queries[q], query_sq[q], bank, bank_sq, margin_q[q], margin_b, cross_q[q, 0],
-            cross_q[q, 1], cross_b, tail_q[q], tail_b, k, out_d2[q], out_index[q],
+            cross_q[q, 1], cross_b, k, out_d2[q], out_index[q],
         )  # fmt: skip
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def pruned_knn_bf16(
-    queries, bank, dots, query_sq, bank_sq, margin_q, margin_b, cross_q, cross_b, tail_q, tail_b, k,
-    out_d2, out_index, computed,
+    queries, bank, dots, query_sq, bank_sq, margin_q, margin_b, cross_q, cross_b, k, out_d2, out_index,
+    computed,
 ) -> None:  # fmt: skip
     """:func:`pruned_knn` with ``dots`` as (B, M) uint16: the bits of bfloat16 products."""
     n_queries, n_bank = dots.shape
@@ -185,7 +177,7 @@ def pruned_knn_bf16(
             widened[j] = np.uint32(dots[q, j]) << np.uint32(16)
         computed[q] = _search_row(
             widened.view(np.float32), queries[q], query_sq[q], bank, bank_sq, margin_q[q], margin_b,
-            cross_q[q, 0], cross_q[q, 1], cross_b, tail_q[q], tail_b, k, out_d2[q], out_index[q],
+            cross_q[q, 0], cross_q[q, 1], cross_b, k, out_d2[q], out_index[q],
         )  # fmt: skip
 
 
@@ -209,19 +201,13 @@ class PrunedExactSearch:
         mean, basis = principal_basis(torch.from_numpy(self.bank), prefix_dim)
         self.basis = basis.float().contiguous()
         self.mean32 = mean.float()
-        self.mean64 = mean
-        self.basis64 = basis
         centred = torch.from_numpy(self.bank).double() - mean
-        prefix64 = centred @ basis
-        prefix = prefix64.float()
+        prefix = (centred @ basis).float()
         self.bank_prefix = prefix.contiguous()
         self.bank_prefix_sq = (prefix.double() ** 2).sum(1).float().numpy()
-        centred_sq = (centred**2).sum(1)
         # The float32 prefix of a vector and its float32 squared-distance formula err by far less than
         # 1e-3 of the centred squared norms (a rotation and a 128-term dot product in float32).
-        self.margin_bank = (RELATIVE_MARGIN * centred_sq + 1e-6).float().numpy()
-        tail = _tail_norms(centred_sq, prefix64)
-        self.tail_bank = np.stack([tail[0], tail[1]], axis=1).astype(np.float32)
+        self.margin_bank = (RELATIVE_MARGIN * (centred**2).sum(1) + 1e-6).float().numpy()
         self.dim = prefix.shape[1]
         if self.precision == "bf16":
             self.bank_prefix_bf16 = prefix.to(torch.bfloat16)
@@ -248,13 +234,10 @@ class PrunedExactSearch:
         computed = np.empty(n, dtype=np.int64)
         for start in range(0, n, QUERY_BLOCK):
             block = torch.from_numpy(queries[start : start + QUERY_BLOCK])
-            centred64 = block.double() - self.mean64
-            centred_sq = (centred64**2).sum(1)
-            prefix64 = centred64 @ self.basis64
-            prefix = prefix64.float()
+            centred = block - self.mean32
+            prefix = centred @ self.basis
             query_sq = (prefix.double() ** 2).sum(1).float().numpy()
-            margin_q = (RELATIVE_MARGIN * centred_sq + 1e-6).float().numpy()
-            tail_q = _tail_norms(centred_sq, prefix64)[0].astype(np.float32)
+            margin_q = (RELATIVE_MARGIN * (centred.double() ** 2).sum(1) + 1e-6).float().numpy()
             if self.precision == "bf16":
                 reduced = prefix.to(torch.bfloat16)
                 dots = (reduced @ self.bank_prefix_bf16.T).view(torch.uint16).numpy()
@@ -266,25 +249,11 @@ class PrunedExactSearch:
             kernel = pruned_knn_bf16 if self.precision == "bf16" else pruned_knn
             kernel(
                 block.numpy(), self.bank, dots, query_sq, self.bank_prefix_sq, margin_q, self.margin_bank,
-                cross_q, self.cross_bank, tail_q, self.tail_bank, k,
+                cross_q, self.cross_bank, k,
                 out_d2[start:stop], out_index[start:stop], computed[start:stop],
             )  # fmt: skip
         self.last_exact_fraction = float(computed.sum()) / max(1, n * len(self.bank))
         return out_d2, out_index
-
-
-def _tail_norms(centred_sq: torch.Tensor, prefix64: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) bounds of |t|, the norm of a centred vector outside the prefix, from float64 norms.
-
-    |t|^2 = |c|^2 - |Pc|^2 (orthonormal basis); both squared norms carry a relative float64 error far below
-    1e-12, so |t|^2 is known to within 1e-12 |c|^2 and |t| to within 1e-6 |c|.
-    """
-    tail_sq = (centred_sq - (prefix64**2).sum(1)).clamp_min(0.0)
-    slack = 1e-12 * centred_sq
-    lower = torch.sqrt((tail_sq - slack).clamp_min(0.0))
-    upper = torch.sqrt(tail_sq + slack)
-    # float32 rounding of the stored values: a lower bound rounded down, an upper bound rounded up.
-    return (lower * (1 - 1e-6)).numpy(), (upper * (1 + 1e-6)).numpy()
 
 
 def _cross_terms(prefix: torch.Tensor, reduced: torch.Tensor, dim: int, bank_side: bool) -> np.ndarray:
