@@ -118,3 +118,36 @@ def test_both_precisions_prune_most_of_the_bank():
         fractions[precision] = index._pruned.last_exact_fraction
     # Both bounds prune most of the bank (bf16's allowance is wider, so it may re-rank a few more).
     assert fractions["bf16"] < 0.5 and fractions["fp32"] < 0.5
+
+
+# --------------------------------------------------------------------------- the torch (GPU) exact search
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_torch_matmul_search_equals_float64_brute_force(k):
+    # The CUDA path's logic, run on the CPU: float32 products for candidates, float64 re-ranking.
+    from patchcore.engine._torch_search import TorchExactSearch
+
+    bank = patch_like(2000, 256, seed=9, offset=20.0)
+    rng = np.random.default_rng(10)
+    queries = bank[rng.choice(len(bank), 200)] + rng.normal(0, 0.2, size=(200, 256)).astype(np.float32)
+    search = TorchExactSearch(bank, "cpu")
+    distances, indices = search.search(queries, k)
+    assert search.last_fallbacks < len(queries) // 2  # the candidates certify most queries
+    expected_distances, expected_indices = float64_brute_force(bank, queries, k)
+    np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-6, atol=0)
+
+
+def test_torch_matmul_search_falls_back_to_brute_force_where_it_cannot_certify():
+    from patchcore.engine._torch_search import TorchExactSearch
+
+    base = patch_like(300, 128, seed=11)
+    bank = np.concatenate([base, base, base])  # three-deep exact ties: no room beyond k to certify
+    queries = base[:40] + np.float32(1e-3)
+    search = TorchExactSearch(bank, "cpu", extra=0)
+    distances, indices = search.search(queries, 2)
+    assert search.last_fallbacks == len(queries)
+    np.testing.assert_array_equal(indices, np.stack([np.arange(40), np.arange(40) + 300], 1))
+    expected_distances, _ = float64_brute_force(bank, queries, 2)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-6, atol=0)
