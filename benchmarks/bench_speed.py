@@ -11,7 +11,7 @@ configs/elpv.yaml sets them up. Phases, each for both codes unless said otherwis
   ``predict`` calls it); the new code in bf16 (where the CPU has native bf16) and float32; FAISS flat for
   scale; exactness against float64 brute force on a sample of patches;
 - predict: ``Predictor.predict`` on the test PNG files, end to end (decode, backbone, search, maps);
-- with ``--auroc``: image AUROC of fp32 against bf16 extraction (fit + predict of the whole object).
+- ``--auroc-only``: image AUROC of fp32 against bf16 extraction (fit + predict of the whole object each).
 
 Today's code runs in a child process on ``git archive <rev> src`` (default: the merge base with main), so
 both sides run on the same machine within minutes of each other. Ratios are new / today in this run; the
@@ -59,7 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-limit", type=int, default=None, metavar="N", help="first N test images")
     parser.add_argument("--baseline-rev", default=None, help="today's code (default: merge-base HEAD main)")
     parser.add_argument("--skip-today", action="store_true", help="new code only")
-    parser.add_argument("--auroc", action="store_true", help="also fit + predict in bf16 for the AUROC")
+    parser.add_argument(
+        "--extract-limit",
+        type=int,
+        default=96,
+        metavar="N",
+        help="train images timed for bf16 and today's extraction (the new fp32 pass reads all: it builds the bank)",
+    )
+    parser.add_argument(
+        "--auroc-only",
+        action="store_true",
+        help="only the image AUROC of fp32 against bf16 extraction (fit + predict of the whole object each)",
+    )
     parser.add_argument(
         "--exact-sample", type=int, default=784, help="patches checked vs float64 brute force"
     )
@@ -72,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- helpers (both codes)
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def load_average() -> list[float]:
@@ -190,7 +205,8 @@ def run_today(args: argparse.Namespace) -> dict[str, Any]:
     import patchcore
 
     result: dict[str, Any] = {"load_average_start": load_average(), "patchcore_module": patchcore.__file__}
-    result["extract_fp32"], _ = extract(make_model(args), train, args)
+    say(f"today: extraction of {min(len(train), args.extract_limit)} train images")
+    result["extract_fp32"], _ = extract(make_model(args), train[: args.extract_limit], args)
     model_file = str(shared / "model.pt")
     from patchcore import PatchCore
 
@@ -203,6 +219,7 @@ def run_today(args: argparse.Namespace) -> dict[str, Any]:
     result["index_build_seconds"] = round(time.perf_counter() - index_start, 3)
     seconds, distances, nearest = search_timing(index, queries, per_image * args.batch_size)
     result["search"] = {"ms_per_image": round(1000 * seconds / len(test), 2)}
+    say("today: predict")
     np.save(shared / "today_nearest.npy", nearest)
     result["predict"], scores = predict_phase(model_file, test)
     np.save(shared / "today_scores.npy", scores)
@@ -232,14 +249,15 @@ def float64_nearest(bank: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, 
 def run_new(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     from patchcore.engine._pruned_search import cpu_bf16_matmul
     from patchcore.engine.index import MemoryBankIndex
-    from patchcore.evaluation.metrics import image_auroc
 
     train, test = split(args)
-    labels = np.array([s.label != "good" for s in test], dtype=int)
     result: dict[str, Any] = {"load_average_start": load_average(), "cpu_bf16": cpu_bf16_matmul()}
     model = make_model(args)
+    say(f"new: extraction fp32 of {len(train)} train images")
     result["extract_fp32"], features = extract(model, train, args)
-    result["extract_bf16"], _ = extract(make_model(args, precision="bf16"), train, args)
+    say(f"new: extraction bf16 of {min(len(train), args.extract_limit)} train images")
+    result["extract_bf16"], _ = extract(make_model(args, precision="bf16"), train[: args.extract_limit], args)
+    say("new: coreset + index")
 
     # Fit = extraction (timed above) + coreset + index, as PatchCore.fit_features does them.
     start = time.perf_counter()
@@ -260,6 +278,7 @@ def run_new(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     model_file = shared / "model.pt"
     model.save(model_file)
 
+    say(f"new: test features of {len(test)} images, search")
     _, queries = extract(model, test, args)
     np.save(shared / "test_features.npy", queries)
     per_image = len(queries) // len(test)
@@ -298,29 +317,36 @@ def run_new(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     result["search"] = search
     result["search"]["exact_sample"] = int(len(sample))
 
+    say("new: predict")
     result["predict"], scores = predict_phase(str(model_file), test)
-    result["predict"]["image_auroc"] = image_auroc(labels, scores)
     np.save(shared / "new_scores.npy", scores)
-    if args.auroc:
-        bf16 = make_model(args, precision="bf16")
-        _, bf16_features = extract(bf16, train, args)
-        bf16.fit_features(
-            bf16_features,
-            {
-                "n_images": len(train),
-                "n_rows": len(bf16_features),
-                "patch_grid": [28, 28],
-                "input_size": [224, 224],
-            },
-        )
-        bf16_file = shared / "model_bf16.pt"
-        bf16.save(bf16_file)
-        _, bf16_scores = predict_phase(str(bf16_file), test)
-        result["auroc"] = {
-            "fp32": image_auroc(labels, scores),
-            "bf16": image_auroc(labels, bf16_scores),
-        }
-        result["auroc"]["change"] = result["auroc"]["bf16"] - result["auroc"]["fp32"]
+    result["load_average_end"] = load_average()
+    return result
+
+
+def run_auroc(args: argparse.Namespace) -> dict[str, Any]:
+    """Image AUROC with fp32 and with bf16 extraction: each a whole fit and a prediction of every test image
+    (through ``PatchCore.predict`` on a DataLoader, as ``patchcore train`` evaluates)."""
+    from patchcore.evaluation.metrics import image_auroc
+
+    train, test = split(args)
+    labels = np.array([s.label != "good" for s in test], dtype=int)
+    result: dict[str, Any] = {"object": args.object, "train_images": len(train), "test_images": len(test)}
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        say(f"auroc: fit + predict with precision={precision}")
+        model = make_model(args, precision=precision)
+        start = time.perf_counter()
+        model.fit(loader(model, train, args))
+        prediction = model.predict(loader(model, test, args), return_maps=False)
+        scores[precision] = prediction.image_scores
+        result[precision] = {"image_auroc": image_auroc(labels, prediction.image_scores),
+                             "seconds": round(time.perf_counter() - start, 1),
+                             "search_precision": model._search_index().search_precision}  # fmt: skip
+    result["change"] = result["bf16"]["image_auroc"] - result["fp32"]["image_auroc"]
+    result["max_relative_image_score_change"] = float(
+        np.max(np.abs(scores["bf16"] - scores["fp32"]) / scores["fp32"])
+    )
     result["load_average_end"] = load_average()
     return result
 
@@ -386,7 +412,13 @@ def table(report: dict[str, Any]) -> str:
     fit = new["fit"]
     today_fit = None
     if te:
-        today_fit = round(te["seconds"] + fit["coreset_seconds"] + today.get("index_build_seconds", 0.0), 2)
+        # Today's extraction rate (measured on the first --extract-limit images) over the whole train set.
+        today_fit = round(
+            report["train_images"] / te["images_per_second"]
+            + fit["coreset_seconds"]
+            + today.get("index_build_seconds", 0.0),
+            2,
+        )
     lines.append(
         row(
             "fit s (extract + coreset + index)",
@@ -445,17 +477,6 @@ def table(report: dict[str, Any]) -> str:
                 "",
             )
         )
-    if "auroc" in new:
-        a = new["auroc"]
-        lines.append(
-            row(
-                "image AUROC fp32 -> bf16 extraction",
-                "",
-                f"{a['fp32']:.4f} -> {a['bf16']:.4f} ({a['change']:+.4f})",
-                "",
-                "",
-            )
-        )
     return "\n".join(lines)
 
 
@@ -467,6 +488,14 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.shared, "today.json").write_text(json.dumps(result))
         return 0
     started = dt.datetime.now(dt.UTC)
+    if args.auroc_only:
+        report = {"benchmark": "bench_speed --auroc-only", "started_utc": started.isoformat(timespec="seconds"),
+                  "command": " ".join([Path(sys.executable).name, *sys.argv]), "load_average_start": load_average(),
+                  **run_auroc(args)}  # fmt: skip
+        text = (f"ELPV {args.object}: image AUROC fp32 {report['fp32']['image_auroc']:.4f}, bf16 extraction "
+                f"{report['bf16']['image_auroc']:.4f} (change {report['change']:+.4f}); largest relative image "
+                f"score change {report['max_relative_image_score_change']:.2e}")  # fmt: skip
+        return write(args, started, report, text, "auroc")
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         shared = Path(tmp)
         new = run_new(args, shared)
@@ -484,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             src = today_tree(rev, shared)
             env = dict(os.environ, PYTHONPATH=str(src))
             child = [sys.executable, __file__, "--role", "today", "--shared", str(shared), "--object", args.object,
-                     "--batch-size", str(args.batch_size), "--workers", str(args.workers)]  # fmt: skip
+                     "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                     "--extract-limit", str(args.extract_limit)]  # fmt: skip
             if args.train_limit is not None:
                 child += ["--train-limit", str(args.train_limit)]
             if args.test_limit is not None:
@@ -516,11 +546,16 @@ def main(argv: list[str] | None = None) -> int:
             report["score_max_abs_diff_today_vs_new"] = float(
                 np.max(np.abs(np.load(shared / "today_scores.npy") - np.load(shared / "new_scores.npy")))
             )
-    text = table(report)
+    return write(args, started, report, table(report), "speed")
+
+
+def write(
+    args: argparse.Namespace, started: dt.datetime, report: dict[str, Any], text: str, kind: str
+) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"speed_{args.object}_{started.strftime('%Y-%m-%dT%H%M')}"
+    stem = f"{kind}_{args.object}_{started.strftime('%Y-%m-%dT%H%M')}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
     (out / f"{stem}.txt").write_text(text + "\n")
     print(f"\nwrote {out / stem}.json and .txt")
