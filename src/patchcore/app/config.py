@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    kind: str = "elpv"  # mvtec | autovi | folder | elpv
+    kind: str = "elpv"  # mvtec | autovi | mvtec_loco | visa | folder | elpv
     root: str | None = None  # data set folder (elpv: the pip package's data when null)
     objects: list[str] | None = None  # null = every object found
     num_workers: int = 2  # DataLoader worker processes for image decoding
@@ -79,7 +79,7 @@ class EvaluationConfig:
     enabled: bool = True
     pro_fpr_limit: float = 0.3
     spro_fpr_limits: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3, 1.0])
-    save_autovi_maps: bool = False  # anomaly maps in the official AutoVI evaluation format
+    save_autovi_maps: bool = False  # native-size maps for the official AutoVI (PNG) / MVTec LOCO (TIFF) scripts
     heatmaps: int = 8  # PNG heatmap overlays written per object (most anomalous first); 0 = none
 
 
@@ -182,7 +182,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
 
 def _validate_values(config: Config) -> None:
     choices = {
-        "data.kind": (config.data.kind, ("mvtec", "autovi", "folder", "elpv")),
+        "data.kind": (config.data.kind, ("mvtec", "autovi", "mvtec_loco", "visa", "folder", "elpv")),
         "model.sampler": (
             config.model.sampler,
             ("approx_greedy_coreset", "greedy_coreset", "random", "identity"),
@@ -205,7 +205,7 @@ def _validate_values(config: Config) -> None:
         raise ConfigError(f"{config.source}: key 'model.batch_size' must be >= 1")
     if config.model.num_neighbors < 1:
         raise ConfigError(f"{config.source}: key 'model.num_neighbors' must be >= 1")
-    if config.data.kind in ("mvtec", "autovi", "folder") and not config.data.root:
+    if config.data.kind != "elpv" and not config.data.root:
         raise ConfigError(
             f"{config.source}: data.kind {config.data.kind!r} needs 'data.root' (the data set folder)"
         )
