@@ -65,7 +65,9 @@ def load_mvtec_loco(root: str | Path | None, objects: Sequence[str] | None = Non
     if objects is None:
         names = [n for n in LOCO_OBJECTS if (root_dir / n / "train").is_dir()]
         if not names:
-            raise DataError(f"no MVTec LOCO object folders ({', '.join(LOCO_OBJECTS)}) found under {root_dir}")
+            raise DataError(
+                f"no MVTec LOCO object folders ({', '.join(LOCO_OBJECTS)}) found under {root_dir}"
+            )
     else:
         names = list(dict.fromkeys(objects))
         for n in names:

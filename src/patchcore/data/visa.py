@@ -35,7 +35,9 @@ def _read_split(csv_path: Path) -> list[dict[str, str]]:
         reader = csv.DictReader(handle)
         missing = [c for c in _COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"VisA split file {csv_path} lacks columns {missing} (header: {reader.fieldnames})")
+            raise DataError(
+                f"VisA split file {csv_path} lacks columns {missing} (header: {reader.fieldnames})"
+            )
         rows = [{k: (row.get(k) or "").strip() for k in _COLUMNS} for row in reader]
     for i, row in enumerate(rows, start=2):
         if row["split"] not in ("train", "test") or row["label"] not in ("normal", "anomaly"):

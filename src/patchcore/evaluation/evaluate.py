@@ -17,7 +17,14 @@ from ..data.autovi import defect_name_for
 from ..data.loading import iterate_batches, make_loader
 from ..engine.model import PatchCore
 from ..fileio import atomic_write_text, safe_name
-from ..heatmaps import MAP_LEVELS, normalize_maps, quantize_unit_map, save_heatmap, save_map_png, save_map_tiff
+from ..heatmaps import (
+    MAP_LEVELS,
+    normalize_maps,
+    quantize_unit_map,
+    save_heatmap,
+    save_map_png,
+    save_map_tiff,
+)
 from .metrics import SaturationSpec, compute_metrics, pro_curve
 from .plot_data import write_plot_data
 from .spro import Channel, NativeSproAccumulator

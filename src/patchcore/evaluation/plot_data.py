@@ -80,10 +80,14 @@ def write_plot_data(
                 arrays[f"curve_{len(curves)}"] = _resampled(curve, limit)
                 curves.append(f"sPRO ({title})")
     arrays["curve_titles"] = np.array(curves, dtype=str)
-    arrays["fpr_limits"] = np.array(spro_limits if accumulator is not None else (pro_limit,), dtype=np.float64)
+    arrays["fpr_limits"] = np.array(
+        spro_limits if accumulator is not None else (pro_limit,), dtype=np.float64
+    )
 
     order = np.argsort(-np.asarray(scores), kind="stable")
-    picks = list(order[:GALLERY_SIZE]) + [i for i in order[::-1][:GALLERY_SIZE] if i not in order[:GALLERY_SIZE]]
+    picks = list(order[:GALLERY_SIZE]) + [
+        i for i in order[::-1][:GALLERY_SIZE] if i not in order[:GALLERY_SIZE]
+    ]
     gallery = []
     for rank, i in enumerate(picks):
         sample = obj.test[int(i)]
@@ -95,7 +99,9 @@ def write_plot_data(
             values = load_mask(mask_path)
             if values.shape == truth.shape:
                 truth |= values != 0
-        truth_small = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        truth_small = (
+            np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        )
         picture = np.asarray(load_image(sample.image_path).resize(size, Image.BILINEAR), dtype=np.uint8)
         arrays[f"gallery_{rank}_image"] = picture
         arrays[f"gallery_{rank}_map"] = heat

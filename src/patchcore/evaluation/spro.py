@@ -69,7 +69,9 @@ class NativeSproAccumulator:
         union = np.zeros(levels.shape, dtype=bool)
         for channel in channels:
             if channel.mask.shape != levels.shape:
-                raise ValueError(f"channel mask shape {channel.mask.shape} differs from map shape {levels.shape}")
+                raise ValueError(
+                    f"channel mask shape {channel.mask.shape} differs from map shape {levels.shape}"
+                )
             size = int(channel.mask.sum())
             if size == 0:
                 raise ValueError("an empty ground-truth channel has no sPRO: leave it out (with a warning)")
