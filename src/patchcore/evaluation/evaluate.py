@@ -200,7 +200,8 @@ def evaluate_object(
         n_defect = int(label_array.sum())
         n_annotated = int(label_array[keep].sum())
         stats["pixel_metric_images"] = int(keep.size)
-        stats["pixel_metric_defect_images"] = f"{n_annotated} of {n_defect}"
+        stats["pixel_metric_defect_images"] = n_annotated
+        stats["defect_images"] = n_defect
         if n_annotated < n_defect:
             log.warning("%s: pixel metrics over the %d of %d defect images that have a usable mask",
                         obj.name, n_annotated, n_defect)  # fmt: skip
