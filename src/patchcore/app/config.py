@@ -79,7 +79,7 @@ class EvaluationConfig:
     enabled: bool = True
     pro_fpr_limit: float = 0.3
     spro_fpr_limits: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3, 1.0])
-    save_autovi_maps: bool = False  # native-size maps for the official AutoVI (PNG) / MVTec LOCO (TIFF) scripts
+    save_autovi_maps: bool = False  # native-size maps for the official AutoVI (PNG) / LOCO (TIFF) scripts
     heatmaps: int = 8  # PNG heatmap overlays written per object (most anomalous first); 0 = none
 
 

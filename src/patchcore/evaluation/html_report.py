@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..fileio import atomic_write_text, safe_name
 from ..heatmaps import colorize
-from .plot_data import read_plot_data
+from .plot_data import GALLERY_SIZE, read_plot_data
 from .reports import METRIC_LEGEND, ObjectResult, mean_metrics
 
 __all__ = ["write_html_report"]
@@ -32,7 +32,8 @@ h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ccd
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccd;padding:3px 7px;text-align:right}
 th{background:#eef}td:first-child,th:first-child{text-align:left}.note{color:#556;font-size:13px}
 .plots img{width:32%;min-width:300px;margin:2px}.gallery{display:flex;flex-wrap:wrap;gap:8px}
-figure{margin:0;font-size:12px;max-width:420px}figure img{display:block;max-width:100%}
+figure{margin:0;font-size:12px;width:384px}figure img{display:block;width:100%;image-rendering:pixelated}
+.wide{overflow-x:auto}
 """
 
 
@@ -84,6 +85,7 @@ def _curve_plot(data: dict[str, Any]) -> str | None:
         axes.axvline(limit, color="#999", linewidth=0.7, linestyle="--")
     if max(limits) / min(limits) > 20:
         axes.set_xscale("symlog", linthresh=min(limits))
+    axes.set_xlim(0, max(limits))
     kind = "sPRO" if titles[0].startswith("sPRO") else "PRO"
     axes.set(
         xlabel="false positive rate (pixels)", ylabel=kind, title=f"{kind} curve up to FPR {max(limits):g}"
@@ -139,11 +141,13 @@ def _object_section(data: dict[str, Any]) -> str:
     gallery, has_truth = data["gallery"], data["gallery_has_truth"]
     if gallery.size:
         parts.append(
-            "<h3>Most and least anomalous test images</h3><p class='note'>Left: image, right: anomaly map "
+            "<h3>Most anomalous test images</h3><p class='note'>Left: image, right: anomaly map "
             "(one colour scale for the whole test set) over the image; red outline: ground truth.</p>"
         )
         parts.append('<div class="gallery">')
         for rank, index in enumerate(gallery):
+            if rank == min(GALLERY_SIZE, gallery.size) and rank < gallery.size:
+                parts.append("</div><h3>Least anomalous</h3><div class='gallery'>")
             uri = _gallery_picture(
                 data[f"gallery_{rank}_image"], data[f"gallery_{rank}_map"], data[f"gallery_{rank}_truth"]
             )
@@ -210,7 +214,7 @@ def write_html_report(run_dir: Path, results: list[ObjectResult], header: dict[s
     body = [
         f"<h1>{title}</h1><ul class='note'>{facts}</ul>",
         "<p class='note'>Metrics in percent; n/a = no ground truth for that metric.</p>",
-        f"<table>{''.join(rows)}</table><ul class='note'>{legend}</ul>",
+        f"<div class='wide'><table>{''.join(rows)}</table></div><ul class='note'>{legend}</ul>",
         *(_section_for(run_dir, r.name) for r in results),
     ]
     page = (
