@@ -143,3 +143,24 @@ def test_report_renders_in_headless_chromium_without_broken_images_or_console_er
     assert not errors, errors
     with Image.open(screenshot) as shot:
         assert shot.size[0] >= 1000 and np.asarray(shot.convert("L")).std() > 10  # not a blank page
+
+
+def test_empty_ground_truth_is_a_warning_naming_the_file_never_silent_negatives(tmp_path):
+    data = make_partly_annotated_folder(tmp_path / "cells")
+    tiny = np.zeros((40, 40), dtype=np.uint8)
+    tiny[5, 5] = 255  # one pixel: gone after the nearest resize to 10 px
+    _save(data / "ground_truth" / "scratch" / "000_mask.png", tiny)
+    run = _train(tmp_path, "folder", data, None, 10)
+    text = (run / "run.log").read_text()
+    assert "defect image" in text and str(data / "test" / "scratch" / "000.png") in text
+    stats = json.loads((run / "summary.json").read_text())["objects"][0]["stats"]
+    assert (stats["pixel_metric_defect_images"], stats["defect_images"]) == (1, 4)
+
+    obj = make_object(tmp_path / "autovi", loco=False) / "toy"
+    _save(obj / "ground_truth" / "hole" / "000" / "009.png", np.zeros((36, 48, 3), dtype=np.uint8))
+    run = _train(tmp_path, "autovi", obj.parent, ["toy"], 36)
+    assert (
+        f"ground-truth file {obj / 'ground_truth' / 'hole' / '000' / '009.png'}"
+        in (run / "run.log").read_text()
+    )
+    assert json.loads((run / "summary.json").read_text())["objects"][0]["metrics"]["au_spro@1"] is not None
