@@ -22,7 +22,7 @@ from PIL import Image
 from ..fileio import atomic_write_text, safe_name
 from ..heatmaps import colorize
 from .plot_data import GALLERY_SIZE, read_plot_data
-from .reports import METRIC_LEGEND, ObjectResult, mean_metrics
+from .reports import METRIC_LEGEND, ObjectResult, legend_applies, mean_metrics
 
 __all__ = ["write_html_report"]
 
@@ -201,7 +201,9 @@ def write_html_report(run_dir: Path, results: list[ObjectResult], header: dict[s
         if k in header
     )
     legend = "".join(
-        f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in METRIC_LEGEND.items() if k in keys
+        f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>"
+        for k, v in METRIC_LEGEND.items()
+        if legend_applies(keys, k)
     )
     partial = [
         f"{html.escape(r.name)}: {r.stats['pixel_metric_defect_images']} of {r.stats['defect_images']}"

@@ -36,7 +36,7 @@ METRIC_LEGEND = {
     "image_auroc": "pooled image AUROC of the model's image score, all defect types together (MVTec AD convention)",
     "image_auroc_class_mean": "AutoVI / MVTec LOCO official image AUROC: AUROC of the native map's maximum, "
     "each defect folder against the good images, averaged over the folders",
-    "au_spro@0.05": "AUC-sPRO up to that FPR, as the official AutoVI (all test images, one curve) or MVTec LOCO "
+    "au_spro@L": "AUC-sPRO up to FPR L (0.01 ... 1), as the official AutoVI (all test images, one curve) or MVTec LOCO "
     "(mean of the per-type curves) script computes it from the saved native-size maps",
     "au_pro": "AU-PRO up to FPR 0.3 at model resolution (MVTec AD definition)",
 }
@@ -59,6 +59,13 @@ class ObjectResult:
     metrics: dict[str, float | None]
     stats: dict[str, Any] = field(default_factory=dict)
     model_path: str | None = None
+
+
+def legend_applies(metric_keys: list[str], legend_key: str) -> bool:
+    """Whether a METRIC_LEGEND entry describes one of the columns (``au_spro@L`` stands for every limit)."""
+    if legend_key.endswith("@L"):
+        return any(k.startswith(legend_key[:-1]) for k in metric_keys)
+    return legend_key in metric_keys
 
 
 def _metric_columns(results: list[ObjectResult]) -> list[str]:
@@ -113,7 +120,7 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
         if key in header:
             lines.append(f"- {key}: {header[key]}")
     lines += ["", "Metrics in percent; n/a = no ground truth for that metric.", ""]
-    lines += [f"- {key}: {text}" for key, text in METRIC_LEGEND.items() if key in metric_keys]
+    lines += [f"- {key}: {text}" for key, text in METRIC_LEGEND.items() if legend_applies(metric_keys, key)]
     partial = [
         f"{r.name}: {r.stats['pixel_metric_defect_images']} of {r.stats['defect_images']}"
         for r in results
