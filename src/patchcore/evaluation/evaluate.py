@@ -268,5 +268,6 @@ def evaluate_object(
         pro_limit=settings.pro_fpr_limit,
         accumulator=accumulator,
         spro_limits=tuple(settings.spro_fpr_limits),
+        per_class=stats.get("per_class"),
     )
     return metrics, stats

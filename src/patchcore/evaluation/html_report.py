@@ -126,6 +126,25 @@ def _gallery_picture(picture: np.ndarray, heat: np.ndarray, truth: np.ndarray) -
     return _png(Image.fromarray(np.concatenate([left, blended], axis=1)))
 
 
+def _per_class_table(per_class: dict[str, Any]) -> str:
+    """Per defect folder (AutoVI / LOCO): image AUROC of the map maximum and AUC-sPRO at each limit."""
+    if not per_class:
+        return ""
+    limits = sorted({k for v in per_class.values() for k in v.get("au_spro", {})}, key=float)
+    head = "<tr><th>defect folder</th><th>image AUROC (map max)</th>"
+    head += "".join(f"<th>AUC-sPRO@{html.escape(k)}</th>" for k in limits) + "</tr>"
+    rows = [
+        f"<tr><td>{html.escape(label)}</td><td>{_cell(v.get('image_auroc_map_max'))}</td>"
+        + "".join(f"<td>{_cell(v.get('au_spro', {}).get(k))}</td>" for k in limits)
+        + "</tr>"
+        for label, v in per_class.items()
+    ]
+    return (
+        "<h3>Per defect folder (against all good images)</h3>"
+        f"<div class='wide'><table>{head}{''.join(rows)}</table></div>"
+    )
+
+
 def _object_section(data: dict[str, Any]) -> str:
     labels, scores = data["labels"], data["scores"]
     name = html.escape(data["object"])
@@ -138,6 +157,7 @@ def _object_section(data: dict[str, Any]) -> str:
         if uri is not None:
             parts.append(f'<img alt="{name}: {title}" src="{uri}">')
     parts.append("</div>")
+    parts.append(_per_class_table(data["per_class"]))
     gallery, has_truth = data["gallery"], data["gallery_has_truth"]
     if gallery.size:
         parts.append(

@@ -6,6 +6,7 @@ are in memory, and the report can be rebuilt from the run folder alone. No pickl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def write_plot_data(
     pro_limit: float,
     accumulator: NativeSproAccumulator | None,
     spro_limits: tuple[float, ...],
+    per_class: dict[str, Any] | None = None,
 ) -> Path:
     """Scores, curves and the gallery (maps and ground truth as thumbnails) of one evaluated object."""
     arrays: dict[str, Any] = {
@@ -63,6 +65,7 @@ def write_plot_data(
         "scores": np.asarray(scores, dtype=np.float64),
         "threshold": np.array(np.nan if threshold is None else threshold),
         "names": np.array([s.name for s in obj.test]),
+        "per_class": np.array(json.dumps(per_class or {})),
     }
     curves: list[str] = []
     if pro is not None:
@@ -123,4 +126,5 @@ def read_plot_data(path: Path) -> dict[str, Any]:
         out = {k: data[k] for k in data.files}
     out["object"] = str(out["object"])
     out["threshold"] = float(out["threshold"])
+    out["per_class"] = json.loads(str(out.get("per_class", "{}")))
     return out
