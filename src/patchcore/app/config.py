@@ -81,6 +81,10 @@ class EvaluationConfig:
     spro_fpr_limits: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3, 1.0])
     save_autovi_maps: bool = False  # anomaly maps in the official AutoVI evaluation format
     heatmaps: int = 8  # PNG heatmap overlays written per object (most anomalous first); 0 = none
+    # Decision threshold from good images: hold out this share of train/good (a data set's validation
+    # good images instead, when it has them) and set the threshold at this false-alarm rate. 0 = none.
+    calibration_fraction: float = 0.0
+    false_alarm_rate: float = 0.01
 
 
 @dataclass

@@ -360,8 +360,10 @@ class PatchCore:
         t2 = time.perf_counter()
 
         self.memory_bank_ = bank
-        # Set by an evaluation (map_min / map_max for heatmaps, image_threshold for decisions).
-        self.calibration_: dict[str, float] = {}
+        # Decision threshold and normalisation from good images (patchcore.deploy.calibration); empty =
+        # no decisions. The test-set ranges and F1 threshold of an evaluation are only figures.
+        self.calibration_: dict[str, Any] = {}
+        self.evaluation_: dict[str, float] = {}
         self.coreset_indices_ = np.asarray(indices, dtype=np.int64)
         self._index = None
         self._search_index()
@@ -512,6 +514,7 @@ class PatchCore:
             "input_size": list(self.input_size_),
             "stats": dict(self.stats_),
             "calibration": dict(getattr(self, "calibration_", {})),
+            "evaluation": dict(getattr(self, "evaluation_", {})),
             "versions": _versions(),
         }
 
@@ -571,6 +574,14 @@ class PatchCore:
             model.layers_ = tuple(params["layers"])
             model.versions_ = dict(state.get("versions", {}))
             model.calibration_ = dict(state.get("calibration", {}))
+            model.evaluation_ = dict(state.get("evaluation", {}))
+            if "map_min" in model.calibration_:
+                # Files from before good-image calibration kept the test-set ranges there: figures only.
+                legacy = model.calibration_
+                model.calibration_ = {}
+                model.evaluation_ = {**legacy, **model.evaluation_}
+                if "image_threshold" in legacy:
+                    model.evaluation_["f1_threshold"] = model.evaluation_.pop("image_threshold")
         except (KeyError, TypeError, AttributeError) as exc:
             raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
         return model
