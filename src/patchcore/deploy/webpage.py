@@ -23,7 +23,7 @@ PAGE = """<!doctype html>
   .card { border: 1px solid #ddd; border-radius: 8px; padding: 1rem; min-width: 16rem; }
   .big { font-size: 2rem; font-weight: 600; }
   .ok { color: #17803d; } .bad { color: #c0262d; } .unknown { color: #8a6d00; }
-  img { max-width: 28rem; border-radius: 4px; border: 1px solid #ccc; }
+  img { width: 24rem; max-width: 100%; image-rendering: pixelated; border-radius: 4px; border: 1px solid #ccc; }
   #error { color: #c0262d; margin-top: 1rem; }
   .muted { color: #666; font-size: .9rem; }
 </style>
