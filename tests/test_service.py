@@ -262,7 +262,7 @@ def test_cli_serve_with_an_api_key_guards_every_endpoint_but_healthz(setup, tmp_
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     process = subprocess.Popen(
         [sys.executable, "-m", "patchcore.app.cli", "serve", "--model", f"line1={setup['tiny']}",
-         "--port", str(port), "--api-key-file", str(key_file)],
+         "--port", str(port), "--api-key-file", str(key_file), "--threads", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

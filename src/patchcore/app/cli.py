@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (MB)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image (pixels)")
+    serve.add_argument("--threads", type=int, help="intra-op threads of torch / the runtime (default: all)")
 
     export = sub.add_parser("export", help="export a model to one ONNX / OpenVINO graph (extra: export)")
     export.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
@@ -200,6 +201,7 @@ def _run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, runtime=args.runtime,
             device=args.device, api_key_file=args.api_key_file,
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+            threads=args.threads,
         )  # fmt: skip
         run_service(args.model, settings, host=args.host, port=args.port)
         return 0

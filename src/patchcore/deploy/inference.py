@@ -137,13 +137,15 @@ class Predictor:
         weights: str | os.PathLike | None = None,
         runtime: str = "torch",
         per_call_range: bool = True,
+        threads: int | None = None,
     ) -> Predictor:
-        """A model file (``.pt``, runtime torch) or an export folder (runtime onnx / openvino)."""
+        """A model file (``.pt``, runtime torch) or an export folder (runtime onnx / openvino; ``threads``:
+        the runtime's intra-op threads, None = its default)."""
         if runtime == "torch":
             return cls(PatchCore.load(path, device=device, weights=weights), per_call_range)
         from .runtimes import load_exported
 
-        return cls(load_exported(path, runtime), per_call_range)
+        return cls(load_exported(path, runtime, threads), per_call_range)
 
     @property
     def calibration(self) -> dict[str, Any]:

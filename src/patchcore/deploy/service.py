@@ -53,6 +53,7 @@ class ServiceSettings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_files: int = 64  # per /predict/batch request
+    threads: int | None = None  # intra-op threads of the backend (None: the library's default)
 
     def validate(self) -> None:
         if self.max_batch < 1:
@@ -61,6 +62,8 @@ class ServiceSettings:
             raise DeployError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if self.runtime not in ("torch", "onnx", "openvino"):
             raise DeployError(f"unknown runtime {self.runtime!r}: torch, onnx or openvino")
+        if self.threads is not None and self.threads < 1:
+            raise DeployError(f"--threads must be >= 1, got {self.threads}")
         if self.max_upload_bytes < 1 or self.max_pixels < 1:
             raise DeployError("upload limits must be positive")
 
@@ -170,8 +173,9 @@ def create_app(
             for name, path in paths.items():
                 t0 = time.perf_counter()
                 predictor = Predictor.load(
-                    path, device=settings.device, runtime=settings.runtime, per_call_range=False
-                )
+                    path, device=settings.device, runtime=settings.runtime, per_call_range=False,
+                    threads=settings.threads,
+                )  # fmt: skip
                 info = predictor.info()
                 info["metrics"] = _training_metrics(path)
                 info["path"] = str(path)
@@ -427,5 +431,10 @@ def run_service(
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines%s", host,
                     "" if settings.api_key_file else " WITHOUT an API key (--api-key-file)")  # fmt: skip
+    if settings.threads is not None:
+        import torch
+
+        # On a busy machine, fewer intra-op threads than cores avoids OpenMP threads waiting on each other.
+        torch.set_num_threads(settings.threads)
     app = create_app(models, settings)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
