@@ -196,3 +196,12 @@ def test_train_with_a_calibration_fraction_stores_a_threshold_from_held_out_good
     assert "f1_threshold" in model.evaluation_  # the test-set figure is kept apart from the decision
     meta = json.loads((models / "patchcore_bottle.json").read_text())
     assert meta["calibration"]["image_threshold"] == model.calibration_["image_threshold"]
+
+
+def test_train_refuses_bad_calibration_settings_before_creating_a_run_folder(tmp_path):
+    data = make_mvtec(tmp_path / "data", classes=("bottle",))
+    for key, value in (("calibration_fraction", 1.0), ("false_alarm_rate", 0.0)):
+        config = write_config(tmp_path / "c.yaml", "mvtec", data, tmp_path / "out", evaluation={key: value})
+        code, _, err = run_cli("train", "--config", config)
+        assert code == 2 and key in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

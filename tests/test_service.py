@@ -346,3 +346,10 @@ def test_web_page_in_headless_chromium_shows_score_decision_and_heatmap(setup, t
             assert Image.open(shot).size[0] > 0
         finally:
             driver.quit()
+
+
+def test_serve_refuses_a_missing_model_or_key_file_in_one_line(setup, tmp_path):
+    code, _, err = run_cli("serve", "--model", tmp_path / "missing.pt")
+    assert code == 2 and "missing.pt" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("serve", "--model", setup["tiny"], "--api-key-file", tmp_path / "nokey")
+    assert code == 2 and "nokey" in err

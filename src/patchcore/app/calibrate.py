@@ -17,9 +17,17 @@ from ..deploy.calibration import CalibrationError, calibrate, describe_calibrati
 from ..deploy.inference import Predictor
 from ..engine.model import PatchCore
 
-__all__ = ["calibrate_fitted", "calibrate_model_file", "split_calibration"]
+__all__ = ["calibrate_fitted", "calibrate_model_file", "check_calibration_settings", "split_calibration"]
 
 log = logging.getLogger("patchcore")
+
+
+def check_calibration_settings(fraction: float, false_alarm_rate: float) -> None:
+    """Refuse unusable calibration settings before a run starts."""
+    if not 0.0 <= fraction < 1.0:
+        raise CalibrationError(f"evaluation.calibration_fraction must be in [0, 1), got {fraction}")
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise CalibrationError(f"evaluation.false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
 
 
 def split_calibration(obj: ObjectData, fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -16,7 +16,7 @@ from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from ..fileio import atomic_write_json, atomic_write_text, safe_name
 from .cache import fit_cached
-from .calibrate import calibrate_fitted, split_calibration
+from .calibrate import calibrate_fitted, check_calibration_settings, split_calibration
 from .config import Config, config_to_dict
 from .runs import Progress, make_run_dir, metrics_line, seed_everything, setup_logging
 from .tracking import check_tracker, make_tracker
@@ -80,6 +80,7 @@ def train(config: Config, online: str | None = None) -> RunSummary:
     """Fit, save and (optionally) evaluate one model per object; write the summary reports."""
     # Bad input (missing data folder, tracker not installed) fails before a run folder is taken.
     objects = load_objects(config)
+    check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
     check_tracker(online or config.logging.online)
     run_dir = make_run_dir(config.output_dir, config.project, config.group)
     setup_logging(run_dir, config.logging.level)
