@@ -64,7 +64,9 @@ def predict_images(
             heat = save_heatmap(out_dir / f"{name}_heatmap.png", load_image(path), prediction.unit_map)
             record["heatmap"] = str(heat)
         if masks and prediction.mask is not None:
-            record["mask"] = str(save_map_png(out_dir / f"{name}_mask.png", prediction.mask.astype("float32")))
+            record["mask"] = str(
+                save_map_png(out_dir / f"{name}_mask.png", prediction.mask.astype("float32"))
+            )
         records.append(record)
     atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return records
