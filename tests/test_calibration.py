@@ -24,6 +24,7 @@ from patchcore.deploy.calibration import (
     normalize_score,
 )
 from patchcore.deploy.inference import Predictor
+from patchcore.engine.model import _state_digest
 
 
 def _record(scores, rate):
@@ -159,6 +160,7 @@ def test_old_model_files_keep_their_test_ranges_as_evaluation_figures_not_decisi
         "image_threshold": 1.5,
     }
     state.pop("evaluation")
+    state["digest"] = _state_digest(state)  # as main's format-2 files before good-image calibration
     loaded = PatchCore.from_state_dict(state, device="cpu")
     assert loaded.calibration_ == {}
     assert loaded.evaluation_["f1_threshold"] == 1.5 and loaded.evaluation_["map_max"] == 2.0

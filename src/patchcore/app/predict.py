@@ -6,7 +6,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..data import load_image
@@ -14,6 +13,7 @@ from ..data.loading import expand_images
 from ..deploy.inference import Predictor
 from ..fileio import atomic_write_text, safe_name
 from ..heatmaps import save_heatmap, save_map_png
+from .runs import OutputError, prepare_output_dir
 
 __all__ = ["predict_images"]
 
@@ -29,17 +29,20 @@ def predict_images(
     heatmaps: bool = True,
     weights: str | os.PathLike | None = None,
     masks: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Score images with a saved model: one JSON-able record per image, heatmap PNGs in ``out_dir``.
 
     Decisions, normalised scores and masks use the model's calibration from good images; a model without
     one gets ``anomalous: null`` and a ``calibration`` field saying so. Heatmaps of an uncalibrated model
     use the evaluation's map range, or one range over all maps of this call (never a per-image range).
+    A non-empty ``out_dir`` is refused unless ``overwrite`` (earlier predictions would be replaced).
     """
-    predictor = Predictor.load(model_path, device=device, weights=weights)
+    if batch_size is not None and batch_size < 1:
+        raise OutputError(f"batch size must be >= 1, got {batch_size}")
+    out_dir = prepare_output_dir(out_dir, overwrite, "--out folder")
     paths = expand_images(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.load(model_path, device=device, weights=weights)
     predictions = predictor.predict(paths, batch_size=batch_size)
     if not predictor.calibrated:
         log.warning("model %s is %s", model_path, predictor.describe())

@@ -206,6 +206,8 @@ class Predictor:
         batch_size: int | None = None,
     ) -> list[ImagePrediction]:
         """One record per image (paths or PIL images), in order."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         raw = [
             (names[i] if names is not None else str(images[i]), score, amap, size)
             for i, score, amap, size in self.score_batches(images, batch_size)
