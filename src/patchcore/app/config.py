@@ -104,6 +104,14 @@ class EvaluationConfig:
         False, "native-size anomaly maps for the official AutoVI (PNG) / LOCO (TIFF) evaluation scripts"
     )
     heatmaps: int = key(8, "PNG heatmap overlays written per object (most anomalous first); 0 = none", at_least(0))
+    # Decision threshold from good images: hold out this share of train/good (a data set's validation good
+    # images instead, when it has them) and set the threshold at this false-alarm rate. 0 = no calibration.
+    calibration_fraction: float = key(
+        0.0, "share of train/good held out to calibrate the decision threshold (0 = none)", in_range(0, 1, high_open=True)
+    )
+    false_alarm_rate: float = key(
+        0.01, "false-alarm rate on good parts at the calibrated threshold", in_range(0, 1, low_open=True, high_open=True)
+    )
 
 
 @dataclass
