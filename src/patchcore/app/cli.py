@@ -3,6 +3,9 @@
 patchcore train --config configs/elpv.yaml [key=value ...]
 patchcore evaluate --model results/elpv/default/models --config configs/elpv.yaml
 patchcore predict --model patchcore_mono.pt image.png folder/ --out predictions/
+patchcore train -c configs/mvtec.yaml --ray [ADDRESS]      (objects as Ray tasks)
+patchcore train --resume results/mvtec/default             (continue an interrupted run)
+patchcore federated -c configs/federated.yaml              (clients' local banks merged by a server)
 """
 
 from __future__ import annotations
@@ -11,18 +14,25 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .._version import __version__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
+    from ..distributed.ray_runner import DistributedError
+    from ..distributed.sharded import ShardError
     from ..engine.backbones import BackboneError
     from ..engine.model import ModelFileError
     from .config import ConfigError
     from .tracking import TrackingError
+    from .train import ObjectsFailedError
 
-    return (ConfigError, DataError, BackboneError, ModelFileError, TrackingError, FileNotFoundError)
+    return (
+        ConfigError, DataError, BackboneError, ModelFileError, TrackingError, FileNotFoundError,
+        DistributedError, ShardError, ObjectsFailedError,
+    )  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:
@@ -60,6 +70,22 @@ def _parser() -> argparse.ArgumentParser:
         "--log-online", choices=["wandb", "mlflow"], help="send metrics to W&B or MLflow (extras)"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="train objects as Ray tasks (extra patchcore[ray]); ADDRESS: auto, host:port; none: a local cluster",
+    )  # fmt: skip
+    train.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue an interrupted run in RUN_DIR: finished objects with the same config are kept",
+    )  # fmt: skip
+
+    federated = sub.add_parser(
+        "federated", help="clients build local banks on their images; the server merges them into one model"
+    )
+    federated.add_argument("--config", "-c", required=True, help="YAML configuration with a federated section")
+    federated.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    federated.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="clients as Ray actors")
+    federated.add_argument("--no-progress", action="store_true")
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate saved models on a data set's test split")
     evaluate.add_argument(
@@ -111,9 +137,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .train import train
 
-        config = load_config(args.config, _with_progress(args.overrides, args.no_progress))
-        summary = train(config, online=args.log_online)
+        config_path = args.config
+        if args.resume and config_path is None:
+            config_path = str(Path(args.resume) / "config.yaml")  # the run's own configuration
+        overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
+        config = load_config(config_path, overrides)
+        summary = train(config, online=args.log_online, resume=args.resume)
         print(summary.reports["markdown"].read_text())
+        return 0
+    if args.command == "federated":
+        from .federated import federated
+
+        overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
+        report = federated(load_config(args.config, overrides))
+        print(report.read_text())
         return 0
     if args.command == "evaluate":
         from .evaluate import evaluate_models
@@ -138,6 +175,12 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(record))
         return 0
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def _with_ray(overrides: list[str], address: str | None) -> list[str]:
+    if address is None:
+        return overrides
+    return [*overrides, "execution.engine=ray", f"execution.address={address or 'null'}"]
 
 
 def _with_progress(overrides: Sequence[str], no_progress: bool) -> list[str]:

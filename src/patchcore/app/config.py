@@ -21,6 +21,8 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvaluationConfig",
+    "ExecutionConfig",
+    "FederatedConfig",
     "LoggingConfig",
     "ModelConfig",
     "apply_overrides",
@@ -91,6 +93,31 @@ class LoggingConfig:
 
 
 @dataclass
+class ExecutionConfig:
+    engine: str = "local"  # local | ray (objects as Ray tasks; extra patchcore[ray])
+    address: str | None = None  # ray: null = a local cluster, auto = the running one, host:port
+    cpus_per_object: float = 1.0
+    gpus_per_object: float = 0.0
+    retries: int = 1  # more tries for a failed object (or shard)
+    shards: int = 1  # > 1: each object's images in N shards, local coresets merged by one greedy pass
+    shard_oversampling: float = 2.0  # local coreset = percentage x this, per shard
+
+
+@dataclass
+class FederatedConfig:
+    partition: str = "iid"  # iid (over `clients`) | by_category (one client per object) | folders
+    clients: int = 3
+    sites: list[str] = field(default_factory=list)  # folders: one folder of good images per site
+    local_percentage: float | None = None  # client coreset fraction; null = model.percentage x 2
+    bank_size: int | None = None  # global bank; null = model.percentage of all clients' patches
+    weighted: bool = False  # weight each vector by its client's share of the patches
+    compare_centralised: bool = True  # also fit the central model on the same images and report both
+    noise_epsilon: float | None = None  # Gaussian noise on shared vectors: (epsilon, delta), clip norm
+    noise_delta: float = 1e-5
+    noise_clip: float = 50.0
+
+
+@dataclass
 class Config:
     project: str = "patchcore"
     group: str = "default"
@@ -100,6 +127,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
 
@@ -192,6 +221,8 @@ def _validate_values(config: Config) -> None:
         "model.index_kind": (config.model.index_kind, ("flat", "pruned", "ivf", "hnsw")),
         "logging.online": (config.logging.online, (None, "wandb", "mlflow")),
         "logging.level": (config.logging.level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
+        "execution.engine": (config.execution.engine, ("local", "ray")),
+        "federated.partition": (config.federated.partition, ("iid", "by_category", "folders")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -205,10 +236,31 @@ def _validate_values(config: Config) -> None:
         raise ConfigError(f"{config.source}: key 'model.batch_size' must be >= 1")
     if config.model.num_neighbors < 1:
         raise ConfigError(f"{config.source}: key 'model.num_neighbors' must be >= 1")
+    _validate_scale_out(config)
     if config.data.kind in ("mvtec", "autovi", "folder") and not config.data.root:
         raise ConfigError(
             f"{config.source}: data.kind {config.data.kind!r} needs 'data.root' (the data set folder)"
         )
+
+
+def _validate_scale_out(config: Config) -> None:
+    ex, fed, src = config.execution, config.federated, config.source
+    checks = [
+        (ex.cpus_per_object >= 0, "execution.cpus_per_object", ">= 0"),
+        (ex.gpus_per_object >= 0, "execution.gpus_per_object", ">= 0"),
+        (ex.retries >= 0, "execution.retries", ">= 0"),
+        (ex.shards >= 1, "execution.shards", ">= 1"),
+        (ex.shard_oversampling >= 1, "execution.shard_oversampling", ">= 1"),
+        (fed.clients >= 1, "federated.clients", ">= 1"),
+        (fed.local_percentage is None or 0 < fed.local_percentage <= 1, "federated.local_percentage", "in (0, 1]"),
+        (fed.bank_size is None or fed.bank_size >= 1, "federated.bank_size", ">= 1"),
+        (fed.noise_epsilon is None or 0 < fed.noise_epsilon < 1, "federated.noise_epsilon", "in (0, 1)"),
+        (0 < fed.noise_delta < 1, "federated.noise_delta", "in (0, 1)"),
+        (fed.noise_clip > 0, "federated.noise_clip", "> 0"),
+    ]
+    for ok, key, rule in checks:
+        if not ok:
+            raise ConfigError(f"{src}: key '{key}' must be {rule}")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
