@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "ray", None) and "=" in args.ray:
+        # `--ray key=value`: the optional ADDRESS took an override (a Ray address has no "=").
+        args.overrides.append(args.ray)
+        args.ray = ""
     try:
         return _run(args)
     except _user_errors() as exc:

@@ -314,6 +314,8 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
     ``resume``: the folder of an interrupted run to continue (objects finished with the same config hash
     are kept, the others trained again).
     """
+    if resume is not None and not (Path(resume) / "config.yaml").is_file():
+        raise ConfigError(f"--resume {resume}: not a run folder (no config.yaml in it)")
     # Bad input (missing data folder, tracker not installed) fails before a run folder is taken.
     objects = load_objects(config)
     check_tracker(online or config.logging.online)
@@ -323,8 +325,6 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
         import_ray()
     if resume is not None:
         run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml in it)")
     else:
         run_dir = make_run_dir(config.output_dir, config.project, config.group)
     setup_logging(run_dir, config.logging.level)
@@ -393,7 +393,7 @@ def _train_on_ray(config: Config, objects: list[ObjectData], finish) -> list[str
         obj = objects[outcome.item]
         if outcome.ok:
             finish(outcome.value)
-            log.info("%s: trained in %.1f s on a Ray worker", obj.name, outcome.seconds)
+            log.info("%s: trained in %.1f s on Ray node %s", obj.name, outcome.seconds, outcome.node)
         else:
             failures.append(f"{obj.name}: {outcome.error}")
             log.error("%s: failed after %d attempt(s): %s", obj.name, outcome.attempts, outcome.error)

@@ -55,6 +55,7 @@ class Outcome:
 
     item: int
     value: Any = None
+    node: str | None = None  # the Ray node it ran on (None: this process)
     error: str | None = None
     details: str | None = None
     attempts: int = 1
@@ -108,6 +109,13 @@ def _call(function: Callable[[Any], Any], item: Any) -> tuple[Any, float]:
     return value, time.perf_counter() - t0
 
 
+def _remote_call(function: Callable[[Any], Any], item: Any) -> tuple[Any, float, str]:
+    import ray
+
+    value, seconds = _call(function, item)
+    return value, seconds, ray.get_runtime_context().get_node_id()
+
+
 def run_local(
     function: Callable[[Any], Any],
     items: Sequence[Any],
@@ -149,7 +157,7 @@ def run_ray(
     every outcome knows how many attempts it took.
     """
     with ray_session(options) as ray:
-        remote = ray.remote(_call).options(
+        remote = ray.remote(_remote_call).options(
             num_cpus=options.num_cpus, num_gpus=options.num_gpus, max_retries=0, retry_exceptions=False
         )
         function_ref = ray.put(function)
@@ -162,7 +170,7 @@ def run_ray(
             i = pending.pop(ref)
             outcome = Outcome(i, attempts=attempts[i])
             try:
-                outcome.value, outcome.seconds = ray.get(ref)
+                outcome.value, outcome.seconds, outcome.node = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
                 outcome.error, outcome.details = _one_line(cause), str(exc)
