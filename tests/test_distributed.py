@@ -6,8 +6,10 @@ and random-weight ResNet-18 models keep each run to seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -298,3 +300,76 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_runs_models(data, tm
     for name, bank in _banks(run_dir).items():
         np.testing.assert_allclose(bank, clean[name], rtol=1e-5, atol=1e-5)
     assert _metrics(run_dir) == _metrics(tmp_path / "out" / "tiny" / "clean")
+
+
+# ----------------------------------------------------------------------------- a real two-node cluster
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a ``ray start --block`` node and everything it started (its own process group)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # raylet, GCS and workers left in the group
+    process.wait()
+
+
+@pytest.mark.slow
+def test_two_node_cluster_on_loopback_trains_two_objects_one_per_node(data, tmp_path):
+    """`ray start --head` + `ray start --address` (one CPU each), then `patchcore train --ray ADDRESS`.
+
+    The nodes run with ``--block`` in their own process groups and are stopped by group, so the test never
+    touches another Ray instance on the machine (``ray stop`` would stop every one)."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": SRC, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=200000000", "--block"]
+    common += ["--disable-usage-stats"]
+    nodes: list[subprocess.Popen] = []
+
+    def start(*args: str) -> None:
+        log = (tmp_path / f"node{len(nodes)}.log").open("w")
+        nodes.append(
+            subprocess.Popen(
+                [ray_bin, "start", *args, *common], env=env, stdout=log, stderr=log, start_new_session=True
+            )
+        )
+
+    config = write_config(tmp_path / "c.yaml", "mvtec", data, tmp_path / "out", evaluation={"heatmaps": 0})
+    try:
+        start("--head", f"--port={port}", "--include-dashboard=false")
+        deadline = time.monotonic() + 90
+        while subprocess.run(
+            [ray_bin, "status", f"--address={address}"], env=env, capture_output=True
+        ).returncode:
+            assert time.monotonic() < deadline and nodes[0].poll() is None, (
+                tmp_path / "node0.log"
+            ).read_text()
+            time.sleep(1)
+        start(f"--address={address}")
+        command = [sys.executable, "-m", "patchcore.app.cli", "train", "-c", str(config), "--no-progress"]
+        result = subprocess.run(
+            [*command, "--ray", address], env=env, capture_output=True, text=True, timeout=240
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+    run_dir = tmp_path / "out" / "tiny" / "run"
+    assert [r["object"] for r in read_csv(run_dir / "results.csv")] == ["bottle", "screw", "mean"]
+    nodes_used = re.findall(r"trained in [\d.]+ s on Ray node (\w+)", (run_dir / "run.log").read_text())
+    # One CPU per node and one per object: the two objects ran at once, one on each node.
+    assert len(nodes_used) == 2 and len(set(nodes_used)) == 2
