@@ -10,9 +10,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -335,7 +337,11 @@ def test_two_node_cluster_on_loopback_trains_two_objects_one_per_node(data, tmp_
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    # A private Ray temp folder: `ray start` records the cluster's address there, where a later ray.init()
+    # elsewhere on the machine will not find it (short: Ray's socket paths must stay under 108 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")
     env = {**os.environ, "PYTHONPATH": SRC, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env["RAY_TMPDIR"] = temp_dir
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=200000000", "--block"]
     common += ["--disable-usage-stats"]
     nodes: list[subprocess.Popen] = []
@@ -368,6 +374,7 @@ def test_two_node_cluster_on_loopback_trains_two_objects_one_per_node(data, tmp_
     finally:
         for node in reversed(nodes):
             _stop(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     run_dir = tmp_path / "out" / "tiny" / "run"
     assert [r["object"] for r in read_csv(run_dir / "results.csv")] == ["bottle", "screw", "mean"]
     nodes_used = re.findall(r"trained in [\d.]+ s on Ray node (\w+)", (run_dir / "run.log").read_text())
