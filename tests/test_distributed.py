@@ -225,6 +225,25 @@ def test_federated_by_category_saves_the_joint_bank_as_each_objects_model(data, 
     assert len(banks["bottle"]) == int(432 * 0.1)
 
 
+def test_federated_folders_merges_one_bank_per_site_folder(data, tmp_path):
+    images = sorted((data / "bottle" / "train" / "good").glob("*.png"))
+    for k, site in enumerate(("north", "south")):
+        (tmp_path / site).mkdir()
+        for image in images[k * 3 : (k + 1) * 3]:
+            (tmp_path / site / image.name).write_bytes(image.read_bytes())
+    config = write_config(tmp_path / "c.yaml", "mvtec", data, tmp_path / "out", evaluation={"heatmaps": 0})
+    sites = f"federated.sites=[{tmp_path / 'north'}, {tmp_path / 'south'}]"
+    code, out, err = run_cli(
+        "federated", "-c", config, "federated.partition=folders", sites, "data.objects=[bottle]",
+        "federated.compare_centralised=false", "federated.bank_size=10",
+    )  # fmt: skip
+    assert code == 0, err
+    model = PatchCore.load(tmp_path / "out" / "tiny" / "run" / "models" / "patchcore_bottle.pt")
+    assert model.stats_["client_images"] == [3, 3] and len(model.memory_bank_) == 10
+    code, _, err = run_cli("federated", "-c", config, "federated.partition=folders")
+    assert code == 2 and "federated.sites" in err
+
+
 def test_gaussian_noise_clips_vectors_and_has_the_stated_sigma():
     noise = NoiseSpec(epsilon=0.5, delta=1e-5, clip=2.0)
     sigma = gaussian_sigma(noise)
