@@ -172,15 +172,15 @@ def merge_coresets(
 def install_bank(
     model: PatchCore, bank: np.ndarray, meta: dict[str, Any], stats: dict[str, Any]
 ) -> PatchCore:
-    """Make ``model`` a fitted estimator whose memory bank is exactly ``bank`` (through ``fit_features``
-    with the identity sampler, so index, grid and statistics are set as by any fit); ``stats`` are added."""
-    sampler = model.sampler
-    model.sampler = "identity"
-    try:
-        full_meta = {**meta, "n_images": stats["n_train_images"], "n_rows": len(bank)}
-        model.fit_features(bank, full_meta, extract_seconds=float(stats.get("extract_seconds", 0.0)))
-    finally:
-        model.sampler = sampler
+    """Make ``model`` a fitted estimator whose memory bank is exactly ``bank`` (``fit_features`` with every
+    row kept, so index, grid and statistics are set as by any fit); ``stats`` are added."""
+    full_meta = {**meta, "n_images": stats["n_train_images"], "n_rows": len(bank)}
+    model.fit_features(
+        bank,
+        full_meta,
+        extract_seconds=float(stats.get("extract_seconds", 0.0)),
+        indices=np.arange(len(bank), dtype=np.int64),
+    )
     model.stats_.update(stats)
     return model
 
