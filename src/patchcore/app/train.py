@@ -32,7 +32,16 @@ from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from ..fileio import atomic_write, atomic_write_json, atomic_write_text, safe_name
 from .cache import fit_cached
 from .config import Config, ConfigError, config_to_dict
-from .runs import Progress, make_run_dir, metrics_line, seed_everything, setup_logging
+from .runs import (
+    Progress,
+    begin_run,
+    finish_run,
+    make_run_dir,
+    mark_object,
+    metrics_line,
+    seed_everything,
+    setup_logging,
+)
 from .tracking import check_tracker, make_tracker
 
 __all__ = [
@@ -270,6 +279,7 @@ def write_object(run_dir: Path, output: ObjectOutput, digest: str) -> ObjectResu
     torch.save(output.state, buffer)
     atomic_write(paths["model"], lambda handle: handle.write(buffer.getbuffer()))
     atomic_write_json(paths["metadata"], output.metadata)
+    mark_object(run_dir, output.name, "fitted")
     record = {
         "object": output.name,
         "config_hash": digest,
@@ -336,11 +346,13 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
     digest = config_hash(config)
     header = run_header(config)
     done: dict[str, ObjectResult] = {}
+    begin_run(run_dir, [o.name for o in objects])  # the run folder's `incomplete` marker (app/runs.py)
     for obj in objects:
         kept = completed_result(run_dir, obj.name, digest) if resume is not None else None
         if kept is not None:
             done[obj.name] = kept[0]
             header["layers"] = kept[1]["layers"]
+            mark_object(run_dir, obj.name, "done")
             log.info("%s: finished before with this config, kept", obj.name)
         else:
             forget_object(run_dir, obj.name)
@@ -352,6 +364,7 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
 
     def finish(output: ObjectOutput) -> None:
         result = write_object(run_dir, output, digest)
+        mark_object(run_dir, output.name, "done")
         done[output.name] = result
         header["layers"] = list(output.state["params"]["layers"])  # the resolved layers
         tracker.log_object(output.name, {**output.metrics, **output.stats})
@@ -375,6 +388,8 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
         tracker.finish()
     log.info("mean: %s", metrics_line(means, {}))
     log.info("summary: %s", reports["markdown"])
+    if not failures:
+        finish_run(run_dir)
     if failures:
         raise ObjectsFailedError(
             f"{len(failures)} of {len(objects)} objects failed ({'; '.join(failures)}); the others are in "
