@@ -147,11 +147,16 @@ def federated_fit(
     ``weighted``: each vector's greedy priority is its distance times its client's share of all patches
     relative to an equal share (1 for equal clients), so a larger client's patches are covered first.
     """
+    from ..engine.coreset import coreset_size
+
     total = sum(b.n_patches for b in banks)
     if bank_size is None:
-        from ..engine.coreset import coreset_size
-
         bank_size = coreset_size(total, model.percentage)
+    else:
+        bank_size = min(int(bank_size), total)
+        # The model records its bank as a fraction of the patches (a model file is checked against it):
+        # the fraction whose floor gives exactly this size.
+        model.percentage = min(1.0, (bank_size + 0.5) / total)
     weights = None
     if weighted:
         shares = [len(banks) * b.n_patches / total for b in banks]
