@@ -376,10 +376,6 @@ def main() -> None:
     roots = {"elpv": Path(), "synthetic": synthetic}
     ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=1024**3, log_to_driver=False)
     try:
-        if "objects" in args.parts:
-            print("objects in parallel ...", flush=True)
-            results["objects"] = bench_objects(args, work / "runs")
-            atomic_write_json(out_json, results)
         if "shards" in args.parts:
             results["shards"] = {}
             for dataset in args.datasets:
@@ -392,6 +388,10 @@ def main() -> None:
                 print(f"federated on {dataset} ...", flush=True)
                 results["federated"] += bench_federated(args, dataset, roots[dataset], work / "runs")
                 atomic_write_json(out_json, results)
+        if "objects" in args.parts:
+            print("objects in parallel ...", flush=True)
+            results["objects"] = bench_objects(args, work / "runs")
+            atomic_write_json(out_json, results)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
