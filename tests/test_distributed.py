@@ -96,6 +96,13 @@ def test_runner_returns_values_in_item_order_and_each_error_after_its_retries(ra
     ]
 
 
+def test_runner_retries_a_task_whose_worker_dies_then_reports_it(ray_cluster):
+    # os._exit kills the worker process, as the kernel's OOM killer would.
+    outcome = run_ray(os._exit, [3], RayOptions(retries=1))[0]
+    assert not outcome.ok and outcome.attempts == 2
+    assert "died" in outcome.error.lower() or "crash" in outcome.error.lower(), outcome.error
+
+
 # ----------------------------------------------------------------------------- objects as Ray tasks
 
 
