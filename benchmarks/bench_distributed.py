@@ -267,7 +267,10 @@ def bench_federated(
         config = make_config(
             dataset, data_root, out, args.imagesize,
             data={"objects": objects},
-            federated={"partition": partition, "local_percentage": 0.1 * args.oversampling, **extra},
+            federated={
+                "partition": partition, "local_percentage": 0.1 * args.oversampling, "weighted": args.weighted,
+                "noise_epsilon": args.noise_epsilon, "noise_clip": args.noise_clip, **extra,
+            },
         )  # fmt: skip
         config.group = f"fed_{dataset}_{partition}{extra.get('clients', '')}"
         t0 = time.perf_counter()
@@ -361,12 +364,16 @@ def main() -> None:
     parser.add_argument("--oversampling", type=float, default=2.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--weighted", action="store_true", help="federated: weight vectors by client share")
+    parser.add_argument("--noise-epsilon", type=float, default=None, help="federated: Gaussian noise epsilon")
+    parser.add_argument("--noise-clip", type=float, default=50.0)
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
     import ray
 
     stamp = dt.date.today().isoformat()
-    out_json = Path(args.out) / f"distributed_{stamp}.json"
+    out_json = Path(args.out) / f"distributed_{stamp}{args.tag}.json"
     work = Path(tempfile.mkdtemp(prefix="bench-distributed-"))
     results: dict[str, Any] = {
         "args": vars(args),
