@@ -31,6 +31,7 @@ from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from ..fileio import atomic_write, atomic_write_json, atomic_write_text, safe_name
 from .cache import fit_cached
+from .calibrate import calibrate_fitted, check_calibration_settings, split_calibration
 from .config import Config, ConfigError, config_to_dict
 from .runs import (
     Progress,
@@ -188,25 +189,29 @@ def ray_options(config: Config):
     )
 
 
-def fit_object(config: Config, obj: ObjectData, progress: Progress | None = None) -> PatchCore:
-    """A fitted estimator for one object (sharded when ``execution.shards`` > 1)."""
-    if not obj.train:
+def fit_object(
+    config: Config, obj: ObjectData, progress: Progress | None = None, train: list | None = None
+) -> PatchCore:
+    """A fitted estimator for one object on ``train`` (default: all its training images), sharded when
+    ``execution.shards`` > 1."""
+    train = list(obj.train) if train is None else train
+    if not train:
         raise DataError(f"{obj.name}: no training images")
     seed_everything(config.seed)
     model = build_model(config)
-    shards = min(config.execution.shards, len(obj.train))
+    shards = min(config.execution.shards, len(train))
     if shards > 1:
         from ..distributed.sharded import sharded_fit
 
-        bounds = [round(i * len(obj.train) / shards) for i in range(shards + 1)]
+        bounds = [round(i * len(train) / shards) for i in range(shards + 1)]
         parts = [
-            SampleImages(obj.train[a:b], model.transform, config.model.batch_size, config.data.num_workers)
+            SampleImages(train[a:b], model.transform, config.model.batch_size, config.data.num_workers)
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
         return sharded_fit(model, parts, _shard_runner(config), config.execution.shard_oversampling)
     if progress is not None:
-        progress.start(obj.name, {"extract": len(obj.train)})
-    loader = make_loader(obj.train, model.transform, config.model.batch_size, config.data.num_workers, False)
+        progress.start(obj.name, {"extract": len(train)})
+    loader = make_loader(train, model.transform, config.model.batch_size, config.data.num_workers, False)
     with iterate_batches(loader) as batches:
         fit_cached(model, batches, config.model.feature_cache, progress=progress)
     return model
@@ -218,8 +223,14 @@ def train_object(
     """Fit and evaluate one object. The evaluation's files go to ``out_dir``; None (a worker): to a
     temporary folder, returned in ``files`` for the driver to write."""
     config, obj = task.config, task.obj
-    model = fit_object(config, obj, progress)
+    train_samples, calibration_samples = split_calibration(obj, config.evaluation.calibration_fraction, config.seed)
+    model = fit_object(config, obj, progress, train_samples)
     model.stats_["object"] = obj.name
+    if calibration_samples:
+        calibrate_fitted(
+            model, calibration_samples, config.evaluation.false_alarm_rate,
+            f"{obj.name}: {len(calibration_samples)} held-out good images",
+        )  # fmt: skip
     stats = dict(model.stats_)
     metrics: dict[str, float | None] = {}
     files: dict[str, bytes] = {}
@@ -246,6 +257,7 @@ def train_object(
         "stats": stats,
         "metrics": metrics,
         "calibration": model.calibration_,
+        "evaluation": model.evaluation_,
         "weights_id": model.weights_id_,
     }
     return ObjectOutput(obj.name, model.state_dict(), metadata, metrics, stats, files)
@@ -328,6 +340,7 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
         raise ConfigError(f"--resume {resume}: not a run folder (no config.yaml in it)")
     # Bad input (missing data folder, tracker not installed) fails before a run folder is taken.
     objects = load_objects(config)
+    check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
     check_tracker(online or config.logging.online)
     if config.execution.engine == "ray":
         from ..distributed.ray_runner import import_ray
@@ -378,7 +391,7 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
         else:
             with Progress(config.logging.progress) as progress:
                 for obj in todo:
-                    log.info("%s: fitting on %d good images", obj.name, len(obj.train))
+                    log.info("%s: fitting on %d good images", obj.name, _n_train(config, obj))
                     finish(train_object(ObjectTask(config, obj), run_dir, progress))
         results = [done[o.name] for o in objects if o.name in done]
         reports = write_reports(run_dir, results, header)
@@ -396,6 +409,11 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
             f"{run_dir}: `patchcore train --resume {run_dir}` retrains only the failed ones"
         )
     return RunSummary(run_dir, results, means, reports)
+
+
+def _n_train(config: Config, obj: ObjectData) -> int:
+    """Training images of an object after the calibration hold-out."""
+    return len(split_calibration(obj, config.evaluation.calibration_fraction, config.seed)[0])
 
 
 def _train_on_ray(config: Config, objects: list[ObjectData], finish) -> list[str]:
@@ -424,7 +442,7 @@ def _train_on_ray(config: Config, objects: list[ObjectData], finish) -> list[str
     for obj in objects:
         if not obj.train:
             raise DataError(f"{obj.name}: no training images")
-        log.info("%s: fitting on %d good images (Ray task)", obj.name, len(obj.train))
+        log.info("%s: fitting on %d good images (Ray task)", obj.name, _n_train(config, obj))
     tasks = [ObjectTask(config, obj) for obj in objects]
     run_ray(train_object, tasks, ray_options(config), on_done=on_done, on_retry=on_retry)
     return failures
