@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Sequence
 
 from .._version import __version__
@@ -19,10 +20,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
     from ..engine.backbones import BackboneError
     from ..engine.model import ModelFileError
+    from ..engine.params import ParamError
     from .config import ConfigError
+    from .runs import OutputError
     from .tracking import TrackingError
 
-    return (ConfigError, DataError, BackboneError, ModelFileError, TrackingError, FileNotFoundError)
+    return (
+        ConfigError, DataError, BackboneError, ModelFileError, ParamError, OutputError, TrackingError,
+        FileNotFoundError,
+    )  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:
@@ -44,18 +50,36 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``patchcore train: error: ...``, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchcore", description="PatchCore industrial anomaly detection")
+    parser = _Parser(prog="patchcore", description="PatchCore industrial anomaly detection")
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="fit, save and evaluate one model per object of a data set")
     train.add_argument(
         "--config", "-c", help="YAML configuration (configs/elpv.yaml, mvtec.yaml, autovi.yaml)"
     )
     train.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="override any key, e.g. model.percentage=0.01"
-    )
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="override any key, e.g. model.percentage=0.01 (every key: patchcore params)",
+    )  # fmt: skip
     train.add_argument(
         "--log-online", choices=["wandb", "mlflow"], help="send metrics to W&B or MLflow (extras)"
     )
@@ -81,10 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--device", default="auto")
     predict.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    predict.add_argument("--batch-size", type=int, default=None)
+    predict.add_argument("--overwrite", action="store_true", help="replace earlier results in a non-empty --out")
+    predict.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
     predict.add_argument("--no-heatmaps", action="store_true")
 
     sub.add_parser("backbones", help="list the registered backbones")
+    sub.add_parser(
+        "params", help="every configuration key and estimator parameter: type, default, constraint, help"
+    )
     return parser
 
 
@@ -107,6 +135,13 @@ def _run(args: argparse.Namespace) -> int:
         from ..engine.backbones import available_backbones
 
         print("\n".join([*available_backbones(), "timm:<model name>"]))
+        return 0
+    if args.command == "params":
+        from ..engine.params import params_table
+        from .config import keys_table
+
+        print("# configuration keys (YAML or KEY=VALUE)\n" + keys_table())
+        print("\n# PatchCore(...) parameters (the model section above, plus seed and work_dir)\n" + params_table())
         return 0
     if args.command == "train":
         from .train import train
@@ -132,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
 
         records = predict_images(
             args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,
-            heatmaps=not args.no_heatmaps, weights=args.weights,
+            heatmaps=not args.no_heatmaps, weights=args.weights, overwrite=args.overwrite,
         )  # fmt: skip
         for record in records:
             print(json.dumps(record))

@@ -1,20 +1,34 @@
 """Run configuration: YAML in, validated dataclasses out.
 
-Every key is declared in a dataclass below, with its type and default; an unknown key or a value of the
-wrong type is an error that names the key and the file. ``KEY=VALUE`` overrides (dotted keys, YAML
-values) apply on top of the file, with the same checks.
+Every key is declared once, in a dataclass below, with its type, default, constraint and help (the
+``model`` section comes from the estimator's declarations, engine/params.py); an unknown key, a key written
+twice, or a value of the wrong type or out of range is an error that names the key and the file.
+``KEY=VALUE`` overrides (dotted keys, YAML values) apply on top of the file, with the same checks.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..data import DATASETS
+from ..engine.params import (
+    PARAMS,
+    Constraint,
+    ParamError,
+    at_least,
+    check_value,
+    choice,
+    describe_type,
+    in_range,
+)
 
 __all__ = [
     "Config",
@@ -33,126 +47,107 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the key and the source."""
 
 
+def key(default: Any, help: str, constraint: Constraint | None = None) -> Any:
+    """One configuration key: default, help text and constraint, declared together (type: the annotation).
+
+    Adding a key to a section is one line with this; loading, checking, ``patchcore params`` and the
+    saved config.yaml follow from it.
+    """
+    metadata = {"help": help, "constraint": constraint}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
-    kind: str = "elpv"  # mvtec | autovi | mvtec_loco | visa | folder | elpv
-    root: str | None = None  # data set folder (elpv: the pip package's data when null)
-    objects: list[str] | None = None  # null = every object found
-    num_workers: int = 2  # DataLoader worker processes for image decoding
-    # ELPV only: fraction of good cells used for training; include the uncertain (p=1/3, 2/3) cells.
-    train_fraction: float = 2 / 3
-    include_uncertain: bool = False
+    kind: str = key("elpv", "data set format", choice(*DATASETS))
+    root: str | None = key(None, "data set folder (elpv: the pip package's data when null)")
+    objects: list[str] | None = key(None, "objects to run; null = every object found")
+    num_workers: int = key(2, "DataLoader worker processes for image decoding", at_least(0))
+    train_fraction: float = key(
+        2 / 3, "ELPV: fraction of good cells used for training", in_range(0, 1, low_open=True, high_open=True)
+    )
+    include_uncertain: bool = key(False, "ELPV: include the uncertain (p=1/3, 2/3) cells")
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "wideresnet50"
-    layers: list[str] | None = None
-    weights: str | None = None
-    resize: int | list[int] | None = 256
-    imagesize: int | list[int] | None = 224
-    patchsize: int = 3
-    patchstride: int = 1
-    pretrain_embed_dimension: int | None = 1024
-    target_embed_dimension: int | None = 1024
-    sampler: str = "approx_greedy_coreset"
-    percentage: float = 0.1
-    projection_dim: int | None = 128
-    num_starting_points: int = 10
-    num_neighbors: int = 1
-    distance: str = "euclidean"
-    reweight: bool = False
-    reweight_neighbors: int = 3
-    smoothing_sigma: float = 4.0
-    device: str = "auto"
-    precision: str = "fp32"
-    batch_size: int = 32
-    feature_cache: str | None = None  # folder: reuse training features when data and feature settings match
-    index_kind: str = "flat"  # flat | pruned (both exact) | ivf | hnsw (approximate)
-    nprobe: int = 8
-    ef_search: int = 64
-    search_threads: int | None = None
+def _model_section() -> type:
+    """The ``model`` section: every estimator parameter declared with ``in_config`` (engine/params.py),
+    plus the application's feature cache folder."""
+    fields: list[tuple[str, Any, Any]] = [
+        (p.name, p.type, field(
+            default_factory=lambda p=p: copy.deepcopy(p.default),
+            metadata={"help": p.help, "constraint": p.constraint},
+        ))
+        for p in PARAMS if p.in_config
+    ]  # fmt: skip
+    fields.append(
+        ("feature_cache", str | None, key(None, "folder: reuse training features when data and feature settings match"))
+    )
+    cls = make_dataclass("ModelConfig", fields)
+    cls.__module__ = __name__
+    return cls
+
+
+ModelConfig = _model_section()
 
 
 @dataclass
 class EvaluationConfig:
-    enabled: bool = True
-    pro_fpr_limit: float = 0.3
-    spro_fpr_limits: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3, 1.0])
-    save_autovi_maps: bool = False  # native-size maps for the official AutoVI (PNG) / LOCO (TIFF) scripts
-    heatmaps: int = 8  # PNG heatmap overlays written per object (most anomalous first); 0 = none
+    enabled: bool = key(True, "evaluate each object on its test split after fitting")
+    pro_fpr_limit: float = key(0.3, "FPR integration limit of AU-PRO", in_range(0, 1, low_open=True))
+    spro_fpr_limits: list[float] = key(
+        [0.01, 0.05, 0.1, 0.3, 1.0], "FPR limits of AU-sPRO (AutoVI, MVTec LOCO)",
+        Constraint("a non-empty list of numbers in (0, 1]", lambda v: bool(v) and all(0 < x <= 1 for x in v)),
+    )  # fmt: skip
+    save_autovi_maps: bool = key(False, "native-size maps for the official AutoVI / MVTec LOCO scripts")
+    heatmaps: int = key(8, "PNG heatmap overlays written per object (most anomalous first); 0 = none", at_least(0))
 
 
 @dataclass
 class LoggingConfig:
-    level: str = "INFO"
-    online: str | None = None  # wandb | mlflow
-    progress: bool = True
+    level: str = key("INFO", "console and run.log level", choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    online: str | None = key(None, "send metrics online", choice("wandb", "mlflow"))
+    progress: bool = key(True, "progress bars")
+
+
+_NAME = Constraint("a non-empty name", lambda v: bool(v.strip()))
 
 
 @dataclass
 class Config:
-    project: str = "patchcore"
-    group: str = "default"
-    seed: int = 0
-    output_dir: str = "results"
+    project: str = key("patchcore", "run folders go to <output_dir>/<project>/<group>", _NAME)
+    group: str = key("default", "run folder name (a free <group>_N when taken)", _NAME)
+    seed: int = key(0, "every random choice of a fit", at_least(0))
+    output_dir: str = key("results", "where run folders are created", _NAME)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
 
-def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """Return ``value`` converted to ``annotation`` where that is lossless, else raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(value, option, key, source)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{source}: key '{key}' must be {_describe(annotation)}, got {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: key '{key}' must be a list, got {value!r}")
-        return [_check_type(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: key '{key}' must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{source}: key '{key}' has an unsupported type {annotation}")  # pragma: no cover
-
-
-def _describe(annotation: Any) -> str:
-    names = []
-    for option in typing.get_args(annotation) or (annotation,):
-        if option is type(None):
-            names.append("null")
-        elif typing.get_origin(option) is list:
-            names.append("a list")
+def _sections(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type) of every declared key, depth first."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _sections(hints[f.name], name + ".")
         else:
-            names.append(getattr(option, "__name__", str(option)))
-    return " or ".join(names)
+            yield name, f, hints[f.name]
+
+
+def keys_table() -> str:
+    """Every configuration key with its type, default, constraint and help (``patchcore params``)."""
+    lines = []
+    for name, f, annotation in _sections():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rule = f"; {f.metadata['constraint']}" if f.metadata.get("constraint") else ""
+        lines.append(f"{name:<36} {describe_type(annotation)}{rule}; default {default!r}\n    {f.metadata.get('help', '')}")
+    return "\n".join(lines)
 
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
@@ -171,40 +166,20 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         )
     values = {}
     for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
+        key_name = f"{prefix}.{name}" if prefix else name
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            values[name] = _build(annotation, value, key, source)
+            values[name] = _build(annotation, value, key_name, source)
         else:
-            values[name] = _check_type(value, annotation, key, source)
+            try:
+                values[name] = check_value(value, annotation, fields[name].metadata.get("constraint"), key_name)
+            except ParamError as exc:
+                raise ConfigError(f"{source}: key {exc}") from None
     return cls(**values)
 
 
 def _validate_values(config: Config) -> None:
-    choices = {
-        "data.kind": (config.data.kind, ("mvtec", "autovi", "mvtec_loco", "visa", "folder", "elpv")),
-        "model.sampler": (
-            config.model.sampler,
-            ("approx_greedy_coreset", "greedy_coreset", "random", "identity"),
-        ),
-        "model.distance": (config.model.distance, ("euclidean", "squared_l2")),
-        "model.precision": (config.model.precision, ("fp32", "fp16", "bf16")),
-        "model.index_kind": (config.model.index_kind, ("flat", "pruned", "ivf", "hnsw")),
-        "logging.online": (config.logging.online, (None, "wandb", "mlflow")),
-        "logging.level": (config.logging.level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            shown = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise ConfigError(f"{config.source}: key '{key}' must be one of {shown}, got {value!r}")
-    if not 0.0 < config.model.percentage <= 1.0:
-        raise ConfigError(
-            f"{config.source}: key 'model.percentage' must be in (0, 1], got {config.model.percentage}"
-        )
-    if config.model.batch_size < 1:
-        raise ConfigError(f"{config.source}: key 'model.batch_size' must be >= 1")
-    if config.model.num_neighbors < 1:
-        raise ConfigError(f"{config.source}: key 'model.num_neighbors' must be >= 1")
+    """What involves more than one key (each key's own type and range are checked as it is read)."""
     if config.data.kind != "elpv" and not config.data.root:
         raise ConfigError(
             f"{config.source}: data.kind {config.data.kind!r} needs 'data.root' (the data set folder)"
@@ -228,7 +203,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"configuration file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
@@ -237,6 +214,27 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data = apply_overrides(data, overrides)
     label = source if not overrides else f"{source} (with overrides {' '.join(overrides)})"
     return config_from_dict(data, label)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (YAML would keep only the last copy)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            name = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if name in seen:
+                raise _DuplicateKey(
+                    f"key '{name}' is written twice (lines {seen[name]} and {line}); "
+                    "YAML would silently keep only the last one"
+                )
+            seen[name] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..data import load_image
@@ -14,6 +13,7 @@ from ..data.loading import expand_images
 from ..deploy.inference import Predictor
 from ..fileio import atomic_write_text, safe_name
 from ..heatmaps import save_heatmap
+from .runs import OutputError, prepare_output_dir
 
 __all__ = ["predict_images"]
 
@@ -28,16 +28,19 @@ def predict_images(
     batch_size: int | None = None,
     heatmaps: bool = True,
     weights: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Score images with a saved model: one JSON-able record per image, heatmap PNGs in ``out_dir``.
 
     Heatmaps use the map range recorded when the model was evaluated; without one (a model fitted only
-    through the API), one range over all maps of this call (never a per-image range).
+    through the API), one range over all maps of this call (never a per-image range). A non-empty
+    ``out_dir`` is refused unless ``overwrite`` (earlier predictions would be replaced).
     """
-    predictor = Predictor.load(model_path, device=device, weights=weights)
+    if batch_size is not None and batch_size < 1:
+        raise OutputError(f"batch size must be >= 1, got {batch_size}")
+    out_dir = prepare_output_dir(out_dir, overwrite, "--out folder")
     paths = expand_images(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.load(model_path, device=device, weights=weights)
     predictions = predictor.predict(paths, batch_size=batch_size)
     if not predictor.calibrated:
         log.warning(

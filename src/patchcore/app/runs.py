@@ -3,20 +3,39 @@ on the terminal."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..fileio import safe_name
+from ..fileio import atomic_write_json, safe_name
 
 __all__ = [
+    "INCOMPLETE_MARKER",
+    "OutputError",
     "Progress",
+    "RunState",
+    "begin_run",
+    "clean_stale_temp",
+    "finish_run",
     "make_run_dir",
+    "mark_object",
+    "prepare_output_dir",
+    "process_alive",
+    "check_writable",
+    "run_state",
+    "run_temp_dir",
     "metrics_line",
     "seed_everything",
     "setup_logging",
@@ -25,10 +44,53 @@ __all__ = [
 log = logging.getLogger("patchcore")
 
 
+class OutputError(ValueError):
+    """An output folder that cannot be used (a file, not writable, or holding earlier results)."""
+
+
+def _mkdir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{what} {path} is an existing file, not a folder") from None
+    except NotADirectoryError:
+        raise OutputError(f"{what} {path} is inside a file, not a folder") from None
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+
+
+def check_writable(path: Path, what: str) -> Path:
+    """``path`` as an existing folder we can create files in (a probe file, not os.access: that is
+    wrong for root and for read-only mounts), else OutputError naming it."""
+    _mkdir(path, what)
+    try:
+        with tempfile.TemporaryFile(dir=path, prefix=".patchcore-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{what} {path} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "output folder") -> Path:
+    """A writable folder for results; a non-empty one is refused unless ``overwrite`` (earlier results would
+    be replaced silently)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is an existing file, not a folder")
+    if path.is_dir() and not overwrite:
+        entries = sorted(p.name for p in path.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise OutputError(
+                f"{what} {path} is not empty ({len(entries)} entries: {shown}); pass --overwrite to replace "
+                "earlier results, or choose another folder"
+            )
+    return check_writable(path, what)
+
+
 def make_run_dir(output_dir: str | os.PathLike, project: str, group: str) -> Path:
     """``<output_dir>/<project>/<group>/``, or ``<group>_1``, ``<group>_2``... if taken: never overwrites."""
-    parent = Path(output_dir) / safe_name(project)
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = check_writable(Path(output_dir) / safe_name(project), "output folder")
     base = safe_name(group)
     for attempt in range(10000):
         candidate = parent / (base if attempt == 0 else f"{base}_{attempt}")
@@ -37,7 +99,126 @@ def make_run_dir(output_dir: str | os.PathLike, project: str, group: str) -> Pat
             return candidate
         except FileExistsError:
             continue
-    raise RuntimeError(f"no free run folder under {parent}")
+    raise OutputError(f"no free run folder under {parent}")
+
+
+# ------------------------------------------------------------------ run completion
+#
+# A run folder holds the file ``incomplete`` from its creation until the run finishes. The file is JSON:
+# {"pid": ..., "host": ..., "started": ..., "objects": {"<name>": "pending" | "fitted" | "done"}}
+# ("fitted": the model file is saved, its evaluation has not finished). A run killed at any point keeps the
+# marker, so a reader can tell a finished run (or object) from an interrupted one: ``patchcore evaluate``
+# refuses a model whose object is still "pending", and ``train --resume`` can redo what is not "done".
+
+INCOMPLETE_MARKER = "incomplete"
+_TEMP = "tmp"  # <run>/tmp: the run's temporary files (streamed features), removed when it ends
+
+
+@dataclass
+class RunState:
+    """What a run folder's marker says. ``complete``: no marker (the run finished)."""
+
+    complete: bool
+    objects: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+    host: str | None = None
+
+    def object_done(self, name: str) -> bool:
+        return self.complete or self.objects.get(name) == "done"
+
+    def model_usable(self, name: str) -> bool:
+        """Whether the model file of ``name`` was completely written by this run."""
+        return self.complete or self.objects.get(name) in ("fitted", "done")
+
+
+def _write_marker(run_dir: Path, state: RunState) -> None:
+    atomic_write_json(
+        Path(run_dir) / INCOMPLETE_MARKER,
+        {"pid": state.pid, "host": state.host, "started": time.time(), "objects": state.objects},
+    )
+
+
+def begin_run(run_dir: Path, objects: list[str]) -> None:
+    """Mark ``run_dir`` incomplete, every object pending (call right after creating the folder)."""
+    _write_marker(run_dir, RunState(False, dict.fromkeys(objects, "pending"), os.getpid(), socket.gethostname()))
+
+
+def mark_object(run_dir: Path, name: str, status: str) -> None:
+    """Record ``name`` as ``pending``, ``fitted`` (model file saved) or ``done`` (evaluated, reported)."""
+    if status not in ("pending", "fitted", "done"):
+        raise ValueError(f"unknown object status {status!r}")
+    state = run_state(run_dir)
+    if state.complete:
+        return
+    state.objects[name] = status
+    _write_marker(run_dir, state)
+
+
+def finish_run(run_dir: Path) -> None:
+    """The run finished: remove its temporary folder and its marker (last, so the marker outlives both)."""
+    shutil.rmtree(Path(run_dir) / _TEMP, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (Path(run_dir) / INCOMPLETE_MARKER).unlink()
+
+
+def run_state(run_dir: Path) -> RunState:
+    """The marker of ``run_dir`` (a folder without one is complete). An unreadable marker counts as
+    incomplete with nothing done."""
+    marker = Path(run_dir) / INCOMPLETE_MARKER
+    if not marker.exists():
+        return RunState(True)
+    try:
+        data = json.loads(marker.read_text())
+        return RunState(False, dict(data.get("objects", {})), data.get("pid"), data.get("host"))
+    except (OSError, ValueError, AttributeError):
+        return RunState(False)
+
+
+def run_temp_dir(run_dir: Path) -> Path:
+    """``<run>/tmp``: where a run's temporary files go (removed by :func:`finish_run`, or by
+    :func:`clean_stale_temp` after a crash)."""
+    path = Path(run_dir) / _TEMP
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def process_alive(pid: int | None, host: str | None) -> bool:
+    """Whether ``pid`` on ``host`` may still run (another host's processes count as alive: unknowable)."""
+    if host != socket.gethostname():
+        return True
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temp(project_dir: Path) -> list[Path]:
+    """Remove the temporary files of runs under ``project_dir`` whose process is gone (killed): their
+    ``tmp`` folders and half-written ``.*.tmp`` files. The ``incomplete`` markers stay. Returns what went."""
+    removed: list[Path] = []
+    if not Path(project_dir).is_dir():
+        return removed
+    for run_dir in Path(project_dir).iterdir():
+        if not (run_dir / INCOMPLETE_MARKER).is_file():
+            continue
+        state = run_state(run_dir)
+        if process_alive(state.pid, state.host):
+            continue
+        if (run_dir / _TEMP).exists():
+            shutil.rmtree(run_dir / _TEMP, ignore_errors=True)
+            removed.append(run_dir / _TEMP)
+        for tmp in run_dir.rglob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    for path in removed:
+        log.info("removed the temporary files of an interrupted run: %s", path)
+    return removed
 
 
 _CONSOLE = None

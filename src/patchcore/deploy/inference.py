@@ -74,6 +74,8 @@ class Predictor:
         batch_size: int | None = None,
     ) -> list[ImagePrediction]:
         """One record per image (paths or PIL images), in order."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = batch_size or self.model.batch_size
         raw: list[tuple[str, float, np.ndarray, tuple[int, int]]] = []
         for start in range(0, len(images), batch_size):

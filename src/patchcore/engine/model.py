@@ -7,6 +7,8 @@ feature extractor, and loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import io
 import os
 import platform
@@ -14,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,24 +25,28 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
+from ..data.transforms import ImageTransform, load_image
 from ..fileio import atomic_write
 from .backbones import BackboneError, FeatureExtractor, load_backbone
 from .coreset import make_sampler
 from .features import PatchFeatures
-from .index import DISTANCES, INDEX_KINDS, MemoryBankIndex
+from .index import MemoryBankIndex
+from .params import PARAMS, check_param, params_table
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
 from .store import FeatureStore
 
 __all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "ModelFileError", "PatchCore", "Prediction"]
 
 MODEL_FORMAT = "patchcore-model"
-MODEL_FORMAT_VERSION = 1
+# 2: a content digest over the parameters, the bank and the fit's records (an edited file is refused).
+MODEL_FORMAT_VERSION = 2
 
 # (phase, items done so far, total items or None)
 ProgressCallback = Callable[[str, int, int | None], None]
 
 _PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PARAM_NAMES = tuple(p.name for p in PARAMS)
+_FROZEN = frozenset(p.name for p in PARAMS if p.frozen_after_fit)
 
 
 class ModelFileError(ValueError):
@@ -60,97 +66,20 @@ class Prediction:
 class PatchCore:
     """PatchCore anomaly detector (Roth et al., CVPR 2022).
 
-    Parameters
-    ----------
-    backbone: registry name (``wideresnet50``, ``wideresnet101``, ``resnet18``, ``resnet50``,
-        ``efficientnet-lite0``) or ``timm:<model>``.
-    layers: layers to hook; None = the backbone's defaults (layer2 + layer3, or _blocks.4 + _blocks.10).
-    weights: None = pretrained ImageNet weights (torch hub cache / bundled package), a state-dict path, or
-        ``"random"`` (seeded random initialisation).
-    resize, imagesize, mean, std: the image transform used when images are given as paths or PIL images
-        and by ``patchcore predict``; tensors given to fit/predict are used as they are.
-    patchsize, patchstride: the local neighbourhood aggregated into each patch feature.
-    pretrain_embed_dimension, target_embed_dimension: adaptive mean pooling sizes; target None keeps the
-        plain concatenation of the aligned layers' local means.
-    sampler: ``approx_greedy_coreset`` (default), ``greedy_coreset``, ``random``, ``identity``.
-    percentage: memory bank size as a fraction of all training patches.
-    projection_dim, num_starting_points: coreset projection size and number of start points.
-    num_neighbors: k, the patch score is the mean distance to the k nearest bank vectors.
-    distance: ``euclidean`` (the paper, default) or ``squared_l2`` (what the reference code reports).
-    reweight, reweight_neighbors: the paper's image-score re-weighting (Eq. 7) with b neighbours.
-    smoothing_sigma: gaussian sigma of the anomaly maps.
-    device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. precision: ``fp32``, ``fp16`` or ``bf16`` autocast
-        for the backbone only (patch features and the bank are always float32).
-    batch_size: images per backbone pass. seed: every random choice of a fit (and random weights).
-    work_dir: where training features are streamed to disk (default: the system temp dir).
-    index_kind: nearest-neighbour index: ``flat`` (exact, FAISS, default), ``pruned`` (exact, CPU, about 2x
-        faster on real features: a certified principal-component bound skips most of the bank), ``ivf`` or
-        ``hnsw`` (approximate:
-        faster search, scores can only go up; ``MemoryBankIndex.recall`` measures what is missed).
-    nprobe, ef_search: the IVF and HNSW search breadths. search_threads: FAISS threads (None: its default).
+    Keyword parameters, their types, defaults, constraints and meaning are declared once, in
+    :data:`patchcore.engine.params.PARAMS` (listed below, and by ``patchcore params``). A value is checked
+    when it is set; the parameters that shaped the memory bank cannot change once the model is fitted.
     """
 
-    def __init__(
-        self,
-        backbone: str = "wideresnet50",
-        layers: Sequence[str] | None = None,
-        weights: str | os.PathLike | None = None,
-        resize: int | Sequence[int] | None = 256,
-        imagesize: int | Sequence[int] | None = 224,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        patchsize: int = 3,
-        patchstride: int = 1,
-        pretrain_embed_dimension: int | None = 1024,
-        target_embed_dimension: int | None = 1024,
-        sampler: str = "approx_greedy_coreset",
-        percentage: float = 0.1,
-        projection_dim: int | None = 128,
-        num_starting_points: int = 10,
-        num_neighbors: int = 1,
-        distance: str = "euclidean",
-        reweight: bool = False,
-        reweight_neighbors: int = 3,
-        smoothing_sigma: float = 4.0,
-        device: str = "auto",
-        precision: str = "fp32",
-        batch_size: int = 32,
-        seed: int = 0,
-        work_dir: str | os.PathLike | None = None,
-        index_kind: str = "flat",
-        nprobe: int = 8,
-        ef_search: int = 64,
-        search_threads: int | None = None,
-    ):
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
-        self.resize = resize
-        self.imagesize = imagesize
-        self.mean = mean
-        self.std = std
-        self.patchsize = patchsize
-        self.patchstride = patchstride
-        self.pretrain_embed_dimension = pretrain_embed_dimension
-        self.target_embed_dimension = target_embed_dimension
-        self.sampler = sampler
-        self.percentage = percentage
-        self.projection_dim = projection_dim
-        self.num_starting_points = num_starting_points
-        self.num_neighbors = num_neighbors
-        self.distance = distance
-        self.reweight = reweight
-        self.reweight_neighbors = reweight_neighbors
-        self.smoothing_sigma = smoothing_sigma
-        self.device = device
-        self.precision = precision
-        self.batch_size = batch_size
-        self.seed = seed
-        self.work_dir = work_dir
-        self.index_kind = index_kind
-        self.nprobe = nprobe
-        self.ef_search = ef_search
-        self.search_threads = search_threads
+    def __init__(self, **params: Any):
+        # The signature, defaults and checks come from the declarations in engine/params.py.
+        unknown = sorted(set(params) - set(_PARAM_NAMES))
+        if unknown:
+            raise TypeError(
+                f"unknown PatchCore parameter(s): {', '.join(unknown)}; known: {', '.join(_PARAM_NAMES)}"
+            )
+        for p in PARAMS:
+            setattr(self, p.name, params[p.name] if p.name in params else copy.deepcopy(p.default))
         self._features: PatchFeatures | None = None
         self._index: MemoryBankIndex | None = None
         # Guards the lazy construction of the extractor and the index: predict() may be called from many
@@ -170,46 +99,54 @@ class PatchCore:
 
     # ----------------------------------------------------------------- configuration
 
-    _PARAMS = (
-        "backbone", "layers", "weights", "resize", "imagesize", "mean", "std", "patchsize", "patchstride",
-        "pretrain_embed_dimension", "target_embed_dimension", "sampler", "percentage", "projection_dim",
-        "num_starting_points", "num_neighbors", "distance", "reweight", "reweight_neighbors",
-        "smoothing_sigma", "device", "precision", "batch_size", "seed", "work_dir",
-        "index_kind", "nprobe", "ef_search", "search_threads",
-    )  # fmt: skip
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PARAM_NAMES:
+            check_param(name, value)  # a bad value is refused when it is set, not in the middle of a fit
+            if (
+                name in _FROZEN
+                and "memory_bank_" in self.__dict__
+                and _plain(value) != _plain(self.__dict__.get(name))
+            ):
+                # The bank was built with the old value: scoring against it, or saving it under the new
+                # value, would be silently wrong. The model becomes unfitted and says why.
+                for attr in [a for a in self.__dict__ if a.endswith("_") and not a.startswith("_")]:
+                    del self.__dict__[attr]
+                self.__dict__["_unfitted_because"] = (
+                    f"{name} was changed from {_plain(self.__dict__.get(name))!r} to {_plain(value)!r} after "
+                    "fit, which dropped the memory bank built with the old value; call fit() again"
+                )
+            if "_build_lock" in self.__dict__:
+                # Settings such as device or index_kind take effect on the next use.
+                self.__dict__["_features"] = None
+                self.__dict__["_index"] = None
+        object.__setattr__(self, name, value)
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments, as plain JSON-able values."""
-        return {name: _plain(getattr(self, name)) for name in self._PARAMS}
+        return {name: _plain(getattr(self, name)) for name in _PARAM_NAMES}
 
     def set_params(self, **params: Any) -> PatchCore:
-        unknown = sorted(set(params) - set(self._PARAMS))
+        """Change parameters (each checked against its declaration before any is set). On a fitted model,
+        changing a parameter that shaped the memory bank (``frozen_after_fit``: features, selection, seed)
+        drops the fitted state, so predict/save refuse until the next fit; the others take effect at once."""
+        unknown = sorted(set(params) - set(_PARAM_NAMES))
         if unknown:
             raise ValueError(f"unknown PatchCore parameter(s): {', '.join(unknown)}")
+        for name, value in params.items():  # all checked before any is set
+            check_param(name, value)
         for name, value in params.items():
             setattr(self, name, value)
-        self._features = None
-        self._index = None
         return self
 
     def __repr__(self) -> str:
-        defaults = PatchCore().__dict__
-        changed = [f"{k}={getattr(self, k)!r}" for k in self._PARAMS if getattr(self, k) != defaults[k]]
+        changed = [
+            f"{p.name}={getattr(self, p.name)!r}" for p in PARAMS if _plain(getattr(self, p.name)) != _plain(p.default)
+        ]
         return f"PatchCore({', '.join(changed)})"
 
     def _validate(self) -> None:
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got {self.precision!r}")
-        if self.patchsize < 1 or self.patchsize % 2 == 0:
-            raise ValueError(f"patchsize must be a positive odd number, got {self.patchsize}")
-        if self.num_neighbors < 1:
-            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.index_kind not in INDEX_KINDS:
-            raise ValueError(f"index_kind must be one of {INDEX_KINDS}, got {self.index_kind!r}")
+        for name in _PARAM_NAMES:
+            check_param(name, getattr(self, name))
 
     @property
     def transform(self) -> ImageTransform:
@@ -359,6 +296,7 @@ class PatchCore:
         bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the feature file may go
         t2 = time.perf_counter()
 
+        self.__dict__.pop("_unfitted_because", None)
         self.memory_bank_ = bank
         # Set by an evaluation (map_min / map_max for heatmaps, image_threshold for decisions).
         self.calibration_: dict[str, float] = {}
@@ -440,7 +378,11 @@ class PatchCore:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "memory_bank_"):
-            raise RuntimeError("this PatchCore is not fitted yet: call fit() or PatchCore.load() first")
+            why = self.__dict__.get("_unfitted_because")
+            raise RuntimeError(
+                f"this PatchCore is not fitted: {why}" if why
+                else "this PatchCore is not fitted yet: call fit() or PatchCore.load() first"
+            )
 
     # ----------------------------------------------------------------- predict
 
@@ -502,7 +444,7 @@ class PatchCore:
         params["layers"] = list(self.layers_)
         params["device"] = "auto"
         params["work_dir"] = None
-        return {
+        state = {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
             "params": params,
@@ -510,10 +452,12 @@ class PatchCore:
             "memory_bank": torch.from_numpy(self.memory_bank_.copy()),
             "patch_grid": list(self.patch_grid_),
             "input_size": list(self.input_size_),
-            "stats": dict(self.stats_),
-            "calibration": dict(getattr(self, "calibration_", {})),
+            "stats": _plain_dict(self.stats_),
+            "calibration": _plain_dict(getattr(self, "calibration_", {})),
             "versions": _versions(),
         }
+        state["digest"] = _state_digest(state)
+        return state
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model file atomically (a reader never sees half a file)."""
@@ -556,6 +500,16 @@ class PatchCore:
                 f"{source} has model format version {version}; this patchcore ({__version__}) reads version "
                 f"{MODEL_FORMAT_VERSION}. Re-train the model with this version."
             )
+        digest = state.get("digest")
+        try:
+            expected = _state_digest(state)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
+        if digest != expected:
+            raise ModelFileError(
+                f"{source} was modified after it was saved (its content digest does not match): its "
+                "parameters may no longer describe its memory bank. Re-train, or use the original file."
+            )
         try:
             params = dict(state["params"])
             params["device"] = device
@@ -571,9 +525,54 @@ class PatchCore:
             model.layers_ = tuple(params["layers"])
             model.versions_ = dict(state.get("versions", {}))
             model.calibration_ = dict(state.get("calibration", {}))
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
+        problem = model._bank_problem()
+        if problem:
+            raise ModelFileError(f"{source}: {problem}; the file is inconsistent, re-train the model")
         return model
+
+    def _bank_problem(self) -> str | None:
+        """What disagrees between the stored parameters, records and memory bank (None: all agree)."""
+        bank, stats = self.memory_bank_, self.stats_
+        if bank.ndim != 2 or len(bank) == 0:
+            return f"the memory bank has shape {bank.shape}, not (M >= 1, D)"
+        if not np.isfinite(bank).all():
+            return "the memory bank holds non-finite values (NaN or inf)"
+        if self.target_embed_dimension is not None and bank.shape[1] != self.target_embed_dimension:
+            return (
+                f"target_embed_dimension is {self.target_embed_dimension} but the memory bank has "
+                f"{bank.shape[1]}-dimensional features"
+            )
+        if stats.get("memory_size") != len(bank) or stats.get("feature_dim") != bank.shape[1]:
+            return (
+                f"the records say a {stats.get('memory_size')} x {stats.get('feature_dim')} memory bank, "
+                f"the file holds {bank.shape[0]} x {bank.shape[1]}"
+            )
+        n_patches = stats.get("n_patches")
+        if n_patches != stats.get("n_train_images", 0) * int(np.prod(self.patch_grid_)):
+            return f"n_patches {n_patches} is not n_train_images x the patch grid {list(self.patch_grid_)}"
+        if len(bank) > n_patches:
+            return f"the memory bank ({len(bank)}) is larger than the training patches ({n_patches})"
+        if self.sampler == "identity" and len(bank) != n_patches:
+            return f"sampler identity keeps all {n_patches} patches, the bank has {len(bank)}"
+        if self.sampler != "identity" and len(bank) != max(1, int(n_patches * self.percentage)):
+            return (
+                f"percentage {self.percentage} of {n_patches} patches gives a bank of "
+                f"{max(1, int(n_patches * self.percentage))}, the file holds {len(bank)}"
+            )
+        return None
+
+
+PatchCore.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=p.type) for p in PARAMS]
+)
+
+
+PatchCore.__doc__ = (PatchCore.__doc__ or "") + "\n    Parameters\n    ----------\n" + "\n".join(
+    "    " + line for line in params_table().splitlines()
+)
 
 
 # --------------------------------------------------------------------- helpers
@@ -619,6 +618,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):  # numpy scalars would not load with weights_only=True
         return value.item()
     return value
+
+
+def _plain_dict(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in values.items()}
+
+
+def _state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over everything a model file holds but the library versions and the digest itself."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    record = {k: v for k, v in state.items() if k not in ("memory_bank", "versions", "digest")}
+    digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    bank = state["memory_bank"].detach().cpu().contiguous()
+    digest.update(f"{tuple(bank.shape)}:{bank.dtype}".encode())
+    digest.update(bank.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _tuple_or_scalar(value: Any) -> Any:
