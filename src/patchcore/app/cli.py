@@ -19,14 +19,15 @@ from .._version import __version__
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
     from ..engine.backbones import BackboneError
-    from ..engine.model import ModelFileError
+    from ..engine.model import ModelFileError, NonFiniteError
     from ..engine.params import ParamError
     from .config import ConfigError
     from .runs import OutputError
     from .tracking import TrackingError
 
     return (
-        ConfigError, DataError, BackboneError, ModelFileError, ParamError, OutputError, TrackingError,
+        ConfigError, DataError, BackboneError, ModelFileError, NonFiniteError, ParamError, OutputError,
+        TrackingError,
         FileNotFoundError,
     )  # fmt: skip
 

@@ -4,23 +4,39 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._version import __version__
 from ..data import DataError, ObjectData, load_dataset
+from ..data.check import check_samples
 from ..data.loading import iterate_batches, make_loader
-from ..engine.model import PatchCore
+from ..engine.model import NonFiniteError, PatchCore
 from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from ..fileio import atomic_write_json, atomic_write_text, safe_name
 from .cache import fit_cached
 from .config import Config, config_to_dict
-from .runs import Progress, make_run_dir, metrics_line, seed_everything, setup_logging
+from .runs import (
+    Progress,
+    begin_run,
+    clean_stale_temp,
+    finish_run,
+    make_run_dir,
+    mark_object,
+    metrics_line,
+    run_temp_dir,
+    seed_everything,
+    setup_logging,
+)
 from .tracking import check_tracker, make_tracker
 
-__all__ = ["RunSummary", "build_model", "evaluation_settings", "load_objects", "run_header", "train"]
+__all__ = [
+    "RunSummary", "build_model", "check_objects", "evaluation_settings", "load_objects", "name_bad_images",
+    "run_header", "train",
+]  # fmt: skip
 
 log = logging.getLogger("patchcore")
 
@@ -75,13 +91,47 @@ def load_objects(config: Config) -> list[ObjectData]:
     return load_dataset(config.data.kind, config.data.root, config.data.objects, **options)
 
 
+def check_objects(objects: list[ObjectData], model: PatchCore, train: bool, test: bool) -> None:
+    """Every image and mask header of the splits that will be read, before any work (data/check.py)."""
+    for obj in objects:
+        if train:
+            if not obj.train:
+                raise DataError(f"{obj.name}: no training images")
+            check_samples(obj.train, model.transform, f"{obj.name} train")
+        if test:
+            check_samples(obj.test, model.transform, f"{obj.name} test")
+
+
+def name_bad_images(exc: NonFiniteError, samples: list[Any]) -> NonFiniteError:
+    """The engine names images by position in its input; the application knows their files."""
+    names = [str(samples[p].image_path) if 0 <= p < len(samples) else f"#{p}" for p in exc.positions]
+    return NonFiniteError(exc.what, exc.positions, names)
+
+
 def train(config: Config, online: str | None = None) -> RunSummary:
-    """Fit, save and (optionally) evaluate one model per object; write the summary reports."""
-    # Bad input (missing data folder, tracker not installed) fails before a run folder is taken.
+    """Fit, save and (optionally) evaluate one model per object; write the summary reports.
+
+    Everything that can be checked is checked before the run folder is created (configuration, data
+    folders, every image header, the output folder, the tracker). Each model file is saved as soon as it
+    is fitted, so a failing evaluation never loses a fit. The run folder carries an ``incomplete`` marker
+    (app/runs.py) until the run ends; temporary files live in ``<run>/tmp`` and go when it ends.
+    """
     objects = load_objects(config)
+    check_objects(objects, build_model(config), train=True, test=config.evaluation.enabled)
     check_tracker(online or config.logging.online)
     run_dir = make_run_dir(config.output_dir, config.project, config.group)
+    begin_run(run_dir, [o.name for o in objects])
     setup_logging(run_dir, config.logging.level)
+    clean_stale_temp(run_dir.parent)
+    try:
+        summary = _train_objects(config, objects, run_dir, online)
+    finally:
+        shutil.rmtree(run_dir / "tmp", ignore_errors=True)
+    finish_run(run_dir)
+    return summary
+
+
+def _train_objects(config: Config, objects: list[ObjectData], run_dir: Path, online: str | None) -> RunSummary:
     import yaml
 
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
@@ -96,19 +146,25 @@ def train(config: Config, online: str | None = None) -> RunSummary:
     try:
         with Progress(config.logging.progress) as progress:
             for obj in objects:
-                if not obj.train:
-                    raise DataError(f"{obj.name}: no training images")
                 seed_everything(config.seed)
                 model = build_model(config)
+                model.work_dir = str(run_temp_dir(run_dir))  # streamed features: removed with the run's tmp
                 log.info("%s: fitting on %d good images", obj.name, len(obj.train))
                 progress.start(obj.name, {"extract": len(obj.train)})
                 loader = make_loader(
                     obj.train, model.transform, config.model.batch_size, config.data.num_workers, False
                 )
-                with iterate_batches(loader) as batches:
-                    fit_cached(model, batches, config.model.feature_cache, progress=progress)
+                try:
+                    with iterate_batches(loader) as batches:
+                        fit_cached(model, batches, config.model.feature_cache, progress=progress)
+                except NonFiniteError as exc:
+                    raise name_bad_images(exc, obj.train) from None
                 model.stats_["object"] = obj.name
                 header["layers"] = list(model.layers_)  # the resolved layers, also when left to the default
+                model_path = models_dir / f"patchcore_{safe_name(obj.name)}.pt"
+                # Saved before the evaluation: a failure there never loses the fit.
+                model.save(model_path)
+                mark_object(run_dir, obj.name, "fitted")
                 stats = dict(model.stats_)
                 metrics: dict[str, float | None] = {}
                 if config.evaluation.enabled:
@@ -117,7 +173,7 @@ def train(config: Config, online: str | None = None) -> RunSummary:
                         model, obj, run_dir, evaluation_settings(config), progress
                     )
                     stats.update(eval_stats)
-                model_path = model.save(models_dir / f"patchcore_{safe_name(obj.name)}.pt")
+                    model.save(model_path)  # again, with the calibration the evaluation recorded
                 atomic_write_json(
                     models_dir / f"patchcore_{safe_name(obj.name)}.json",
                     {
@@ -135,6 +191,7 @@ def train(config: Config, online: str | None = None) -> RunSummary:
                 log.info("%s: %s", obj.name, metrics_line(metrics, stats))
                 # Reports after every object: an interrupted run keeps what it finished.
                 reports = write_reports(run_dir, results, header)
+                mark_object(run_dir, obj.name, "done")
         means = mean_metrics(results)
         tracker.log_summary(means)
     finally:

@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 
 from ..data import load_image
-from ..engine.model import PatchCore
+from ..engine.model import NonFiniteError, PatchCore
 from ..heatmaps import normalize_maps
 
 __all__ = ["ImagePrediction", "Predictor"]
@@ -88,7 +88,12 @@ class Predictor:
             # Images that transform to different sizes (imagesize None) are scored one by one.
             groups = [list(range(len(tensors)))] if len(shapes) == 1 else [[i] for i in range(len(tensors))]
             for group in groups:
-                prediction = self.model.predict(torch.stack([tensors[i] for i in group]))
+                try:
+                    prediction = self.model.predict(torch.stack([tensors[i] for i in group]))
+                except NonFiniteError as exc:
+                    bad = [start + group[p] for p in exc.positions]
+                    shown = [names[i] if names is not None else str(images[i]) for i in bad]
+                    raise NonFiniteError(exc.what, bad, shown) from None
                 for j, i in enumerate(group):
                     index = start + i
                     name = names[index] if names is not None else str(images[index])
