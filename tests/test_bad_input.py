@@ -569,3 +569,29 @@ def test_patchcore_params_lists_every_declared_key_with_its_constraint():
     assert re.search(r"^model.patchsize +an integer; an odd integer >= 1; default 3$", out, re.M)
     assert re.search(r"^data.num_workers +an integer; >= 0; default 2$", out, re.M)
     assert "model.feature_cache " in out and "evaluation.pro_fpr_limit " in out
+
+
+# ------------------------------------------------------------- the determinism contract (README)
+
+
+def test_same_seed_and_threads_is_bit_identical_and_other_thread_counts_agree_within_1e_4():
+    train, queries = random_images(6, seed=0, size=48), random_images(3, seed=1, size=48)
+    threads_before = torch.get_num_threads()
+
+    def run(threads: int):
+        torch.set_num_threads(threads)
+        model = tiny_model(resize=48, imagesize=48, percentage=0.25, search_threads=threads).fit(train)
+        return model.memory_bank_, model.predict(queries)
+
+    try:
+        bank1, one = run(1)
+        bank1_again, one_again = run(1)
+        bank2, two = run(2)
+    finally:
+        torch.set_num_threads(threads_before)
+    np.testing.assert_array_equal(bank1, bank1_again)
+    np.testing.assert_array_equal(one.image_scores, one_again.image_scores)
+    np.testing.assert_array_equal(one.anomaly_maps, one_again.anomaly_maps)
+    assert bank2.shape == bank1.shape
+    np.testing.assert_allclose(two.image_scores, one.image_scores, rtol=1e-4)
+    np.testing.assert_allclose(two.patch_scores, one.patch_scores, rtol=1e-4)
