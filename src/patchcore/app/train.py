@@ -18,6 +18,7 @@ from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from ..fileio import atomic_write_json, atomic_write_text, safe_name
 from .cache import fit_cached
+from .calibrate import calibrate_fitted, check_calibration_settings, split_calibration
 from .config import Config, config_to_dict
 from .runs import (
     Progress,
@@ -117,6 +118,7 @@ def train(config: Config, online: str | None = None) -> RunSummary:
     (app/runs.py) until the run ends; temporary files live in ``<run>/tmp`` and go when it ends.
     """
     objects = load_objects(config)
+    check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
     check_objects(objects, build_model(config), train=True, test=config.evaluation.enabled)
     check_tracker(online or config.logging.online)
     run_dir = make_run_dir(config.output_dir, config.project, config.group)
@@ -149,17 +151,25 @@ def _train_objects(config: Config, objects: list[ObjectData], run_dir: Path, onl
                 seed_everything(config.seed)
                 model = build_model(config)
                 model.work_dir = str(run_temp_dir(run_dir))  # streamed features: removed with the run's tmp
-                log.info("%s: fitting on %d good images", obj.name, len(obj.train))
-                progress.start(obj.name, {"extract": len(obj.train)})
+                train_samples, calibration_samples = split_calibration(
+                    obj, config.evaluation.calibration_fraction, config.seed
+                )
+                log.info("%s: fitting on %d good images", obj.name, len(train_samples))
+                progress.start(obj.name, {"extract": len(train_samples)})
                 loader = make_loader(
-                    obj.train, model.transform, config.model.batch_size, config.data.num_workers, False
+                    train_samples, model.transform, config.model.batch_size, config.data.num_workers, False
                 )
                 try:
                     with iterate_batches(loader) as batches:
                         fit_cached(model, batches, config.model.feature_cache, progress=progress)
                 except NonFiniteError as exc:
-                    raise name_bad_images(exc, obj.train) from None
+                    raise name_bad_images(exc, train_samples) from None
                 model.stats_["object"] = obj.name
+                if calibration_samples:
+                    calibrate_fitted(
+                        model, calibration_samples, config.evaluation.false_alarm_rate,
+                        f"{obj.name}: {len(calibration_samples)} held-out good images",
+                    )  # fmt: skip
                 header["layers"] = list(model.layers_)  # the resolved layers, also when left to the default
                 model_path = models_dir / f"patchcore_{safe_name(obj.name)}.pt"
                 # Saved before the evaluation: a failure there never loses the fit.
@@ -182,6 +192,7 @@ def _train_objects(config: Config, objects: list[ObjectData], run_dir: Path, onl
                         "stats": stats,
                         "metrics": metrics,
                         "calibration": model.calibration_,
+                        "evaluation": model.evaluation_,
                         "weights_id": model.weights_id_,
                     },
                 )
