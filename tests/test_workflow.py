@@ -205,7 +205,8 @@ def test_train_saves_a_model_and_metadata_per_object(mvtec_run):
     assert meta["object"] == "bottle"
     assert meta["stats"]["n_patches"] == state["stats"]["n_patches"]
     assert meta["metrics"]["image_auroc"] is not None
-    assert meta["calibration"]["map_max"] > meta["calibration"]["map_min"]
+    assert meta["evaluation"]["map_max"] > meta["evaluation"]["map_min"]
+    assert meta["calibration"] == {}  # no good images held out: no decision threshold
 
 
 def test_train_results_csv_has_one_row_per_object_and_the_mean(mvtec_run):
@@ -370,7 +371,9 @@ def test_predict_prints_json_lines_and_writes_predictions_and_heatmaps(mvtec_run
     assert saved == records
     good, broken = records
     assert broken["score"] > good["score"]
-    assert (good["anomalous"], broken["anomalous"]) == (False, True)  # F1 threshold of the train run
+    # The train run held no good images out: no decision (the test set's F1 threshold is only a figure).
+    assert (good["anomalous"], broken["anomalous"]) == (None, None)
+    assert all(r["calibration"].startswith("not calibrated") for r in records)
     assert 0.0 <= good["normalized_score"] < broken["normalized_score"]
     for record in records:
         with Image.open(record["heatmap"]) as heatmap:
@@ -446,7 +449,7 @@ def test_predict_with_a_python_subprocess_keeps_stdout_to_json_lines(mvtec_run, 
     assert done.returncode == 0, done.stderr
     (record,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert record["image"] == str(image)
-    assert record["anomalous"] is True
+    assert record["anomalous"] is None and record["threshold"] is None  # not calibrated
     assert Path(record["heatmap"]).is_file()
 
 
@@ -532,7 +535,7 @@ def test_folder_data_without_masks_reports_pixel_metrics_as_na(tmp_path):
 def test_model_fitted_by_train_rebuilds_with_the_same_transform(mvtec_run):
     model = PatchCore.load(mvtec_run["run_dir"] / "models" / "patchcore_bottle.pt", device="cpu")
     assert model.transform.output_size((48, 48)) == (48, 48)
-    assert model.calibration_["image_threshold"] > 0
+    assert model.evaluation_["f1_threshold"] > 0 and model.calibration_ == {}
 
 
 def test_train_reuses_cached_features_when_only_the_coreset_changes(tmp_path):

@@ -3,6 +3,9 @@
 patchcore train --config configs/elpv.yaml [key=value ...]
 patchcore evaluate --model results/elpv/default/models --config configs/elpv.yaml
 patchcore predict --model patchcore_mono.pt image.png folder/ --out predictions/
+patchcore calibrate --model patchcore_mono.pt good_parts/ --false-alarm-rate 0.01
+patchcore serve --model patchcore_mono.pt --port 8000
+patchcore export --model patchcore_mono.pt --format onnx --out exported/
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from .._version import __version__
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
+    from ..deploy.calibration import CalibrationError
+    from ..deploy.errors import DeployError
     from ..engine.backbones import BackboneError
     from ..engine.model import ModelFileError
     from ..engine.params import ParamError
@@ -27,7 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ConfigError, DataError, BackboneError, ModelFileError, ParamError, OutputError, TrackingError,
-        FileNotFoundError,
+        FileNotFoundError, CalibrationError, DeployError,
     )  # fmt: skip
 
 
@@ -109,6 +114,44 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
     predict.add_argument("--no-heatmaps", action="store_true")
 
+    predict.add_argument("--masks", action="store_true", help="also write binary mask PNGs (calibrated)")
+
+    calibrate = sub.add_parser(
+        "calibrate", help="set a model's decision threshold from good images only (no defects needed)"
+    )
+    calibrate.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
+    calibrate.add_argument("images", nargs="+", help="good image files or folders (not used in training)")
+    calibrate.add_argument(
+        "--false-alarm-rate", type=float, default=0.01, help="share of good parts flagged (default 0.01)"
+    )
+    calibrate.add_argument("--out", "-o", help="write the calibrated model here (default: in place)")
+    calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
+    calibrate.add_argument("--batch-size", type=int, default=None)
+
+    serve = sub.add_parser("serve", help="REST service + web page (FastAPI, uvicorn; extra: serve)")
+    serve.add_argument(
+        "--model", "-m", action="append", required=True,
+        help="model file (.pt) or export folder; repeatable; NAME=PATH names it (default: file stem)",
+    )  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key-file", help="file holding the API key: Bearer auth on all but /healthz")
+    serve.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
+    serve.add_argument("--runtime", choices=["torch", "onnx", "openvino"], default="torch")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (MB)")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image (pixels)")
+    serve.add_argument("--threads", type=int, help="intra-op threads of torch / the runtime (default: all)")
+
+    export = sub.add_parser("export", help="export a model to one ONNX / OpenVINO graph (extra: export)")
+    export.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
+    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    export.add_argument("--out", "-o", required=True, help="output folder (model + patchcore_export.json)")
+    export.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
+    export.add_argument("--chunk", type=int, default=4096, help="memory-bank rows per distance block")
+
     sub.add_parser("backbones", help="list the registered backbones")
     sub.add_parser(
         "params", help="every configuration key and estimator parameter: type, default, constraint, help"
@@ -167,10 +210,39 @@ def _run(args: argparse.Namespace) -> int:
 
         records = predict_images(
             args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,
-            heatmaps=not args.no_heatmaps, weights=args.weights, overwrite=args.overwrite,
+            heatmaps=not args.no_heatmaps, weights=args.weights, overwrite=args.overwrite, masks=args.masks,
         )  # fmt: skip
         for record in records:
             print(json.dumps(record))
+        return 0
+    if args.command == "calibrate":
+        from ..deploy.calibration import describe_calibration
+        from .calibrate import calibrate_model_file
+
+        path, record = calibrate_model_file(
+            args.model, args.images, args.false_alarm_rate, args.out, device=args.device,
+            weights=args.weights, batch_size=args.batch_size,
+        )  # fmt: skip
+        print(json.dumps(record, indent=2))
+        print(f"{path}: {describe_calibration(record)}", file=sys.stderr)
+        return 0
+    if args.command == "serve":
+        from ..deploy.service import ServiceSettings, run_service
+
+        settings = ServiceSettings(
+            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, runtime=args.runtime,
+            device=args.device, api_key_file=args.api_key_file,
+            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+            threads=args.threads,
+        )  # fmt: skip
+        run_service(args.model, settings, host=args.host, port=args.port)
+        return 0
+    if args.command == "export":
+        from ..deploy.export import export_model
+
+        files = export_model(args.model, args.format, args.out, weights=args.weights, chunk=args.chunk)
+        for f in files:
+            print(f)
         return 0
     raise AssertionError(args.command)  # pragma: no cover
 

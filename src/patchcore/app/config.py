@@ -100,8 +100,18 @@ class EvaluationConfig:
         [0.01, 0.05, 0.1, 0.3, 1.0], "FPR limits of AU-sPRO (AutoVI, MVTec LOCO)",
         Constraint("a non-empty list of numbers in (0, 1]", lambda v: bool(v) and all(0 < x <= 1 for x in v)),
     )  # fmt: skip
-    save_autovi_maps: bool = key(False, "native-size maps for the official AutoVI / MVTec LOCO scripts")
+    save_autovi_maps: bool = key(
+        False, "native-size anomaly maps for the official AutoVI (PNG) / LOCO (TIFF) evaluation scripts"
+    )
     heatmaps: int = key(8, "PNG heatmap overlays written per object (most anomalous first); 0 = none", at_least(0))
+    # Decision threshold from good images: hold out this share of train/good (a data set's validation good
+    # images instead, when it has them) and set the threshold at this false-alarm rate. 0 = no calibration.
+    calibration_fraction: float = key(
+        0.0, "share of train/good held out to calibrate the decision threshold (0 = none)", in_range(0, 1, high_open=True)
+    )
+    false_alarm_rate: float = key(
+        0.01, "false-alarm rate on good parts at the calibrated threshold", in_range(0, 1, low_open=True, high_open=True)
+    )
 
 
 @dataclass

@@ -16,6 +16,7 @@ from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from ..fileio import atomic_write_json, atomic_write_text, safe_name
 from .cache import fit_cached
+from .calibrate import calibrate_fitted, check_calibration_settings, split_calibration
 from .config import Config, config_to_dict
 from .runs import Progress, make_run_dir, metrics_line, seed_everything, setup_logging
 from .tracking import check_tracker, make_tracker
@@ -79,6 +80,7 @@ def train(config: Config, online: str | None = None) -> RunSummary:
     """Fit, save and (optionally) evaluate one model per object; write the summary reports."""
     # Bad input (missing data folder, tracker not installed) fails before a run folder is taken.
     objects = load_objects(config)
+    check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
     check_tracker(online or config.logging.online)
     run_dir = make_run_dir(config.output_dir, config.project, config.group)
     setup_logging(run_dir, config.logging.level)
@@ -100,14 +102,22 @@ def train(config: Config, online: str | None = None) -> RunSummary:
                     raise DataError(f"{obj.name}: no training images")
                 seed_everything(config.seed)
                 model = build_model(config)
-                log.info("%s: fitting on %d good images", obj.name, len(obj.train))
-                progress.start(obj.name, {"extract": len(obj.train)})
+                train_samples, calibration_samples = split_calibration(
+                    obj, config.evaluation.calibration_fraction, config.seed
+                )
+                log.info("%s: fitting on %d good images", obj.name, len(train_samples))
+                progress.start(obj.name, {"extract": len(train_samples)})
                 loader = make_loader(
-                    obj.train, model.transform, config.model.batch_size, config.data.num_workers, False
+                    train_samples, model.transform, config.model.batch_size, config.data.num_workers, False
                 )
                 with iterate_batches(loader) as batches:
                     fit_cached(model, batches, config.model.feature_cache, progress=progress)
                 model.stats_["object"] = obj.name
+                if calibration_samples:
+                    calibrate_fitted(
+                        model, calibration_samples, config.evaluation.false_alarm_rate,
+                        f"{obj.name}: {len(calibration_samples)} held-out good images",
+                    )  # fmt: skip
                 header["layers"] = list(model.layers_)  # the resolved layers, also when left to the default
                 stats = dict(model.stats_)
                 metrics: dict[str, float | None] = {}
@@ -126,6 +136,7 @@ def train(config: Config, online: str | None = None) -> RunSummary:
                         "stats": stats,
                         "metrics": metrics,
                         "calibration": model.calibration_,
+                        "evaluation": model.evaluation_,
                         "weights_id": model.weights_id_,
                     },
                 )

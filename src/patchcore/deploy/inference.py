@@ -1,8 +1,14 @@
 """The one prediction path: a loaded model turns images into in-memory records (score, normalised score,
-decision, anomaly map). ``patchcore predict`` writes them out; nothing here touches files but the model's.
+decision, anomaly map, mask). ``patchcore predict``, ``patchcore serve`` and ``patchcore calibrate`` use
+it; nothing here touches files but the model's own.
+
+The scoring itself is a *backend*: the PyTorch estimator (:class:`TorchBackend`) or an exported graph run
+by ONNX Runtime / OpenVINO (``patchcore.deploy.runtimes``). Everything around it (transform, calibration,
+normalisation, decisions, masks) is shared, so the runtimes give the same records.
 
 A :class:`Predictor` is safe to share between threads: ``PatchCore.predict`` keeps no per-call state on
-the model.
+the model (the feature extractor's per-call state is thread-local), and the runtimes' sessions are
+thread-safe for inference.
 """
 
 from __future__ import annotations
@@ -12,16 +18,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import PIL.Image
 import torch
 
 from ..data import load_image
+from ..data.transforms import ImageTransform, to_rgb
 from ..engine.model import PatchCore
 from ..heatmaps import normalize_maps
+from .calibration import describe_calibration, normalize_score, unit_map_range
 
-__all__ = ["ImagePrediction", "Predictor"]
+__all__ = ["Backend", "ImagePrediction", "Predictor", "TorchBackend", "model_info"]
 
 log = logging.getLogger("patchcore")
 
@@ -32,40 +41,163 @@ class ImagePrediction:
 
     image: str  # the path, or the name given with an in-memory image
     score: float
-    normalized_score: float  # score scaled by the model's reference range (0 = lowest seen)
-    anomalous: bool | None  # None: the model has no decision threshold
+    # Calibrated: the image threshold maps to 0.5 (lowest good score 0, clipped to [0, 1]). Not calibrated:
+    # min-max over a reference range (the evaluation's test scores, or the images of the call), or None.
+    normalized_score: float | None
+    anomalous: bool | None  # None: the model has no calibrated decision threshold
+    threshold: float | None  # the image threshold decided with (None without calibration)
     anomaly_map: np.ndarray  # (H, W) at the model's input resolution
     unit_map: np.ndarray  # (h, w) at the image's native resolution, scaled to [0, 1] by one fixed range
     original_size: tuple[int, int]  # (height, width) of the image as read
+    mask: np.ndarray | None = (
+        None  # (h, w) bool at native resolution: map > pixel threshold; None uncalibrated
+    )
+
+    @property
+    def calibrated(self) -> bool:
+        return self.threshold is not None
 
 
-class Predictor:
-    """Scores images with a fitted :class:`PatchCore`.
+class Backend(Protocol):
+    """What the predictor needs from a model: its transform, stored calibration and a scoring call."""
 
-    Normalisation and decisions use the model's stored calibration (the map and score ranges and the
-    image threshold recorded by an evaluation). A model without one gets, per call, one range over the
-    images of that call (never a per-image range, which would make every image look equally anomalous)
-    and no decision.
-    """
+    transform: ImageTransform
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+
+    def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3, H, W) normalised images -> image scores (N,) and anomaly maps (N, H, W)."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """Metadata (backbone, input size, training statistics, metrics) for people and the service."""
+        ...
+
+
+class TorchBackend:
+    """The PyTorch estimator itself."""
+
+    runtime = "torch"
 
     def __init__(self, model: PatchCore):
         model._check_fitted()
         self.model = model
         self.transform = model.transform
+        self.calibration = dict(getattr(model, "calibration_", {}))
+        self.evaluation = dict(getattr(model, "evaluation_", {}))
+
+    def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        prediction = self.model.predict(batch)
+        return prediction.image_scores, prediction.anomaly_maps
+
+    def info(self) -> dict[str, Any]:
+        return model_info(self.model)
+
+
+def model_info(model: PatchCore) -> dict[str, Any]:
+    """Plain metadata of a fitted model (what ``GET /models`` and the export JSON show)."""
+    params = model.get_params()
+    return {
+        "backbone": model.backbone,
+        "layers": list(getattr(model, "layers_", None) or params["layers"] or []),
+        "input_size": list(model.input_size_),
+        "transform": model.transform.to_dict(),
+        "params": params,
+        "weights_id": getattr(model, "weights_id_", None),
+        "stats": dict(model.stats_),
+        "evaluation": dict(getattr(model, "evaluation_", {})),
+    }
+
+
+class Predictor:
+    """Scores images with a fitted model (a :class:`PatchCore` or an exported-graph backend).
+
+    Decisions, masks and normalised scores use the calibration stored with the model (from good images:
+    ``patchcore calibrate`` or training with ``evaluation.calibration_fraction``). A model without one gets
+    no decision (``anomalous`` None) and says so; its heatmaps use the evaluation's map range if recorded,
+    else, per call, one range over that call's images (never a per-image range, which would make every
+    image look equally anomalous) when ``per_call_range``; the service turns that off (a request's numbers
+    must not depend on which other requests share its batch).
+    """
+
+    def __init__(self, model: PatchCore | Backend, per_call_range: bool = True):
+        self.backend: Backend = TorchBackend(model) if isinstance(model, PatchCore) else model
+        self.transform = self.backend.transform
+        self.per_call_range = per_call_range
+
+    @property
+    def model(self) -> PatchCore | None:
+        return getattr(self.backend, "model", None)
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None
+        cls,
+        path: str | os.PathLike,
+        device: str = "auto",
+        weights: str | os.PathLike | None = None,
+        runtime: str = "torch",
+        per_call_range: bool = True,
+        threads: int | None = None,
     ) -> Predictor:
-        return cls(PatchCore.load(path, device=device, weights=weights))
+        """A model file (``.pt``, runtime torch) or an export folder (runtime onnx / openvino; ``threads``:
+        the runtime's intra-op threads, None = its default)."""
+        if runtime == "torch":
+            return cls(PatchCore.load(path, device=device, weights=weights), per_call_range)
+        from .runtimes import load_exported
+
+        return cls(load_exported(path, runtime, threads), per_call_range)
 
     @property
-    def calibration(self) -> dict[str, float]:
-        return dict(getattr(self.model, "calibration_", {}))
+    def calibration(self) -> dict[str, Any]:
+        return dict(self.backend.calibration)
 
     @property
     def calibrated(self) -> bool:
-        return "map_min" in self.calibration
+        return "image_threshold" in self.backend.calibration
+
+    @property
+    def threshold(self) -> float | None:
+        value = self.backend.calibration.get("image_threshold")
+        return None if value is None else float(value)
+
+    def describe(self) -> str:
+        """How decisions are made, in one line (every output carries it)."""
+        return describe_calibration(self.backend.calibration)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **self.backend.info(),
+            "runtime": getattr(self.backend, "runtime", "torch"),
+            "calibrated": self.calibrated,
+            "threshold": self.threshold,
+            "threshold_set_by": self.describe(),
+            "calibration": self.calibration,
+        }
+
+    def to_tensors(self, images: Sequence[PIL.Image.Image]) -> list[torch.Tensor]:
+        return [self.transform(to_rgb(im)) for im in images]
+
+    def score_batches(
+        self,
+        images: Sequence[str | os.PathLike | PIL.Image.Image],
+        batch_size: int | None = None,
+    ):
+        """Yield (index, score, map, original size) per image, scoring ``batch_size`` images at a time."""
+        batch_size = batch_size or getattr(self.model, "batch_size", None) or 16
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pil_images = [
+                item if isinstance(item, PIL.Image.Image) else load_image(Path(item)) for item in chunk
+            ]
+            tensors = self.to_tensors(pil_images)
+            shapes = {tuple(t.shape) for t in tensors}
+            # Images that transform to different sizes (imagesize None) are scored one by one.
+            groups = [list(range(len(tensors)))] if len(shapes) == 1 else [[i] for i in range(len(tensors))]
+            for group in groups:
+                scores, maps = self.backend.score(torch.stack([tensors[i] for i in group]))
+                for j, i in enumerate(group):
+                    size = (pil_images[i].height, pil_images[i].width)
+                    yield start + i, float(scores[j]), np.asarray(maps[j]), size
 
     def predict(
         self,
@@ -76,48 +208,57 @@ class Predictor:
         """One record per image (paths or PIL images), in order."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        batch_size = batch_size or self.model.batch_size
-        raw: list[tuple[str, float, np.ndarray, tuple[int, int]]] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pil_images = [
-                item if isinstance(item, PIL.Image.Image) else load_image(Path(item)) for item in chunk
-            ]
-            tensors = [self.transform(im.convert("RGB")) for im in pil_images]
-            shapes = {tuple(t.shape) for t in tensors}
-            # Images that transform to different sizes (imagesize None) are scored one by one.
-            groups = [list(range(len(tensors)))] if len(shapes) == 1 else [[i] for i in range(len(tensors))]
-            for group in groups:
-                prediction = self.model.predict(torch.stack([tensors[i] for i in group]))
-                for j, i in enumerate(group):
-                    index = start + i
-                    name = names[index] if names is not None else str(images[index])
-                    size = (pil_images[i].height, pil_images[i].width)
-                    raw.append((name, float(prediction.image_scores[j]), prediction.anomaly_maps[j], size))
+        raw = [
+            (names[i] if names is not None else str(images[i]), score, amap, size)
+            for i, score, amap, size in self.score_batches(images, batch_size)
+        ]
         if not raw:
             return []
-        calibration = self.calibration
-        if "map_min" in calibration:
-            low, high = calibration["map_min"], calibration["map_max"]
-            score_low, score_high = calibration["score_min"], calibration["score_max"]
-        else:
+        calibration = self.backend.calibration
+        evaluation = self.backend.evaluation
+        threshold = self.threshold
+        pixel_threshold = calibration.get("pixel_threshold") if threshold is not None else None
+        if threshold is not None:
+            low, high = unit_map_range(calibration)
+        elif "map_min" in evaluation:
+            low, high = evaluation["map_min"], evaluation["map_max"]
+        elif self.per_call_range:
             low = min(float(m.min()) for _, _, m, _ in raw)
             high = max(float(m.max()) for _, _, m, _ in raw)
-            score_low, score_high = min(r[1] for r in raw), max(r[1] for r in raw)
-        threshold = calibration.get("image_threshold")
-        span = (score_high - score_low) or 1.0
+        else:
+            low = high = None
         records = []
         for name, score, amap, size in raw:
+            native = self.transform.to_original(amap, size)
+            if low is None:
+                # No reference range at all: the map scaled by itself, for display only.
+                unit = normalize_maps(native, float(native.min()), float(native.max()))
+            else:
+                unit = normalize_maps(native, low, high)
             records.append(
                 ImagePrediction(
                     image=name,
                     score=score,
-                    normalized_score=float(np.clip((score - score_low) / span, 0.0, None)),
-                    anomalous=None if threshold is None else bool(score >= threshold),
+                    normalized_score=self._normalized(score, raw),
+                    anomalous=None if threshold is None else bool(score > threshold),
+                    threshold=threshold,
                     anomaly_map=amap,
-                    unit_map=normalize_maps(self.transform.to_original(amap, size), low, high),
+                    unit_map=unit,
                     original_size=size,
+                    mask=None if pixel_threshold is None else native > pixel_threshold,
                 )
             )
         return records
 
+    def _normalized(self, score: float, raw: list) -> float | None:
+        calibration = self.backend.calibration
+        if "image_threshold" in calibration:
+            return normalize_score(score, calibration["score_low"], calibration["image_threshold"])
+        evaluation = self.backend.evaluation
+        if "score_min" in evaluation:
+            low, high = evaluation["score_min"], evaluation["score_max"]
+        elif self.per_call_range:
+            low, high = min(r[1] for r in raw), max(r[1] for r in raw)
+        else:
+            return None
+        return float(np.clip((score - low) / ((high - low) or 1.0), 0.0, None))

@@ -298,8 +298,10 @@ class PatchCore:
 
         self.__dict__.pop("_unfitted_because", None)
         self.memory_bank_ = bank
-        # Set by an evaluation (map_min / map_max for heatmaps, image_threshold for decisions).
-        self.calibration_: dict[str, float] = {}
+        # Decision threshold and normalisation from good images (patchcore.deploy.calibration); empty =
+        # no decisions. The test-set ranges and F1 threshold of an evaluation are only figures.
+        self.calibration_: dict[str, Any] = {}
+        self.evaluation_: dict[str, float] = {}
         self.coreset_indices_ = np.asarray(indices, dtype=np.int64)
         self._index = None
         self._search_index()
@@ -454,6 +456,7 @@ class PatchCore:
             "input_size": list(self.input_size_),
             "stats": _plain_dict(self.stats_),
             "calibration": _plain_dict(getattr(self, "calibration_", {})),
+            "evaluation": _plain_dict(getattr(self, "evaluation_", {})),
             "versions": _versions(),
         }
         state["digest"] = _state_digest(state)
@@ -525,6 +528,14 @@ class PatchCore:
             model.layers_ = tuple(params["layers"])
             model.versions_ = dict(state.get("versions", {}))
             model.calibration_ = dict(state.get("calibration", {}))
+            model.evaluation_ = dict(state.get("evaluation", {}))
+            if "map_min" in model.calibration_:
+                # Files from before good-image calibration kept the test-set ranges there: figures only.
+                legacy = model.calibration_
+                model.calibration_ = {}
+                model.evaluation_ = {**legacy, **model.evaluation_}
+                if "image_threshold" in legacy:
+                    model.evaluation_["f1_threshold"] = model.evaluation_.pop("image_threshold")
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
         problem = model._bank_problem()

@@ -144,7 +144,8 @@ def evaluate_object(
 ) -> tuple[dict[str, float | None], dict[str, Any]]:
     """Score the object's test split, compute its metrics, write predictions / heatmaps / maps / plot data.
 
-    Also sets ``model.calibration_`` (test-set map range and F1-optimal image threshold).
+    Also sets ``model.evaluation_`` (test-set map and score ranges, F1-optimal image threshold): figures of
+    this evaluation, never a decision threshold (that comes from good images: patchcore.deploy.calibration).
     """
     if not obj.test:
         log.warning("%s: no test images, nothing to evaluate", obj.name)
@@ -215,7 +216,7 @@ def evaluate_object(
     # One normalisation for the whole test set (never per map): the reference's min-max over all maps.
     map_min = float(min(m.min() for m in maps))
     map_max = float(max(m.max() for m in maps))
-    model.calibration_ = {
+    model.evaluation_ = {
         "map_min": map_min,
         "map_max": map_max,
         "score_min": float(image_scores.min()),
@@ -223,7 +224,7 @@ def evaluate_object(
     }
     threshold = f1_threshold(label_array, image_scores)
     if threshold is not None:
-        model.calibration_["image_threshold"] = threshold
+        model.evaluation_["f1_threshold"] = threshold
 
     accumulator = None
     if obj.protocol in ("autovi", "mvtec_loco"):

@@ -1,0 +1,112 @@
+"""Dynamic batching: concurrent requests for one model are scored together.
+
+A request puts its decoded image on the model's queue and awaits a future. One worker per model takes
+the first waiting image, then keeps collecting until ``max_batch`` images or ``max_wait`` seconds after
+the first, and scores the batch in one call on its own thread (the event loop keeps accepting requests).
+Under light load a request waits at most ``max_wait``; under heavy load batches fill up, so throughput
+grows with concurrency. A batch that fails is retried image by image, so one failure stays with its own
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["DynamicBatcher"]
+
+
+class DynamicBatcher:
+    """Collects items from concurrent callers into batches for ``run_batch`` (called on a worker thread)."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Any]], Sequence[Any]],
+        max_batch: int = 16,
+        max_wait: float = 0.005,
+        on_batch: Callable[[int], None] | None = None,
+        name: str = "model",
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must be >= 0, got {max_wait}")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        # One thread per model: batches of one model run one after the other (the backend uses all cores
+        # inside a batch); separate models do not wait for each other.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"batch-{name}"
+        )
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, item: Any) -> Any:
+        """The result for one item (its exception re-raised here)."""
+        if self._queue is None:
+            raise RuntimeError("the batcher is not started")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    # Take whatever is already waiting without sleeping.
+                    while len(batch) < self.max_batch and not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            # Callers that gave up (client gone) are dropped before the work.
+            batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not batch:
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+            items = [item for item, _ in batch]
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch, items)
+                outcomes: list[tuple[Any, BaseException | None]] = [(r, None) for r in results]
+            except Exception:  # noqa: BLE001 - isolate the failing item by retrying one by one
+                outcomes = []
+                for item in items:
+                    try:
+                        outcomes.append(
+                            ((await loop.run_in_executor(self._executor, self.run_batch, [item]))[0], None)
+                        )
+                    except Exception as exc:  # noqa: BLE001 - goes to that request only
+                        outcomes.append((None, exc))
+            for (_, future), (result, error) in zip(batch, outcomes, strict=True):
+                if future.cancelled():
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)

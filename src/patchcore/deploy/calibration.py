@@ -1,0 +1,172 @@
+"""Decision thresholds from defect-free images only (no labelled defects, no test set).
+
+Method (distribution-free, order statistics). Score n held-out good images, sort the image scores
+s_(1) <= ... <= s_(n). For a target false-alarm rate a, the image threshold is the order statistic
+s_(k) with k = ceil((n + 1)(1 - a)) (the split-conformal choice): for a new good image from the same
+distribution, P(score > s_(k)) <= a, whatever the score distribution. The false-alarm rate actually
+obtained at that threshold, 1 - F(s_(k)), is Beta(n + 1 - k, k) distributed (F(s_(k)) is the k-th
+uniform order statistic); its central 95 % interval is reported (the Clopper-Pearson form), and so is a
+95 % distribution-free interval for the true (1 - a)-quantile of good scores, between two order
+statistics chosen from the Binomial(n, 1 - a) law (None where n is too small to bound it).
+
+With fewer than 1/a - 1 good images no order statistic reaches the rate: the threshold is then the
+largest good score and the report says the rate cannot be certified (its interval shows what is known).
+
+The pixel threshold for masks applies the same rule to each good image's largest map value, so a good
+image gets an empty mask with probability at least 1 - a. Scores are normalised so that the image
+threshold maps to 0.5, the lowest good score to 0 (clipped to [0, 1]); maps likewise with the pixel
+threshold at 0.5 of the colour scale.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "CALIBRATION_METHOD",
+    "CalibrationError",
+    "calibrate",
+    "calibration_from_scores",
+    "describe_calibration",
+    "normalize_score",
+    "unit_map_range",
+]
+
+CALIBRATION_METHOD = (
+    "split-conformal order statistic k=ceil((n+1)(1-a)) of good-image scores; false-alarm-rate interval "
+    "Beta(n+1-k, k) (Clopper-Pearson form, 95%); threshold interval by binomial order statistics (95%)"
+)
+_CONFIDENCE = 0.95
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot be computed from what was given (no images, a rate outside (0, 1))."""
+
+
+def _order_index(n: int, rate: float) -> int:
+    """1-based index of the conformal order statistic (clipped to n)."""
+    return min(n, max(1, math.ceil((n + 1) * (1.0 - rate) - 1e-12)))
+
+
+def _quantile_interval(sorted_values: np.ndarray, q: float) -> list[float] | None:
+    """95 % distribution-free interval for the q-quantile: [x_(l), x_(u)] with
+    P(l <= B < u) >= 0.95, B ~ Binomial(n, q). None when n is too small for such a pair."""
+    n = len(sorted_values)
+    alpha = 1.0 - _CONFIDENCE
+    lower = int(stats.binom.ppf(alpha / 2, n, q))  # P(B < lower) <= alpha/2 -> x_(lower) below quantile
+    upper = int(stats.binom.ppf(1 - alpha / 2, n, q)) + 1
+    if lower < 1 or upper > n:
+        return None
+    return [float(sorted_values[lower - 1]), float(sorted_values[upper - 1])]
+
+
+def calibration_from_scores(
+    image_scores: Sequence[float] | np.ndarray,
+    map_maxima: Sequence[float] | np.ndarray,
+    map_minima: Sequence[float] | np.ndarray,
+    false_alarm_rate: float = 0.01,
+    source: str = "",
+) -> dict[str, Any]:
+    """The calibration record stored in a model file (plain JSON-able values)."""
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise CalibrationError(f"the false-alarm rate must be in (0, 1), got {false_alarm_rate}")
+    scores = np.sort(np.asarray(image_scores, dtype=np.float64))
+    maxima = np.sort(np.asarray(map_maxima, dtype=np.float64))
+    n = len(scores)
+    if n == 0 or len(maxima) != n or len(map_minima) != n:
+        raise CalibrationError("calibration needs at least one good image (with its map)")
+    if not (np.isfinite(scores).all() and np.isfinite(maxima).all()):
+        raise CalibrationError("calibration scores are not finite")
+    k = _order_index(n, false_alarm_rate)
+    threshold = float(scores[k - 1])
+    pixel_threshold = float(maxima[k - 1])
+    # Achieved false-alarm rate at s_(k): Beta(n + 1 - k, k).
+    alpha = 1.0 - _CONFIDENCE
+    rate_ci = [
+        float(stats.beta.ppf(alpha / 2, n + 1 - k, k)),
+        float(stats.beta.ppf(1 - alpha / 2, n + 1 - k, k)),
+    ]
+    certified = (n + 1) * (1.0 - false_alarm_rate) <= n
+    score_low = float(scores[0])
+    map_low = float(np.min(map_minima))
+    return {
+        "method": CALIBRATION_METHOD,
+        "source": source,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "n_images": int(n),
+        "false_alarm_rate": float(false_alarm_rate),
+        "certified": bool(certified),  # False: too few images to reach the rate (threshold = max score)
+        "order_statistic": int(k),
+        "image_threshold": threshold,
+        "image_threshold_ci95": _quantile_interval(scores, 1.0 - false_alarm_rate),
+        "false_alarm_rate_expected": float((n + 1 - k) / (n + 1)),
+        "false_alarm_rate_ci95": rate_ci,
+        "pixel_threshold": pixel_threshold,
+        # Normalisation: score_low -> 0, threshold -> 0.5 (maps: map_low -> 0, pixel threshold -> 0.5).
+        "score_low": score_low,
+        "map_low": map_low,
+        "good_score_max": float(scores[-1]),
+        "good_score_median": float(np.median(scores)),
+    }
+
+
+def calibrate(
+    predictor: Any,
+    good_images: Sequence[Any],
+    false_alarm_rate: float = 0.01,
+    source: str = "",
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Score good images with a :class:`~patchcore.deploy.inference.Predictor` (streamed: one number per
+    image is kept, never the maps) and return the calibration record for its model."""
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise CalibrationError(f"the false-alarm rate must be in (0, 1), got {false_alarm_rate}")
+    if len(good_images) == 0:
+        raise CalibrationError("calibration needs at least one good image")
+    scores, maxima, minima = [], [], []
+    for _, score, amap, size in predictor.score_batches(good_images, batch_size):
+        # The pixel threshold is applied to maps at the image's native size: measure them there.
+        native = predictor.transform.to_original(amap, size)
+        scores.append(score)
+        maxima.append(float(native.max()))
+        minima.append(float(native.min()))
+    return calibration_from_scores(scores, maxima, minima, false_alarm_rate, source)
+
+
+def normalize_score(score: float | np.ndarray, low: float, threshold: float) -> float | np.ndarray:
+    """Linear normalisation: ``low`` -> 0, ``threshold`` -> 0.5, clipped to [0, 1]."""
+    span = threshold - low
+    if span <= 0:
+        span = abs(threshold) or 1.0
+    value = np.clip(0.5 * (np.asarray(score, dtype=np.float64) - low) / span, 0.0, 1.0)
+    return float(value) if np.ndim(value) == 0 else value
+
+
+def unit_map_range(calibration: dict[str, Any]) -> tuple[float, float]:
+    """(low, high) for heatmap colours: the pixel threshold sits at the middle of the scale."""
+    low = float(calibration["map_low"])
+    threshold = float(calibration["pixel_threshold"])
+    high = threshold + (threshold - low) if threshold > low else threshold + 1.0
+    return low, high
+
+
+def describe_calibration(calibration: dict[str, Any] | None) -> str:
+    """One line for logs, reports and the service's model list."""
+    if not calibration or "image_threshold" not in calibration:
+        return (
+            "not calibrated: no decision threshold (run `patchcore calibrate --model M GOOD_DIR` "
+            "or train with evaluation.calibration_fraction > 0)"
+        )
+    ci = calibration.get("false_alarm_rate_ci95") or [float("nan"), float("nan")]
+    note = "" if calibration.get("certified", True) else " (too few images to certify this rate)"
+    return (
+        f"threshold {calibration['image_threshold']:.6g} at false-alarm rate {calibration['false_alarm_rate']:g} "
+        f"from {calibration['n_images']} good images{note}; achieved rate 95% CI "
+        f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+    )

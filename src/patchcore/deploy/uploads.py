@@ -1,0 +1,55 @@
+"""Checking an uploaded image by decoding it (never by its name or declared type), within size limits."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import PIL.Image
+
+from ..data.transforms import to_rgb
+
+__all__ = ["UploadError", "decode_upload"]
+
+
+class UploadError(ValueError):
+    """An upload that is refused: ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_upload(data: bytes, max_bytes: int, max_pixels: int, name: str = "upload") -> PIL.Image.Image:
+    """The decoded 8-bit RGB image, or an :class:`UploadError` (413 too large, 400 unusable).
+
+    The pixel count is checked from the header before any pixel is decoded, so a small file that would
+    expand to gigabytes (a decompression bomb) is refused without the memory being taken.
+    """
+    if len(data) == 0:
+        raise UploadError(400, f"{name}: empty upload (0 bytes)")
+    if len(data) > max_bytes:
+        raise UploadError(413, f"{name}: upload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit decides; PIL's global bomb warning/error would be process-wide state.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data))
+            width, height = image.size
+            frames = getattr(image, "n_frames", 1)
+            if width * height * max(frames, 1) > max_pixels:
+                raise UploadError(
+                    413,
+                    f"{name}: {width}x{height} image ({frames} frame(s)) exceeds the limit of {max_pixels} pixels",
+                )
+            image.load()
+            return to_rgb(image)
+    except UploadError:
+        raise
+    except PIL.Image.DecompressionBombError as exc:
+        raise UploadError(413, f"{name}: image too large to decode ({exc})") from exc
+    except PIL.UnidentifiedImageError as exc:
+        raise UploadError(400, f"{name}: not an image file (cannot be decoded)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Truncated or corrupt data surfaces as one of these from the decoders.
+        raise UploadError(400, f"{name}: cannot decode the image (truncated or corrupt): {exc}") from exc
