@@ -10,7 +10,19 @@ from PIL import Image
 
 from .fileio import atomic_write
 
-__all__ = ["colorize", "normalize_maps", "overlay", "save_heatmap", "save_map_png"]
+__all__ = [
+    "MAP_LEVELS",
+    "colorize",
+    "normalize_maps",
+    "overlay",
+    "quantize_unit_map",
+    "save_heatmap",
+    "save_map_png",
+    "save_map_tiff",
+]
+
+# Levels of a saved official-format map (16-bit PNG): the native evaluation scores exactly these values.
+MAP_LEVELS = 65536
 
 # Anchor colours of a perceptual dark-blue -> green -> yellow scale (close to matplotlib's viridis),
 # interpolated linearly: no matplotlib dependency for one colour map.
@@ -64,10 +76,24 @@ def save_heatmap(
 def save_map_png(path: str | os.PathLike, unit_map: np.ndarray, sixteen_bit: bool = False) -> Path:
     """A single-channel PNG of a [0, 1] map (8- or 16-bit)."""
     if sixteen_bit:
-        image = Image.fromarray((np.clip(unit_map, 0, 1) * 65535).round().astype(np.uint16))
+        image = Image.fromarray(quantize_unit_map(unit_map))
     else:
         image = Image.fromarray((np.clip(unit_map, 0, 1) * 255).round().astype(np.uint8), mode="L")
     return _save_png(path, image)
+
+
+def quantize_unit_map(unit_map: np.ndarray) -> np.ndarray:
+    """A [0, 1] map as uint16 levels 0..65535: the values a 16-bit map PNG holds."""
+    scaled = np.clip(np.asarray(unit_map, dtype=np.float32), 0.0, 1.0) * np.float32(MAP_LEVELS - 1)
+    return np.rint(scaled).astype(np.uint16)
+
+
+def save_map_tiff(path: str | os.PathLike, values: np.ndarray) -> Path:
+    """A single-channel float32 TIFF (the MVTec LOCO evaluation reads these)."""
+    path = Path(path)
+    image = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F")
+    atomic_write(path, lambda handle: image.save(handle, format="TIFF"))
+    return path
 
 
 def _save_png(path: str | os.PathLike, image: Image.Image) -> Path:

@@ -100,7 +100,9 @@ class EvaluationConfig:
         [0.01, 0.05, 0.1, 0.3, 1.0], "FPR limits of AU-sPRO (AutoVI)",
         Constraint("a non-empty list of numbers in (0, 1]", lambda v: bool(v) and all(0 < x <= 1 for x in v)),
     )  # fmt: skip
-    save_autovi_maps: bool = key(False, "anomaly maps in the official AutoVI evaluation format")
+    save_autovi_maps: bool = key(
+        False, "native-size anomaly maps for the official AutoVI (PNG) / LOCO (TIFF) evaluation scripts"
+    )
     heatmaps: int = key(8, "PNG heatmap overlays written per object (most anomalous first); 0 = none", at_least(0))
     # Decision threshold from good images: hold out this share of train/good (a data set's validation good
     # images instead, when it has them) and set the threshold at this false-alarm rate. 0 = no calibration.

@@ -1,4 +1,4 @@
-"""Data sets (MVTec AD, AutoVI, own folders, ELPV) and the image/mask transforms."""
+"""Data sets (MVTec AD, AutoVI, MVTec LOCO, VisA, own folders, ELPV) and the image/mask transforms."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from .dataset import ImageDataset, collate_samples
 from .elpv import ELPV_OBJECTS, load_elpv
 from .folder import load_folder
 from .mvtec import MVTEC_CLASSES, load_mvtec
+from .mvtec_loco import LOCO_OBJECTS, load_mvtec_loco
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image, load_mask
+from .visa import VISA_OBJECTS, load_visa
 
 __all__ = [
     "AUTOVI_OBJECTS",
@@ -21,7 +23,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "LOCO_OBJECTS",
     "MVTEC_CLASSES",
+    "VISA_OBJECTS",
     "DataError",
     "ImageDataset",
     "ImageTransform",
@@ -35,6 +39,8 @@ __all__ = [
     "load_image",
     "load_mask",
     "load_mvtec",
+    "load_mvtec_loco",
+    "load_visa",
     "saturation_for",
 ]
 
@@ -43,6 +49,8 @@ DATASETS: dict[str, Callable[..., list[ObjectData]]] = {
     "autovi": load_autovi,
     "folder": load_folder,
     "elpv": load_elpv,
+    "mvtec_loco": load_mvtec_loco,
+    "visa": load_visa,
 }
 
 

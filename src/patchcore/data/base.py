@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -50,9 +50,15 @@ class ObjectData:
     train: list[Sample]  # defect-free only (train/good)
     test: list[Sample]
     has_masks: bool  # whether pixel ground truth exists for this data set
-    mask_format: str = "binary"  # "binary" (MVTec/folder) or "autovi" (channel value = pixel_value)
-    defects_config: list[dict] | None = None  # AutoVI defects_config.json entries
+    mask_format: str = "binary"  # "binary" (MVTec/folder/VisA) or "autovi" (channel value = pixel_value)
+    defects_config: list[dict] | None = None  # AutoVI / LOCO defects_config.json entries
     root: Path | None = None
+    # Defect-free images held out from training (MVTec LOCO validation/good): for calibration, never scored.
+    validation: list[Sample] = field(default_factory=list)
+    # Evaluation protocol of the data set: "mvtec" (pooled image AUROC, pixel AUROC, AU-PRO), "autovi"
+    # (official AutoVI script: sPRO over all test images at native size) or "mvtec_loco" (sPRO per anomaly
+    # type, mean of logical and structural).
+    protocol: str = "mvtec"
 
 
 def is_image_file(path: Path) -> bool:

@@ -11,14 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..data import DataError, ObjectData, load_image, saturation_for
+from ..data import DataError, ObjectData, Sample, load_image, load_mask, saturation_for
+from ..data.autovi import defect_name_for
 from ..data.loading import iterate_batches, make_loader
 from ..engine.model import PatchCore
 from ..fileio import atomic_write_text, safe_name
-from ..heatmaps import normalize_maps, save_heatmap, save_map_png
-from .metrics import SaturationSpec, compute_metrics
+from ..heatmaps import (
+    MAP_LEVELS,
+    normalize_maps,
+    quantize_unit_map,
+    save_heatmap,
+    save_map_png,
+    save_map_tiff,
+)
+from .metrics import SaturationSpec, compute_metrics, pro_curve
+from .plot_data import write_plot_data
+from .spro import Channel, NativeSproAccumulator
 
 __all__ = ["EvaluationSettings", "evaluate_object", "f1_threshold"]
 
@@ -48,22 +57,78 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
-def _channel_specs(obj: ObjectData, channels: torch.Tensor, sample_path: Path) -> tuple[list, list]:
-    """AutoVI: binary mask and saturation spec of each ground-truth channel of one image."""
-    masks, specs = [], []
-    for channel in channels:
-        values = torch.unique(channel[channel != 0])
-        if len(values) == 0:
-            # A channel that vanished in the resize (a tiny defect): still one ground-truth region.
-            continue
-        if len(values) > 1:
+def _native_channels(obj: ObjectData, sample: Sample, shape: tuple[int, int]) -> list[Channel]:
+    """AutoVI / LOCO: the sample's ground-truth PNGs at native size, one channel each, with saturation."""
+    channels = []
+    for path in sample.mask_paths:
+        values = load_mask(path)
+        if values.shape != shape:
             raise DataError(
-                f"a ground-truth PNG of {sample_path} holds several defect values {values.tolist()}"
+                f"mask {path} has size {values.shape[1]}x{values.shape[0]} but its image {sample.image_path} "
+                f"has size {shape[1]}x{shape[0]} (width x height)"
             )
-        threshold, relative = saturation_for(obj.defects_config or [], int(values[0]))
-        masks.append((channel != 0).numpy())
-        specs.append(SaturationSpec(threshold=threshold, relative=relative))
-    return masks, specs
+        present = np.unique(values[values != 0])
+        if present.size == 0:
+            # The official scripts stop on such a file; here it is left out of sPRO, loudly.
+            log.warning("%s: ground-truth file %s of %s is all zero: left out of sPRO", obj.name, path,
+                        sample.image_path)  # fmt: skip
+            continue
+        if present.size > 1:
+            raise DataError(f"ground-truth file {path} holds several defect values {present.tolist()}")
+        value = int(present[0])
+        threshold, relative = saturation_for(obj.defects_config or [], value)
+        spec = SaturationSpec(threshold=threshold, relative=relative)
+        channels.append(Channel(values != 0, spec, defect_name_for(obj.defects_config or [], value)))
+    return channels
+
+
+def _native_evaluation(
+    model: PatchCore,
+    obj: ObjectData,
+    maps: list[np.ndarray],
+    sizes: list[tuple[int, int]],
+    map_range: tuple[float, float],
+    maps_root: Path | None,
+    limits: tuple[float, ...],
+) -> tuple[dict[str, float | None], dict[str, Any], NativeSproAccumulator]:
+    """The official AutoVI / LOCO numbers from the maps as saved (native size, 16-bit levels)."""
+    accumulator = NativeSproAccumulator()
+    with_gt = obj.has_masks and obj.mask_format == "autovi"
+    for sample, amap, size in zip(obj.test, maps, sizes, strict=True):
+        unit = normalize_maps(model.transform.to_original(amap, size), *map_range)
+        levels = quantize_unit_map(unit)
+        if maps_root is not None:
+            target = maps_root / sample.label / sample.image_path.stem
+            if obj.protocol == "mvtec_loco":
+                save_map_tiff(target.with_suffix(".tiff"), levels.astype(np.float32) / (MAP_LEVELS - 1))
+            else:
+                save_map_png(target.with_suffix(".png"), unit, sixteen_bit=True)
+        channels = _native_channels(obj, sample, levels.shape) if with_gt and sample.is_anomalous else []
+        accumulator.add(sample.label, levels, channels)
+    metrics: dict[str, float | None] = {}
+    per_class: dict[str, Any] = {}
+    image_aurocs = accumulator.image_aurocs()
+    known = [v for v in image_aurocs.values() if v is not None]
+    metrics["image_auroc_class_mean"] = float(np.mean(known)) if known else None
+    if with_gt:
+        per_type = accumulator.per_type_auc_spro(limits)
+        if obj.protocol == "mvtec_loco":
+            # LOCO: one curve per anomaly type, the object's value is their mean.
+            for limit in limits:
+                values = [v[limit] for v in per_type.values() if v[limit] is not None]
+                metrics[f"au_spro@{limit:g}"] = float(np.mean(values)) if values else None
+        else:
+            pooled = accumulator.auc_spro(limits)  # AutoVI: one curve over every test image
+            for limit in limits:
+                metrics[f"au_spro@{limit:g}"] = pooled[limit]
+        for label in sorted(set(image_aurocs) | set(per_type)):
+            per_class[label] = {
+                "image_auroc_map_max": image_aurocs.get(label),
+                "au_spro": {f"{k:g}": v for k, v in per_type.get(label, {}).items()},
+            }
+    else:
+        per_class = {label: {"image_auroc_map_max": v} for label, v in image_aurocs.items()}
+    return metrics, per_class, accumulator
 
 
 def evaluate_object(
@@ -73,7 +138,7 @@ def evaluate_object(
     settings: EvaluationSettings,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> tuple[dict[str, float | None], dict[str, Any]]:
-    """Score the object's test split, compute its metrics, write predictions / heatmaps / maps.
+    """Score the object's test split, compute its metrics, write predictions / heatmaps / maps / plot data.
 
     Also sets ``model.evaluation_`` (test-set map and score ranges, F1-optimal image threshold): figures of
     this evaluation, never a decision threshold (that comes from good images: patchcore.deploy.calibration).
@@ -85,12 +150,10 @@ def evaluate_object(
     with_masks = obj.has_masks
     loader = make_loader(obj.test, transform, settings.batch_size, settings.num_workers, with_masks)
     labels, scores, maps, masks = [], [], [], []
-    # Folder data sets may mix defect images with and without masks: only those with ground truth (and
-    # good images) enter the pixel metrics, else an unannotated defect would count as all-good pixels.
+    # Only good images and defect images with a usable mask enter the pixel metrics: a defect without
+    # ground truth (folder data sets annotate some only) would otherwise count as all-good pixels.
     pixel_usable: list[bool] = []
-    spro_masks: list[list[np.ndarray]] = []
-    spro_specs: list[list[SaturationSpec]] = []
-    original_sizes = []
+    original_sizes: list[tuple[int, int]] = []
     t0 = time.perf_counter()
     done = 0
     with iterate_batches(loader) as batches:
@@ -101,15 +164,19 @@ def evaluate_object(
             maps.extend(prediction.anomaly_maps)
             original_sizes.extend(tuple(int(v) for v in s) for s in batch["original_size"])
             if with_masks:
-                masks.extend(m.numpy().astype(bool) for m in batch["mask"])
-                for index in batch["index"]:
+                for index, mask in zip(batch["index"], batch["mask"], strict=True):
                     sample = obj.test[int(index)]
-                    pixel_usable.append(not sample.is_anomalous or bool(sample.mask_paths))
-                if obj.mask_format == "autovi":
-                    for index, channels in zip(batch["index"], batch["mask_channels"], strict=True):
-                        m, s = _channel_specs(obj, channels, obj.test[int(index)].image_path)
-                        spro_masks.append(m)
-                        spro_specs.append(s)
+                    mask = mask.numpy().astype(bool)
+                    masks.append(mask)
+                    usable = not sample.is_anomalous or bool(sample.mask_paths)
+                    if usable and sample.is_anomalous and not mask.any():
+                        log.warning(
+                            "%s: the ground truth of defect image %s is empty at model resolution (an all-zero "
+                            "mask, or a region lost in the resize/crop): left out of the pixel metrics",
+                            obj.name, sample.image_path,
+                        )  # fmt: skip
+                        usable = False
+                    pixel_usable.append(usable)
             done += len(batch["image"])
             if progress is not None:
                 progress("predict", done, len(obj.test))
@@ -117,21 +184,30 @@ def evaluate_object(
     image_scores = np.concatenate(scores).astype(np.float32)
     label_array = np.asarray(labels, dtype=np.int64)
 
-    pixel_maps = [m for m, ok in zip(maps, pixel_usable, strict=True) if ok] if with_masks else None
-    pixel_masks = [m for m, ok in zip(masks, pixel_usable, strict=True) if ok] if with_masks else None
-    metrics = compute_metrics(
-        label_array,
-        image_scores,
-        maps=pixel_maps,
-        masks=pixel_masks,
-        spro_channel_masks=spro_masks if obj.mask_format == "autovi" and with_masks else None,
-        spro_saturations=spro_specs if obj.mask_format == "autovi" and with_masks else None,
-        pro_fpr_limit=settings.pro_fpr_limit,
-        spro_fpr_limits=tuple(settings.spro_fpr_limits),
-    )
-    if obj.mask_format == "autovi" and with_masks:
-        # sPRO replaces PRO on AutoVI (its regions are logical, not connected components).
-        metrics.pop("au_pro", None)
+    metrics = compute_metrics(label_array, image_scores)
+    stats: dict[str, Any] = {"n_test_images": len(obj.test), "predict_seconds": round(predict_seconds, 3)}
+    pro = None
+    if with_masks:
+        keep = np.flatnonzero(pixel_usable)
+        pixel_metrics = compute_metrics(
+            label_array[keep],
+            image_scores[keep],
+            maps=[maps[i] for i in keep],
+            masks=[masks[i] for i in keep],
+            pro_fpr_limit=settings.pro_fpr_limit,
+        )
+        for key in ("pixel_auroc", "pixel_auroc_anomalous", "au_pro"):
+            metrics[key] = pixel_metrics[key]
+        n_defect = int(label_array.sum())
+        n_annotated = int(label_array[keep].sum())
+        stats["pixel_metric_images"] = int(keep.size)
+        stats["pixel_metric_defect_images"] = n_annotated
+        stats["defect_images"] = n_defect
+        if n_annotated < n_defect:
+            log.warning("%s: pixel metrics over the %d of %d defect images that have a usable mask",
+                        obj.name, n_annotated, n_defect)  # fmt: skip
+        if obj.protocol == "mvtec" and metrics["au_pro"] is not None:
+            pro = pro_curve([masks[i] for i in keep], [maps[i] for i in keep])
 
     # One normalisation for the whole test set (never per map): the reference's min-max over all maps.
     map_min = float(min(m.min() for m in maps))
@@ -145,6 +221,22 @@ def evaluate_object(
     threshold = f1_threshold(label_array, image_scores)
     if threshold is not None:
         model.evaluation_["f1_threshold"] = threshold
+
+    accumulator = None
+    if obj.protocol in ("autovi", "mvtec_loco"):
+        maps_root = out_dir / "anomaly_maps" / obj.name / "test" if settings.save_autovi_maps else None
+        native, per_class, accumulator = _native_evaluation(
+            model, obj, maps, original_sizes, (map_min, map_max), maps_root, tuple(settings.spro_fpr_limits)
+        )
+        metrics.update(native)
+        metrics.pop("au_pro", None)  # sPRO replaces PRO here (its regions are logical, not connected)
+        stats["per_class"] = per_class
+        stats["evaluation_protocol"] = obj.protocol
+    elif settings.save_autovi_maps:
+        maps_root = out_dir / "anomaly_maps" / obj.name / "test"
+        for sample, amap, size in zip(obj.test, maps, original_sizes, strict=True):
+            unit = normalize_maps(transform.to_original(amap, size), map_min, map_max)
+            save_map_png(maps_root / sample.label / f"{sample.image_path.stem}.png", unit, sixteen_bit=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     span = (image_scores.max() - image_scores.min()) or 1.0
@@ -163,12 +255,20 @@ def evaluate_object(
             name = f"{rank:03d}_{safe_name(sample.name)}.png"
             save_heatmap(heat_dir / name, load_image(sample.image_path), unit)
 
-    if settings.save_autovi_maps:
-        # Official AutoVI evaluation layout: <maps>/<object>/test/<defect or good>/NNNN.png, native size.
-        maps_root = out_dir / "anomaly_maps" / obj.name / "test"
-        for sample, amap, size in zip(obj.test, maps, original_sizes, strict=True):
-            unit = normalize_maps(transform.to_original(amap, size), map_min, map_max)
-            save_map_png(maps_root / sample.label / f"{sample.image_path.stem}.png", unit, sixteen_bit=True)
-
-    stats = {"n_test_images": len(obj.test), "predict_seconds": round(predict_seconds, 3)}
+    write_plot_data(
+        out_dir / "report_data" / f"{safe_name(obj.name)}.npz",
+        obj=obj,
+        model=model,
+        labels=label_array,
+        scores=image_scores,
+        threshold=threshold,
+        maps=maps,
+        sizes=original_sizes,
+        map_range=(map_min, map_max),
+        pro=pro,
+        pro_limit=settings.pro_fpr_limit,
+        accumulator=accumulator,
+        spro_limits=tuple(settings.spro_fpr_limits),
+        per_class=stats.get("per_class"),
+    )
     return metrics, stats

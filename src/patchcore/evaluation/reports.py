@@ -1,4 +1,4 @@
-"""Run reports: results.csv (one row per object and a mean row), summary.md and summary.json.
+"""Run reports: results.csv (one row per object and a mean row), summary.md, summary.json and report.html.
 
 Metrics whose ground truth is absent are None: "n/a" in the CSV and the table, null in JSON, and left out
 of the mean (a mean over the objects that have the metric, with how many that was).
@@ -20,6 +20,7 @@ __all__ = ["ObjectResult", "mean_metrics", "write_reports"]
 # Preferred column order; any other metric keys follow in sorted order.
 METRIC_ORDER = (
     "image_auroc",
+    "image_auroc_class_mean",
     "image_f1_max",
     "pixel_auroc",
     "pixel_auroc_anomalous",
@@ -30,6 +31,15 @@ METRIC_ORDER = (
     "au_spro@0.3",
     "au_spro@1",
 )
+# What each metric is, in the summary: two image AUROCs exist and must not be confused.
+METRIC_LEGEND = {
+    "image_auroc": "pooled image AUROC of the model's image score, all defect types together (MVTec AD convention)",
+    "image_auroc_class_mean": "AutoVI / MVTec LOCO official image AUROC: AUROC of the native map's maximum, "
+    "each defect folder against the good images, averaged over the folders",
+    "au_spro@L": "AUC-sPRO up to FPR L (0.01 ... 1), as the official AutoVI (all test images, one curve) or MVTec LOCO "
+    "(mean of the per-type curves) script computes it from the saved native-size maps",
+    "au_pro": "AU-PRO up to FPR 0.3 at model resolution (MVTec AD definition)",
+}
 STAT_COLUMNS = (
     "n_train_images",
     "n_test_images",
@@ -49,6 +59,13 @@ class ObjectResult:
     metrics: dict[str, float | None]
     stats: dict[str, Any] = field(default_factory=dict)
     model_path: str | None = None
+
+
+def legend_applies(metric_keys: list[str], legend_key: str) -> bool:
+    """Whether a METRIC_LEGEND entry describes one of the columns (``au_spro@L`` stands for every limit)."""
+    if legend_key.endswith("@L"):
+        return any(k.startswith(legend_key[:-1]) for k in metric_keys)
+    return legend_key in metric_keys
 
 
 def _metric_columns(results: list[ObjectResult]) -> list[str]:
@@ -74,7 +91,7 @@ def _fmt(value: Any, percent: bool = False) -> str:
 
 
 def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, Any]) -> dict[str, Path]:
-    """Write results.csv, summary.md and summary.json into ``run_dir`` (atomically). Returns the paths."""
+    """Write results.csv, summary.md, summary.json and report.html into ``run_dir`` (atomically)."""
     run_dir = Path(run_dir)
     metric_keys = _metric_columns(results)
     means = mean_metrics(results)
@@ -103,6 +120,17 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
         if key in header:
             lines.append(f"- {key}: {header[key]}")
     lines += ["", "Metrics in percent; n/a = no ground truth for that metric.", ""]
+    lines += [f"- {key}: {text}" for key, text in METRIC_LEGEND.items() if legend_applies(metric_keys, key)]
+    partial = [
+        f"{r.name}: {r.stats['pixel_metric_defect_images']} of {r.stats['defect_images']}"
+        for r in results
+        if r.stats.get("pixel_metric_defect_images", 0) < r.stats.get("defect_images", 0)
+    ]
+    if partial:
+        lines.append(
+            "- pixel metrics over the defect images with a usable mask only (" + "; ".join(partial) + ")"
+        )
+    lines.append("")
     columns = ["object", *metric_keys, "memory", "train s", "test s"]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
@@ -131,6 +159,9 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
             "mean": means,
         },
     )
+    from .html_report import write_html_report  # imports this module: import here, not at the top
+
+    paths["html"] = write_html_report(run_dir, results, header)
     return paths
 
 
