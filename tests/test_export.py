@@ -109,5 +109,9 @@ def test_export_refuses_what_the_graph_cannot_express(setup, tmp_path):
     model.reweight = True  # the paper's Eq. 7 needs a second search the graph does not have
     with pytest.raises(DeployError, match="reweight"):
         export_model(model, "onnx", tmp_path / "x")
+    model = PatchCore.from_state_dict(setup["model"].state_dict(), device="cpu")
+    model.imagesize = None  # sizes follow each image's aspect: no single graph size
+    with pytest.raises(DeployError, match="fixed input size"):
+        export_model(model, "onnx", tmp_path / "z")
     code, _, err = run_cli("export", "-m", tmp_path / "missing.pt", "--out", tmp_path / "y")
     assert code == 2 and "missing.pt" in err
