@@ -245,19 +245,20 @@ def main(argv: list[str] | None = None) -> int:
             if count % 1000 == 0 or count == 1:
                 samples[count] = round(rss_mib(process.pid), 1)
 
-        long = asyncio.run(
-            run_load(url, images, args.long_requests, args.long_concurrency, args.phase_seconds, on_done)
-        )
-        long.pop("answers")
-        samples[long["requests"]] = round(rss_mib(process.pid), 1)
-        base = samples.get(1000)
-        long["rss_mib"] = samples
-        if base:
-            later = [v for k, v in samples.items() if k >= 1000]
-            long["rss_growth_from_1000"] = round(max(later) / base - 1.0, 4)
-        result["long"] = long
-        print(json.dumps(long), flush=True)
-        atomic_dump(out, result)
+        if args.long_requests > 0:
+            long = asyncio.run(
+                run_load(url, images, args.long_requests, args.long_concurrency, args.phase_seconds, on_done)
+            )
+            long.pop("answers")
+            samples[long["requests"]] = round(rss_mib(process.pid), 1)
+            base = samples.get(1000)
+            long["rss_mib"] = samples
+            if base:
+                later = [v for k, v in samples.items() if k >= 1000]
+                long["rss_growth_from_1000"] = round(max(later) / base - 1.0, 4)
+            result["long"] = long
+            print(json.dumps(long), flush=True)
+            atomic_dump(out, result)
 
         # 10 % bad uploads mixed in.
         bad = bad_uploads(images[0][1])
