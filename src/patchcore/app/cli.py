@@ -6,6 +6,9 @@ patchcore predict --model patchcore_mono.pt image.png folder/ --out predictions/
 patchcore calibrate --model patchcore_mono.pt good_parts/ --false-alarm-rate 0.01
 patchcore serve --model patchcore_mono.pt --port 8000
 patchcore export --model patchcore_mono.pt --format onnx --out exported/
+patchcore train -c configs/mvtec.yaml --ray [ADDRESS]      (objects as Ray tasks)
+patchcore train --resume results/mvtec/default             (continue an interrupted run)
+patchcore federated -c configs/federated.yaml              (clients' local banks merged by a server)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from .._version import __version__
 
@@ -23,16 +27,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
     from ..deploy.calibration import CalibrationError
     from ..deploy.errors import DeployError
+    from ..distributed.ray_runner import DistributedError
+    from ..distributed.sharded import ShardError
     from ..engine.backbones import BackboneError
     from ..engine.model import ModelFileError
     from ..engine.params import ParamError
     from .config import ConfigError
     from .runs import OutputError
     from .tracking import TrackingError
+    from .train import ObjectsFailedError
 
     return (
         ConfigError, DataError, BackboneError, ModelFileError, ParamError, OutputError, TrackingError,
-        FileNotFoundError, CalibrationError, DeployError,
+        FileNotFoundError, CalibrationError, DeployError, DistributedError, ShardError, ObjectsFailedError,
     )  # fmt: skip
 
 
@@ -89,6 +96,22 @@ def _parser() -> argparse.ArgumentParser:
         "--log-online", choices=["wandb", "mlflow"], help="send metrics to W&B or MLflow (extras)"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="train objects as Ray tasks (extra patchcore[ray]); ADDRESS: auto, host:port; none: a local cluster",
+    )  # fmt: skip
+    train.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue an interrupted run in RUN_DIR: finished objects with the same config are kept",
+    )  # fmt: skip
+
+    federated = sub.add_parser(
+        "federated", help="clients build local banks on their images; the server merges them into one model"
+    )
+    federated.add_argument("--config", "-c", required=True, help="YAML configuration with a federated section")
+    federated.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    federated.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="clients as Ray actors")
+    federated.add_argument("--no-progress", action="store_true")
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate saved models on a data set's test split")
     evaluate.add_argument(
@@ -161,6 +184,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "ray", None) and "=" in args.ray:
+        # `--ray key=value`: the optional ADDRESS took an override (a Ray address has no "=").
+        args.overrides.append(args.ray)
+        args.ray = ""
     try:
         return _run(args)
     except _user_errors() as exc:
@@ -189,9 +216,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .train import train
 
-        config = load_config(args.config, _with_progress(args.overrides, args.no_progress))
-        summary = train(config, online=args.log_online)
+        config_path = args.config
+        if args.resume and config_path is None:
+            config_path = str(Path(args.resume) / "config.yaml")  # the run's own configuration
+        overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
+        config = load_config(config_path, overrides)
+        summary = train(config, online=args.log_online, resume=args.resume)
         print(summary.reports["markdown"].read_text())
+        return 0
+    if args.command == "federated":
+        from .federated import federated
+
+        overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
+        report = federated(load_config(args.config, overrides))
+        print(report.read_text())
         return 0
     if args.command == "evaluate":
         from .evaluate import evaluate_models
@@ -245,6 +283,12 @@ def _run(args: argparse.Namespace) -> int:
             print(f)
         return 0
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def _with_ray(overrides: list[str], address: str | None) -> list[str]:
+    if address is None:
+        return overrides
+    return [*overrides, "execution.engine=ray", f"execution.address={address or 'null'}"]
 
 
 def _with_progress(overrides: Sequence[str], no_progress: bool) -> list[str]:

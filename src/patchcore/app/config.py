@@ -35,6 +35,8 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvaluationConfig",
+    "ExecutionConfig",
+    "FederatedConfig",
     "LoggingConfig",
     "ModelConfig",
     "apply_overrides",
@@ -97,7 +99,7 @@ class EvaluationConfig:
     enabled: bool = key(True, "evaluate each object on its test split after fitting")
     pro_fpr_limit: float = key(0.3, "FPR integration limit of AU-PRO", in_range(0, 1, low_open=True))
     spro_fpr_limits: list[float] = key(
-        [0.01, 0.05, 0.1, 0.3, 1.0], "FPR limits of AU-sPRO (AutoVI)",
+        [0.01, 0.05, 0.1, 0.3, 1.0], "FPR limits of AU-sPRO (AutoVI, MVTec LOCO)",
         Constraint("a non-empty list of numbers in (0, 1]", lambda v: bool(v) and all(0 < x <= 1 for x in v)),
     )  # fmt: skip
     save_autovi_maps: bool = key(
@@ -125,6 +127,37 @@ _NAME = Constraint("a non-empty name", lambda v: bool(v.strip()))
 
 
 @dataclass
+class ExecutionConfig:
+    engine: str = key("local", "local: objects in turn here; ray: objects as Ray tasks (extra patchcore[ray])",
+                      choice("local", "ray"))  # fmt: skip
+    address: str | None = key(None, "ray: null = a local cluster, auto = the running one, or host:port")
+    cpus_per_object: float = key(1.0, "CPUs of one object's (or shard's) Ray task", at_least(0))
+    gpus_per_object: float = key(0.0, "GPUs of one object's (or shard's) Ray task", at_least(0))
+    retries: int = key(1, "more tries for an object (or shard) whose task failed", at_least(0))
+    shards: int = key(1, "> 1: each object's images in N shards, local coresets merged by one greedy pass",
+                      at_least(1))  # fmt: skip
+    shard_oversampling: float = key(2.0, "a shard's local coreset: percentage x this of its patches", at_least(1))
+
+
+@dataclass
+class FederatedConfig:
+    partition: str = key("iid", "iid (over `clients`), by_category (one client per object) or folders (`sites`)",
+                         choice("iid", "by_category", "folders"))  # fmt: skip
+    clients: int = key(3, "iid: clients per object", at_least(1))
+    sites: list[str] = key([], "folders: one folder of good images per site")
+    local_percentage: float | None = key(None, "a client's coreset, fraction of its patches; null = 2 x percentage",
+                                         in_range(0, 1, low_open=True))  # fmt: skip
+    bank_size: int | None = key(None, "global bank size; null = model.percentage of all clients' patches", at_least(1))
+    weighted: bool = key(False, "weight each shared vector by its client's share of the patches")
+    compare_centralised: bool = key(True, "also fit the same images centrally and report both")
+    noise_epsilon: float | None = key(None, "Gaussian noise on shared vectors: epsilon (< 1); null = none",
+                                      in_range(0, 1, low_open=True, high_open=True))  # fmt: skip
+    noise_delta: float = key(1e-5, "Gaussian noise: delta", in_range(0, 1, low_open=True, high_open=True))
+    noise_clip: float = key(50.0, "Gaussian noise: L2 norm shared vectors are clipped to",
+                            Constraint("> 0", lambda v: v > 0))  # fmt: skip
+
+
+@dataclass
 class Config:
     project: str = key("patchcore", "run folders go to <output_dir>/<project>/<group>", _NAME)
     group: str = key("default", "run folder name (a free <group>_N when taken)", _NAME)
@@ -134,6 +167,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
 

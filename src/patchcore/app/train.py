@@ -1,9 +1,24 @@
-"""``patchcore train``: data set -> one fitted, saved and evaluated PatchCore per object -> reports."""
+"""``patchcore train``: data set -> one fitted, saved and evaluated PatchCore per object -> reports.
+
+Each object is one call of :func:`train_object` (fit, evaluate, return the model state and the files it
+wrote), run here one after another or as Ray tasks across a cluster (``execution.engine: ray``); either
+way this process writes the model files, the per-object records and the reports. ``execution.shards``
+splits one object's images over parallel shard tasks (``distributed.sharded``).
+
+Resumable: after an object's files are all written, ``completed/<object>.json`` records the config hash and
+the SHA-256 of its model and metadata files. ``train(..., resume=RUN_DIR)`` keeps the objects whose record
+matches (hash and files) and redoes every other one, first removing whatever it had left.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import io
+import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,16 +29,41 @@ from ..data.loading import iterate_batches, make_loader
 from ..engine.model import PatchCore
 from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
-from ..fileio import atomic_write_json, atomic_write_text, safe_name
+from ..fileio import atomic_write, atomic_write_json, atomic_write_text, safe_name
 from .cache import fit_cached
 from .calibrate import calibrate_fitted, check_calibration_settings, split_calibration
-from .config import Config, config_to_dict
-from .runs import Progress, make_run_dir, metrics_line, seed_everything, setup_logging
+from .config import Config, ConfigError, config_to_dict
+from .runs import (
+    Progress,
+    begin_run,
+    finish_run,
+    make_run_dir,
+    mark_object,
+    metrics_line,
+    seed_everything,
+    setup_logging,
+)
 from .tracking import check_tracker, make_tracker
 
-__all__ = ["RunSummary", "build_model", "evaluation_settings", "load_objects", "run_header", "train"]
+__all__ = [
+    "ObjectOutput",
+    "ObjectTask",
+    "ObjectsFailedError",
+    "RunSummary",
+    "build_model",
+    "config_hash",
+    "evaluation_settings",
+    "load_objects",
+    "run_header",
+    "train",
+    "train_object",
+]
 
 log = logging.getLogger("patchcore")
+
+
+class ObjectsFailedError(RuntimeError):
+    """Some objects failed on every try (the others finished and are reported): names them and why."""
 
 
 @dataclass
@@ -76,80 +116,333 @@ def load_objects(config: Config) -> list[ObjectData]:
     return load_dataset(config.data.kind, config.data.root, config.data.objects, **options)
 
 
-def train(config: Config, online: str | None = None) -> RunSummary:
-    """Fit, save and (optionally) evaluate one model per object; write the summary reports."""
+# Keys that change what an object's model or metrics are; the rest (names, logging, where and how it runs,
+# worker counts, the feature cache) do not, and may differ between a run and its resumption.
+_NEUTRAL_KEYS = {
+    "": ("project", "group", "output_dir", "logging", "federated"),
+    "data": ("num_workers",),
+    "model": ("feature_cache", "search_threads", "device"),
+    "execution": ("engine", "address", "cpus_per_object", "gpus_per_object", "retries"),
+}
+
+
+def config_hash(config: Config) -> str:
+    """SHA-256 of the settings that determine each object's model and metrics."""
+    data = config_to_dict(config)
+    for section, keys in _NEUTRAL_KEYS.items():
+        node = data if not section else data[section]
+        for key in keys:
+            node.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class ObjectTask:
+    """One object to train: everything :func:`train_object` needs, picklable (it may travel to a worker)."""
+
+    config: Config
+    obj: ObjectData
+
+
+@dataclass
+class ObjectOutput:
+    """What training one object gives back to the process that writes the run."""
+
+    name: str
+    state: dict[str, Any]  # the model file's content (PatchCore.state_dict)
+    metadata: dict[str, Any]  # the model's JSON sidecar
+    metrics: dict[str, float | None]
+    stats: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)  # written by the evaluation, relative to the run
+
+
+class SampleImages:
+    """Training images of a list of samples, as the estimator takes them: batches from a DataLoader, opened
+    where they are iterated (a shard task's machine). Picklable."""
+
+    def __init__(self, samples: list, transform: Any, batch_size: int, num_workers: int):
+        self.samples, self.transform = samples, transform
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def __iter__(self):
+        loader = make_loader(self.samples, self.transform, self.batch_size, self.num_workers, False)
+        with iterate_batches(loader) as batches:
+            yield from batches
+
+
+def _shard_runner(config: Config):
+    """Runs shard tasks the way the configured engine runs objects."""
+    from ..distributed.ray_runner import run_local, run_ray
+
+    if config.execution.engine == "ray":
+        options = ray_options(config)
+        return lambda function, items: run_ray(function, items, options)
+    return lambda function, items: run_local(function, items, retries=config.execution.retries)
+
+
+def ray_options(config: Config):
+    from ..distributed.ray_runner import RayOptions
+
+    ex = config.execution
+    return RayOptions(
+        address=ex.address, num_cpus=ex.cpus_per_object, num_gpus=ex.gpus_per_object, retries=ex.retries
+    )
+
+
+def fit_object(
+    config: Config, obj: ObjectData, progress: Progress | None = None, train: list | None = None
+) -> PatchCore:
+    """A fitted estimator for one object on ``train`` (default: all its training images), sharded when
+    ``execution.shards`` > 1."""
+    train = list(obj.train) if train is None else train
+    if not train:
+        raise DataError(f"{obj.name}: no training images")
+    seed_everything(config.seed)
+    model = build_model(config)
+    shards = min(config.execution.shards, len(train))
+    if shards > 1:
+        from ..distributed.sharded import sharded_fit
+
+        bounds = [round(i * len(train) / shards) for i in range(shards + 1)]
+        parts = [
+            SampleImages(train[a:b], model.transform, config.model.batch_size, config.data.num_workers)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        return sharded_fit(model, parts, _shard_runner(config), config.execution.shard_oversampling)
+    if progress is not None:
+        progress.start(obj.name, {"extract": len(train)})
+    loader = make_loader(train, model.transform, config.model.batch_size, config.data.num_workers, False)
+    with iterate_batches(loader) as batches:
+        fit_cached(model, batches, config.model.feature_cache, progress=progress)
+    return model
+
+
+def train_object(
+    task: ObjectTask, out_dir: Path | None = None, progress: Progress | None = None
+) -> ObjectOutput:
+    """Fit and evaluate one object. The evaluation's files go to ``out_dir``; None (a worker): to a
+    temporary folder, returned in ``files`` for the driver to write."""
+    config, obj = task.config, task.obj
+    train_samples, calibration_samples = split_calibration(obj, config.evaluation.calibration_fraction, config.seed)
+    model = fit_object(config, obj, progress, train_samples)
+    model.stats_["object"] = obj.name
+    if calibration_samples:
+        calibrate_fitted(
+            model, calibration_samples, config.evaluation.false_alarm_rate,
+            f"{obj.name}: {len(calibration_samples)} held-out good images",
+        )  # fmt: skip
+    stats = dict(model.stats_)
+    metrics: dict[str, float | None] = {}
+    files: dict[str, bytes] = {}
+    if config.evaluation.enabled:
+        if progress is not None:
+            progress.start(obj.name, {"predict": len(obj.test)})
+        temporary = out_dir is None
+        target = Path(tempfile.mkdtemp(prefix="patchcore-eval-")) if temporary else out_dir
+        try:
+            metrics, eval_stats = evaluate_object(model, obj, target, evaluation_settings(config), progress)
+            if temporary:
+                files = {
+                    p.relative_to(target).as_posix(): p.read_bytes()
+                    for p in sorted(target.rglob("*"))
+                    if p.is_file()
+                }
+        finally:
+            if temporary:
+                shutil.rmtree(target, ignore_errors=True)
+        stats.update(eval_stats)
+    metadata = {
+        "object": obj.name,
+        "params": model.get_params(),
+        "stats": stats,
+        "metrics": metrics,
+        "calibration": model.calibration_,
+        "evaluation": model.evaluation_,
+        "weights_id": model.weights_id_,
+    }
+    return ObjectOutput(obj.name, model.state_dict(), metadata, metrics, stats, files)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _object_paths(run_dir: Path, name: str) -> dict[str, Path]:
+    stem = f"patchcore_{safe_name(name)}"
+    return {
+        "model": run_dir / "models" / f"{stem}.pt",
+        "metadata": run_dir / "models" / f"{stem}.json",
+        "record": run_dir / "completed" / f"{safe_name(name)}.json",
+    }
+
+
+def write_object(run_dir: Path, output: ObjectOutput, digest: str) -> ObjectResult:
+    """Write one object's files (each atomically), its completion record last."""
+    import torch
+
+    paths = _object_paths(run_dir, output.name)
+    for relative, content in output.files.items():
+        atomic_write(run_dir / relative, lambda handle, c=content: handle.write(c))
+    buffer = io.BytesIO()
+    torch.save(output.state, buffer)
+    atomic_write(paths["model"], lambda handle: handle.write(buffer.getbuffer()))
+    atomic_write_json(paths["metadata"], output.metadata)
+    mark_object(run_dir, output.name, "fitted")
+    record = {
+        "object": output.name,
+        "config_hash": digest,
+        "model": {"path": str(paths["model"]), "sha256": _sha256(paths["model"])},
+        "metadata": {"path": str(paths["metadata"]), "sha256": _sha256(paths["metadata"])},
+        "metrics": output.metrics,
+        "stats": output.stats,
+        "layers": list(output.state["params"]["layers"]),
+        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_write_json(paths["record"], record)
+    return ObjectResult(output.name, output.metrics, output.stats, str(paths["model"]))
+
+
+def completed_result(run_dir: Path, name: str, digest: str) -> tuple[ObjectResult, dict[str, Any]] | None:
+    """The recorded result (and the record) of an object finished with this config, or None if it must be
+    (re)done."""
+    paths = _object_paths(run_dir, name)
+    try:
+        record = json.loads(paths["record"].read_text())
+        if record.get("config_hash") != digest or record.get("object") != name:
+            return None
+        for key in ("model", "metadata"):
+            if _sha256(paths[key]) != record[key]["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ObjectResult(name, record["metrics"], record["stats"], str(paths["model"])), record
+
+
+def forget_object(run_dir: Path, name: str) -> None:
+    """Remove an unfinished or outdated object's record first, then its model files: nothing of it is
+    left for a later run or ``evaluate`` to take for finished."""
+    paths = _object_paths(run_dir, name)
+    for key in ("record", "model", "metadata"):
+        paths[key].unlink(missing_ok=True)
+
+
+def train(config: Config, online: str | None = None, resume: str | Path | None = None) -> RunSummary:
+    """Fit, save and (optionally) evaluate one model per object; write the summary reports.
+
+    ``resume``: the folder of an interrupted run to continue (objects finished with the same config hash
+    are kept, the others trained again).
+    """
+    if resume is not None and not (Path(resume) / "config.yaml").is_file():
+        raise ConfigError(f"--resume {resume}: not a run folder (no config.yaml in it)")
     # Bad input (missing data folder, tracker not installed) fails before a run folder is taken.
     objects = load_objects(config)
     check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
     check_tracker(online or config.logging.online)
-    run_dir = make_run_dir(config.output_dir, config.project, config.group)
+    if config.execution.engine == "ray":
+        from ..distributed.ray_runner import import_ray
+
+        import_ray()
+    if resume is not None:
+        run_dir = Path(resume)
+    else:
+        run_dir = make_run_dir(config.output_dir, config.project, config.group)
     setup_logging(run_dir, config.logging.level)
     import yaml
 
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    log.info("run folder: %s", run_dir)
+    log.info("%s folder: %s", "resuming run" if resume is not None else "run", run_dir)
     log.info("data: %s, objects: %s", config.data.kind, ", ".join(o.name for o in objects))
+    digest = config_hash(config)
+    header = run_header(config)
+    done: dict[str, ObjectResult] = {}
+    begin_run(run_dir, [o.name for o in objects])  # the run folder's `incomplete` marker (app/runs.py)
+    for obj in objects:
+        kept = completed_result(run_dir, obj.name, digest) if resume is not None else None
+        if kept is not None:
+            done[obj.name] = kept[0]
+            header["layers"] = kept[1]["layers"]
+            mark_object(run_dir, obj.name, "done")
+            log.info("%s: finished before with this config, kept", obj.name)
+        else:
+            forget_object(run_dir, obj.name)
+    todo = [o for o in objects if o.name not in done]
     tracker = make_tracker(
         online or config.logging.online, config.project, run_dir.name, config_to_dict(config), run_dir
     )
-    header = run_header(config)
-    results: list[ObjectResult] = []
-    models_dir = run_dir / "models"
+    failures: list[str] = []
+
+    def finish(output: ObjectOutput) -> None:
+        result = write_object(run_dir, output, digest)
+        mark_object(run_dir, output.name, "done")
+        done[output.name] = result
+        header["layers"] = list(output.state["params"]["layers"])  # the resolved layers
+        tracker.log_object(output.name, {**output.metrics, **output.stats})
+        log.info("%s: %s", output.name, metrics_line(output.metrics, output.stats))
+        # Reports after every object: an interrupted run keeps what it finished.
+        write_reports(run_dir, [done[o.name] for o in objects if o.name in done], header)
+
     try:
-        with Progress(config.logging.progress) as progress:
-            for obj in objects:
-                if not obj.train:
-                    raise DataError(f"{obj.name}: no training images")
-                seed_everything(config.seed)
-                model = build_model(config)
-                train_samples, calibration_samples = split_calibration(
-                    obj, config.evaluation.calibration_fraction, config.seed
-                )
-                log.info("%s: fitting on %d good images", obj.name, len(train_samples))
-                progress.start(obj.name, {"extract": len(train_samples)})
-                loader = make_loader(
-                    train_samples, model.transform, config.model.batch_size, config.data.num_workers, False
-                )
-                with iterate_batches(loader) as batches:
-                    fit_cached(model, batches, config.model.feature_cache, progress=progress)
-                model.stats_["object"] = obj.name
-                if calibration_samples:
-                    calibrate_fitted(
-                        model, calibration_samples, config.evaluation.false_alarm_rate,
-                        f"{obj.name}: {len(calibration_samples)} held-out good images",
-                    )  # fmt: skip
-                header["layers"] = list(model.layers_)  # the resolved layers, also when left to the default
-                stats = dict(model.stats_)
-                metrics: dict[str, float | None] = {}
-                if config.evaluation.enabled:
-                    progress.start(obj.name, {"predict": len(obj.test)})
-                    metrics, eval_stats = evaluate_object(
-                        model, obj, run_dir, evaluation_settings(config), progress
-                    )
-                    stats.update(eval_stats)
-                model_path = model.save(models_dir / f"patchcore_{safe_name(obj.name)}.pt")
-                atomic_write_json(
-                    models_dir / f"patchcore_{safe_name(obj.name)}.json",
-                    {
-                        "object": obj.name,
-                        "params": model.get_params(),
-                        "stats": stats,
-                        "metrics": metrics,
-                        "calibration": model.calibration_,
-                        "evaluation": model.evaluation_,
-                        "weights_id": model.weights_id_,
-                    },
-                )
-                result = ObjectResult(obj.name, metrics, stats, str(model_path))
-                results.append(result)
-                tracker.log_object(obj.name, {**metrics, **stats})
-                log.info("%s: %s", obj.name, metrics_line(metrics, stats))
-                # Reports after every object: an interrupted run keeps what it finished.
-                reports = write_reports(run_dir, results, header)
+        if config.execution.engine == "ray":
+            failures = _train_on_ray(config, todo, finish)
+        else:
+            with Progress(config.logging.progress) as progress:
+                for obj in todo:
+                    log.info("%s: fitting on %d good images", obj.name, _n_train(config, obj))
+                    finish(train_object(ObjectTask(config, obj), run_dir, progress))
+        results = [done[o.name] for o in objects if o.name in done]
+        reports = write_reports(run_dir, results, header)
         means = mean_metrics(results)
         tracker.log_summary(means)
     finally:
         tracker.finish()
     log.info("mean: %s", metrics_line(means, {}))
     log.info("summary: %s", reports["markdown"])
+    if not failures:
+        finish_run(run_dir)
+    if failures:
+        raise ObjectsFailedError(
+            f"{len(failures)} of {len(objects)} objects failed ({'; '.join(failures)}); the others are in "
+            f"{run_dir}: `patchcore train --resume {run_dir}` retrains only the failed ones"
+        )
     return RunSummary(run_dir, results, means, reports)
+
+
+def _n_train(config: Config, obj: ObjectData) -> int:
+    """Training images of an object after the calibration hold-out."""
+    return len(split_calibration(obj, config.evaluation.calibration_fraction, config.seed)[0])
+
+
+def _train_on_ray(config: Config, objects: list[ObjectData], finish) -> list[str]:
+    """Objects as Ray tasks; each finished one is written as it arrives. Returns the failures."""
+    from ..distributed.ray_runner import Outcome, run_ray
+
+    failures: list[str] = []
+
+    def on_done(outcome: Outcome) -> None:
+        obj = objects[outcome.item]
+        if outcome.ok:
+            finish(outcome.value)
+            log.info("%s: trained in %.1f s on Ray node %s", obj.name, outcome.seconds, outcome.node)
+        else:
+            failures.append(f"{obj.name}: {outcome.error}")
+            log.error("%s: failed after %d attempt(s): %s", obj.name, outcome.attempts, outcome.error)
+
+    def on_retry(outcome: Outcome) -> None:
+        log.warning(
+            "%s: attempt %d failed (%s); retrying",
+            objects[outcome.item].name,
+            outcome.attempts,
+            outcome.error,
+        )
+
+    for obj in objects:
+        if not obj.train:
+            raise DataError(f"{obj.name}: no training images")
+        log.info("%s: fitting on %d good images (Ray task)", obj.name, _n_train(config, obj))
+    tasks = [ObjectTask(config, obj) for obj in objects]
+    run_ray(train_object, tasks, ray_options(config), on_done=on_done, on_retry=on_retry)
+    return failures

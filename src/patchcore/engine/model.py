@@ -282,17 +282,22 @@ class PatchCore:
         *,
         progress: ProgressCallback | None = None,
         extract_seconds: float = 0.0,
+        indices: np.ndarray | None = None,
     ) -> PatchCore:
         """Build the memory bank from precomputed patch features (an (N, D) array or a feature store's
-        array, read in chunks) and the metadata :meth:`extract_features` returned. Returns self."""
+        array, read in chunks) and the metadata :meth:`extract_features` returned. Returns self.
+
+        ``indices``: the rows to keep, selected elsewhere (a sharded or federated merge), instead of the
+        sampler's selection."""
         self._patch_features(refitting=True)
         device = self.torch_device
         t1 = time.perf_counter()
-        rng = np.random.default_rng(self.seed)
-        sampler = make_sampler(self.sampler, self.percentage, self.projection_dim, self.num_starting_points)
-        indices = sampler.select(
-            train_features, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
-        )
+        if indices is None:
+            rng = np.random.default_rng(self.seed)
+            sampler = make_sampler(self.sampler, self.percentage, self.projection_dim, self.num_starting_points)
+            indices = sampler.select(
+                train_features, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
+            )
         bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the feature file may go
         t2 = time.perf_counter()
 

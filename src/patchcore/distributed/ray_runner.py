@@ -1,0 +1,188 @@
+"""Run a function over many items, in this process or as Ray tasks across a cluster.
+
+The caller passes what to run (a picklable module-level function and its items); this module knows nothing
+of objects, models or files. Every item gets an :class:`Outcome` (its value or its error, and how many
+attempts it took), in item order, and a failing item never stops the others. Ray is imported only when asked
+for (the optional extra ``patchcore[ray]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DistributedError",
+    "Outcome",
+    "RayOptions",
+    "import_ray",
+    "ray_session",
+    "run_local",
+    "run_ray",
+]
+
+
+class DistributedError(RuntimeError):
+    """Ray is missing or the cluster cannot be reached: a setup problem, reported before any work starts."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and with what resources tasks run.
+
+    address: None starts a local cluster (or joins the one ``RAY_ADDRESS`` names); ``"auto"`` joins the
+    cluster running on this machine; ``"host:port"`` or ``"ray://host:port"`` a remote one.
+    retries: how many more times a failed task is tried (an exception, a crashed or killed worker).
+    """
+
+    address: str | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    retries: int = 1
+    # A local cluster started here: its size and object store (small by default: results are banks).
+    local_cpus: int | None = None
+    object_store_memory: int | None = 512 * 1024**2
+
+
+@dataclass
+class Outcome:
+    """What one item gave: ``value`` or ``error`` (one line) with ``details`` (the traceback)."""
+
+    item: int
+    value: Any = None
+    node: str | None = None  # the Ray node it ran on (None: this process)
+    error: str | None = None
+    details: str | None = None
+    attempts: int = 1
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise DistributedError(
+            "the ray engine needs Ray: pip install 'patchcore[ray]' (or set execution.engine: local)"
+        ) from exc
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(options: RayOptions) -> Iterator[Any]:
+    """Ray connected for the block: joins a running session as it is, else starts or joins a cluster and
+    shuts the connection down afterwards (a local cluster started here stops with it)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if options.address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs.update(num_cpus=options.local_cpus, object_store_memory=options.object_store_memory)
+    try:
+        ray.init(address=options.address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise DistributedError(f"cannot connect to the Ray cluster at {options.address}: {exc}") from exc
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _call(function: Callable[[Any], Any], item: Any) -> tuple[Any, float]:
+    # Runs where the task runs: the value and the seconds it took there.
+    t0 = time.perf_counter()
+    value = function(item)
+    return value, time.perf_counter() - t0
+
+
+def _remote_call(function: Callable[[Any], Any], item: Any) -> tuple[Any, float, str]:
+    import ray
+
+    value, seconds = _call(function, item)
+    return value, seconds, ray.get_runtime_context().get_node_id()
+
+
+def run_local(
+    function: Callable[[Any], Any],
+    items: Sequence[Any],
+    retries: int = 0,
+    on_done: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """``function(item)`` for each item in turn, in this process, with the same retry and error policy as
+    :func:`run_ray` (KeyboardInterrupt is not caught)."""
+    outcomes = []
+    for i, item in enumerate(items):
+        outcome = Outcome(i)
+        for attempt in range(1, retries + 2):
+            outcome = Outcome(i, attempts=attempt)
+            try:
+                outcome.value, outcome.seconds = _call(function, item)
+                break
+            except Exception as exc:
+                outcome.error, outcome.details = _one_line(exc), traceback.format_exc()
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
+    return outcomes
+
+
+def run_ray(
+    function: Callable[[Any], Any],
+    items: Sequence[Any],
+    options: RayOptions,
+    on_done: Callable[[Outcome], None] | None = None,
+    on_retry: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """``function(item)`` for every item as Ray tasks, all submitted at once (Ray schedules them on the
+    cluster's free CPUs/GPUs). ``on_done`` sees each outcome as it finishes (in finishing order); the list
+    returned is in item order.
+
+    A task that raises, or whose worker dies (out of memory, killed, its node lost), is submitted again up to
+    ``options.retries`` times (``on_retry`` sees the failed attempt); after the last try its error is in its
+    outcome and the other tasks carry on. The driver resubmits (rather than Ray's own ``max_retries``) so that
+    every outcome knows how many attempts it took.
+    """
+    with ray_session(options) as ray:
+        remote = ray.remote(_remote_call).options(
+            num_cpus=options.num_cpus, num_gpus=options.num_gpus, max_retries=0, retry_exceptions=False
+        )
+        function_ref = ray.put(function)
+        attempts = dict.fromkeys(range(len(items)), 1)
+        pending = {remote.remote(function_ref, item): i for i, item in enumerate(items)}
+        outcomes: dict[int, Outcome] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            i = pending.pop(ref)
+            outcome = Outcome(i, attempts=attempts[i])
+            try:
+                outcome.value, outcome.seconds, outcome.node = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                outcome.error, outcome.details = _one_line(cause), str(exc)
+            except ray.exceptions.RayError as exc:  # the worker or its node died
+                outcome.error, outcome.details = _one_line(exc), str(exc)
+            if not outcome.ok and attempts[i] <= options.retries:
+                if on_retry is not None:
+                    on_retry(outcome)
+                attempts[i] += 1
+                pending[remote.remote(function_ref, items[i])] = i
+                continue
+            outcomes[i] = outcome
+            if on_done is not None:
+                on_done(outcome)
+        return [outcomes[i] for i in range(len(items))]
