@@ -67,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train images timed for bf16 and today's extraction (the new fp32 pass reads all: it builds the bank)",
     )
     parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="DIR",
+        help="a folder with model.pt (and test_features.npy) of an earlier run of this script: skip the fit "
+        "(and the test extraction); extraction is then timed on --extract-limit images only",
+    )
+    parser.add_argument(
         "--auroc-only",
         action="store_true",
         help="only the image AUROC of fp32 against bf16 extraction (fit + predict of the whole object each)",
@@ -237,26 +244,37 @@ def today_tree(rev: str, into: Path) -> Path:
 
 
 def float64_nearest(bank: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest bank vector of each query in float64: candidates within 1e-9 relative of the float64
+    expansion's minimum, then their sums of squared differences (exact ordering of near-ties)."""
     b = torch.from_numpy(bank).double()
+    b_sq = (b * b).sum(1)
     out_d, out_i = np.empty(len(queries)), np.empty(len(queries), np.int64)
-    for row, q in enumerate(torch.from_numpy(queries).double()):
-        d = ((b - q) ** 2).sum(1)
-        out_i[row] = int(torch.argmin(d))
-        out_d[row] = float(d[out_i[row]])
+    for start in range(0, len(queries), 64):
+        q = torch.from_numpy(queries[start : start + 64]).double()
+        expansion = (q * q).sum(1, keepdim=True) + b_sq - 2 * q @ b.T
+        low = expansion.min(1, keepdim=True).values
+        for row in range(len(q)):
+            near = torch.nonzero(expansion[row] <= low[row] + 1e-9 * (q[row] @ q[row] + b_sq.max())).flatten()
+            exact = ((b[near] - q[row]) ** 2).sum(1)
+            best = int(torch.argmin(exact))  # first on ties: candidates are in index order
+            out_i[start + row], out_d[start + row] = int(near[best]), float(exact[best])
     return out_d, out_i
 
 
 def run_new(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     from patchcore.engine._pruned_search import cpu_bf16_matmul
-    from patchcore.engine.index import MemoryBankIndex
 
     train, test = split(args)
     result: dict[str, Any] = {"load_average_start": load_average(), "cpu_bf16": cpu_bf16_matmul()}
     model = make_model(args)
-    say(f"new: extraction fp32 of {len(train)} train images")
-    result["extract_fp32"], features = extract(model, train, args)
+    reuse = Path(args.reuse) if args.reuse else None
+    fp32_images = train[: args.extract_limit] if reuse else train
+    say(f"new: extraction fp32 of {len(fp32_images)} train images")
+    result["extract_fp32"], features = extract(model, fp32_images, args)
     say(f"new: extraction bf16 of {min(len(train), args.extract_limit)} train images")
     result["extract_bf16"], _ = extract(make_model(args, precision="bf16"), train[: args.extract_limit], args)
+    if reuse:
+        return run_new_reused(args, shared, reuse, result, train, test)
     say("new: coreset + index")
 
     # Fit = extraction (timed above) + coreset + index, as PatchCore.fit_features does them.
@@ -281,9 +299,38 @@ def run_new(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     say(f"new: test features of {len(test)} images, search")
     _, queries = extract(model, test, args)
     np.save(shared / "test_features.npy", queries)
+    return search_and_predict(args, shared, model.memory_bank_, queries, result, test)
+
+
+def run_new_reused(args, shared: Path, reuse: Path, result: dict, train: list, test: list) -> dict[str, Any]:
+    """Search and predict on the model (and test features) an earlier run left in ``reuse``."""
+    import shutil
+
+    from patchcore import PatchCore
+
+    shutil.copy(reuse / "model.pt", shared / "model.pt")
+    model = PatchCore.load(shared / "model.pt", device="cpu")
+    stats = model.stats_
+    result["fit"] = {"reused": str(reuse), "coreset_seconds": stats.get("coreset_seconds"),
+                     "index_seconds": stats.get("index_seconds"), "bank": stats.get("memory_size"),
+                     "patches": stats.get("n_patches")}  # fmt: skip
+    features_file = reuse / "test_features.npy"
+    per_image = int(np.prod(model.patch_grid_))
+    if features_file.is_file() and np.load(features_file, mmap_mode="r").shape[0] >= per_image * len(test):
+        queries = np.ascontiguousarray(np.load(features_file, mmap_mode="r")[: per_image * len(test)])
+    else:
+        _, queries = extract(model, test, args)
+    np.save(shared / "test_features.npy", queries)
+    say(f"new: search over {len(test)} test images")
+    return search_and_predict(args, shared, model.memory_bank_, queries, result, test)
+
+
+def search_and_predict(args, shared: Path, bank: np.ndarray, queries: np.ndarray, result: dict, test: list):
+    from patchcore.engine.index import MemoryBankIndex
+
+    model_file = shared / "model.pt"
     per_image = len(queries) // len(test)
     per_call = per_image * args.batch_size
-    bank = model.memory_bank_
     search: dict[str, Any] = {}
     nearest_by = {}
     for name, kind, precision in (
@@ -410,6 +457,11 @@ def table(report: dict[str, Any]) -> str:
         )
     )
     fit = new["fit"]
+    if "seconds" not in fit:  # --reuse: the new extraction rate over the train set + the reused model's times
+        fit["seconds"] = round(
+            report["train_images"] / ne["images_per_second"] + fit["coreset_seconds"] + fit["index_seconds"],
+            2,
+        )
     today_fit = None
     if te:
         # Today's extraction rate (measured on the first --extract-limit images) over the whole train set.
