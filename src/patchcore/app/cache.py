@@ -4,8 +4,10 @@ unchanged, so a new coreset percentage, sampler or k does not run the backbone a
 The cache key is explicit: a SHA-256 over the data fingerprint (every image file's path, size and
 modification time, or the bytes of in-memory tensors) and every setting that changes the features
 (backbone, weights id, layers, transform, patch size and stride, embedding dimensions, precision, feature
-format version). A cache entry is written to a temporary folder and renamed into place when complete, so a
-half-written entry is never visible; an entry whose file size disagrees with its metadata is not used.
+format version). A cache entry is written to a private staging folder and renamed into place when
+complete, so a half-written entry is never visible; its SHA-256 is recorded and checked on every read (a
+corrupted entry is recomputed, with a warning); concurrent runs sharing a cache never delete what another
+reads (see :class:`FeatureCache`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
+import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +28,22 @@ import numpy as np
 import torch
 
 from ..engine.model import PatchCore, ProgressCallback
-from ..engine.store import FeatureStore, open_features
+from ..engine.store import FeatureFile, FeatureStore, open_features
+from ..fileio import atomic_write_text
+from .runs import process_alive
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: renames alone (still atomic per entry)
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("patchcore")
 
 __all__ = ["FEATURE_FORMAT_VERSION", "CacheEntry", "FeatureCache", "data_fingerprint", "fit_cached"]
 
-# Bump when the patch-feature computation changes: old entries then no longer match any key.
-FEATURE_FORMAT_VERSION = 1
+# Bump when the patch-feature computation or the entry layout changes: old entries then match no key.
+# 2: entries carry the SHA-256 of their features.
+FEATURE_FORMAT_VERSION = 2
 
 
 def _file_record(path: Path) -> list[Any]:
@@ -67,21 +81,48 @@ def data_fingerprint(images: Any) -> str | None:
 
 
 class CacheEntry:
-    """A complete cache entry: memory-mapped features and their metadata."""
+    """A complete, verified cache entry: its features and their metadata."""
 
     def __init__(self, directory: Path, meta: dict[str, Any]):
         self.directory = directory
         self.meta = meta
 
-    def features(self) -> np.ndarray:
+    def features(self) -> FeatureFile:
         return open_features(self.directory / "features.f32", self.meta["n_rows"], self.meta["dim"])
 
 
+class _HashingStore(FeatureStore):
+    """A feature store that hashes the rows as they are written (the entry's checksum, no second pass)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.sha256 = hashlib.sha256()
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        super().append(rows)
+        self.sha256.update(memoryview(rows).cast("B"))
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 class FeatureCache:
-    """A folder of cache entries, one sub-folder per key."""
+    """A folder of cache entries, one sub-folder per key.
+
+    Safe to share between concurrent runs (processes or threads, on one machine or a shared file system):
+    an entry is built in a private staging folder and renamed into place; a complete entry is never
+    modified or deleted while valid, so a reader can never lose what it reads; every read verifies the
+    entry's SHA-256, and a corrupted entry is recomputed with a warning and replaced under the cache's lock
+    (re-checked there, so a valid entry that another run just installed is kept). Staging folders of
+    processes that died (kill -9) are removed when a cache is next opened on that machine.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._remove_stale()
 
     @staticmethod
     def key(fingerprint: str, settings: dict[str, Any]) -> str:
@@ -91,40 +132,90 @@ class FeatureCache:
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def lookup(self, key: str) -> CacheEntry | None:
+        """The verified entry for ``key``, or None (absent, incomplete, or corrupted: then with a warning)."""
         directory = self.root / key
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            entry = CacheEntry(directory, meta)
             if meta.get("key") != key or meta.get("format") != FEATURE_FORMAT_VERSION:
                 return None
+            entry = CacheEntry(directory, meta)
             entry.features()  # checks the file size against the metadata
-        except (OSError, ValueError, KeyError):
+            actual = _file_sha256(directory / "features.f32")
+            if actual != meta["sha256"]:
+                raise ValueError(f"checksum {actual[:12]}... does not match the recorded {meta['sha256'][:12]}...")
+        except FileNotFoundError:
+            return None  # being replaced by another run right now: a miss
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("feature cache entry %s is corrupted (%s): recomputing it", directory, exc)
             return None
         return entry
 
     @contextlib.contextmanager
-    def writer(self, key: str):
-        """Yields (FeatureStore, meta dict to fill); on success the entry is renamed into place."""
+    def _lock(self):
+        """The cache's lock for renames and removals (not held while reading or extracting)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        store = FeatureStore(staging / "features.f32")
+        with open(self.root / ".lock", "a+b") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _private_name(self, kind: str) -> Path:
+        return self.root / f".{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def _remove_stale(self) -> None:
+        """Remove staging / trash folders of processes on this machine that no longer run."""
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            kind, _, rest = path.name[1:].partition("-")
+            if not path.name.startswith(".") or kind not in ("staging", "trash"):
+                continue
+            parts = rest.rsplit("-", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                continue
+            if not process_alive(int(parts[1]), parts[0]):
+                log.info("removing %s, left by a run that was stopped", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def writer(self, key: str):
+        """Yields (FeatureStore, meta dict to fill); on success the entry is renamed into place (or, when
+        another run installed a valid entry first, that one is kept and this copy dropped)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self._private_name("staging")
+        staging.mkdir()
+        store = _HashingStore(staging / "features.f32")
         meta: dict[str, Any] = {"key": key, "format": FEATURE_FORMAT_VERSION}
         try:
             yield store, meta
             store.close()
-            meta.update(n_rows=store.n_rows, dim=store.dim)
-            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-            target = self.root / key
-            if target.exists():  # a stale or concurrent entry: replace it
-                shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
-        except BaseException:
+            meta.update(n_rows=store.n_rows, dim=store.dim, sha256=store.sha256.hexdigest())
+            atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
+            self._install(key, staging)
+        finally:
             store.close()
             shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+    def _install(self, key: str, staging: Path) -> None:
+        target = self.root / key
+        with self._lock():
+            if target.exists():
+                if self.lookup(key) is not None:
+                    return  # another run installed a valid entry first: keep theirs, drop ours
+                trash = self._private_name("trash")
+                os.rename(target, trash)  # out of the way atomically; removed below
+            else:
+                trash = None
+            os.rename(staging, target)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def fit_cached(
@@ -152,7 +243,7 @@ def fit_cached(
         with cache.writer(key) as (store, meta):
             meta.update(model.extract_features(images, store, progress=progress))
         entry = cache.lookup(key)
-        if entry is None:  # pragma: no cover - the entry was just renamed into place
+        if entry is None:  # pragma: no cover - valid entries are never removed
             raise RuntimeError(f"feature cache entry {key} in {cache.root} vanished after writing")
     model.fit_features(
         entry.features(), entry.meta, progress=progress, extract_seconds=time.perf_counter() - t0

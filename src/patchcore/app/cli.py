@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..distributed.ray_runner import DistributedError
     from ..distributed.sharded import ShardError
     from ..engine.backbones import BackboneError
-    from ..engine.model import ModelFileError
+    from ..engine.model import ModelFileError, NonFiniteError
     from ..engine.params import ParamError
     from .config import ConfigError
     from .runs import OutputError
@@ -38,8 +38,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .train import ObjectsFailedError
 
     return (
-        ConfigError, DataError, BackboneError, ModelFileError, ParamError, OutputError, TrackingError,
-        FileNotFoundError, CalibrationError, DeployError, DistributedError, ShardError, ObjectsFailedError,
+        ConfigError, DataError, BackboneError, ModelFileError, NonFiniteError, ParamError, OutputError,
+        TrackingError, FileNotFoundError, CalibrationError, DeployError, DistributedError, ShardError,
+        ObjectsFailedError,
     )  # fmt: skip
 
 

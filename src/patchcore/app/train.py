@@ -25,8 +25,9 @@ from typing import Any
 
 from .._version import __version__
 from ..data import DataError, ObjectData, load_dataset
+from ..data.check import check_samples
 from ..data.loading import iterate_batches, make_loader
-from ..engine.model import PatchCore
+from ..engine.model import NonFiniteError, PatchCore
 from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from ..fileio import atomic_write, atomic_write_json, atomic_write_text, safe_name
@@ -36,10 +37,12 @@ from .config import Config, ConfigError, config_to_dict
 from .runs import (
     Progress,
     begin_run,
+    clean_stale_temp,
     finish_run,
     make_run_dir,
     mark_object,
     metrics_line,
+    run_temp_dir,
     seed_everything,
     setup_logging,
 )
@@ -51,9 +54,11 @@ __all__ = [
     "ObjectsFailedError",
     "RunSummary",
     "build_model",
+    "check_objects",
     "config_hash",
     "evaluation_settings",
     "load_objects",
+    "name_bad_images",
     "run_header",
     "train",
     "train_object",
@@ -114,6 +119,23 @@ def load_objects(config: Config) -> list[ObjectData]:
             "include_uncertain": config.data.include_uncertain,
         }
     return load_dataset(config.data.kind, config.data.root, config.data.objects, **options)
+
+
+def check_objects(objects: list[ObjectData], model: PatchCore, train: bool, test: bool) -> None:
+    """Every image and mask header of the splits that will be read, before any work (data/check.py)."""
+    for obj in objects:
+        if train:
+            if not obj.train:
+                raise DataError(f"{obj.name}: no training images")
+            check_samples(obj.train, model.transform, f"{obj.name} train")
+        if test:
+            check_samples(obj.test, model.transform, f"{obj.name} test")
+
+
+def name_bad_images(exc: NonFiniteError, samples: list[Any]) -> NonFiniteError:
+    """The engine names images by position in its input; the application knows their files."""
+    names = [str(samples[p].image_path) if 0 <= p < len(samples) else f"#{p}" for p in exc.positions]
+    return NonFiniteError(exc.what, exc.positions, names)
 
 
 # Keys that change what an object's model or metrics are; the rest (names, logging, where and how it runs,
@@ -190,15 +212,21 @@ def ray_options(config: Config):
 
 
 def fit_object(
-    config: Config, obj: ObjectData, progress: Progress | None = None, train: list | None = None
+    config: Config,
+    obj: ObjectData,
+    progress: Progress | None = None,
+    train: list | None = None,
+    work_dir: Path | None = None,
 ) -> PatchCore:
     """A fitted estimator for one object on ``train`` (default: all its training images), sharded when
-    ``execution.shards`` > 1."""
+    ``execution.shards`` > 1. ``work_dir``: where the streamed training features go (the run's tmp)."""
     train = list(obj.train) if train is None else train
     if not train:
         raise DataError(f"{obj.name}: no training images")
     seed_everything(config.seed)
     model = build_model(config)
+    if work_dir is not None:
+        model.work_dir = str(work_dir)
     shards = min(config.execution.shards, len(train))
     if shards > 1:
         from ..distributed.sharded import sharded_fit
@@ -212,8 +240,11 @@ def fit_object(
     if progress is not None:
         progress.start(obj.name, {"extract": len(train)})
     loader = make_loader(train, model.transform, config.model.batch_size, config.data.num_workers, False)
-    with iterate_batches(loader) as batches:
-        fit_cached(model, batches, config.model.feature_cache, progress=progress)
+    try:
+        with iterate_batches(loader) as batches:
+            fit_cached(model, batches, config.model.feature_cache, progress=progress)
+    except NonFiniteError as exc:
+        raise name_bad_images(exc, train) from None
     return model
 
 
@@ -221,16 +252,24 @@ def train_object(
     task: ObjectTask, out_dir: Path | None = None, progress: Progress | None = None
 ) -> ObjectOutput:
     """Fit and evaluate one object. The evaluation's files go to ``out_dir``; None (a worker): to a
-    temporary folder, returned in ``files`` for the driver to write."""
+    temporary folder, returned in ``files`` for the driver to write.
+
+    With ``out_dir`` (the run folder, local runs) the model file is saved as soon as it is fitted and the
+    object marked ``fitted``: an evaluation that fails never loses the fit.
+    """
     config, obj = task.config, task.obj
     train_samples, calibration_samples = split_calibration(obj, config.evaluation.calibration_fraction, config.seed)
-    model = fit_object(config, obj, progress, train_samples)
+    work_dir = run_temp_dir(out_dir) if out_dir is not None else None
+    model = fit_object(config, obj, progress, train_samples, work_dir)
     model.stats_["object"] = obj.name
     if calibration_samples:
         calibrate_fitted(
             model, calibration_samples, config.evaluation.false_alarm_rate,
             f"{obj.name}: {len(calibration_samples)} held-out good images",
         )  # fmt: skip
+    if out_dir is not None and config.evaluation.enabled:
+        model.save(_object_paths(out_dir, obj.name)["model"])  # rewritten with the evaluation's records
+        mark_object(out_dir, obj.name, "fitted")
     stats = dict(model.stats_)
     metrics: dict[str, float | None] = {}
     files: dict[str, bytes] = {}
@@ -338,9 +377,11 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
     """
     if resume is not None and not (Path(resume) / "config.yaml").is_file():
         raise ConfigError(f"--resume {resume}: not a run folder (no config.yaml in it)")
-    # Bad input (missing data folder, tracker not installed) fails before a run folder is taken.
+    # Bad input (missing data folder, an unreadable image or mask, images that cannot be batched, tracker
+    # not installed) fails before a run folder is taken.
     objects = load_objects(config)
     check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
+    check_objects(objects, build_model(config), train=True, test=config.evaluation.enabled)
     check_tracker(online or config.logging.online)
     if config.execution.engine == "ray":
         from ..distributed.ray_runner import import_ray
@@ -351,6 +392,16 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
     else:
         run_dir = make_run_dir(config.output_dir, config.project, config.group)
     setup_logging(run_dir, config.logging.level)
+    clean_stale_temp(run_dir.parent)  # temporary files of runs of this project killed before
+    try:
+        return _train_in(run_dir, config, objects, online, resume)
+    finally:
+        shutil.rmtree(run_dir / "tmp", ignore_errors=True)  # the streamed features of this run
+
+
+def _train_in(
+    run_dir: Path, config: Config, objects: list[ObjectData], online: str | None, resume: str | Path | None
+) -> RunSummary:
     import yaml
 
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))

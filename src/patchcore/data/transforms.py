@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
@@ -33,6 +34,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 Size = int | tuple[int, int] | None
+_EXIF_ORIENTATION = 0x0112
 
 
 def _to_uint8(arr: np.ndarray, is_float: bool) -> np.ndarray:
@@ -107,13 +109,17 @@ def _open(path: Path) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as img:
             img.load()  # decode now so truncated files fail here, not later in a worker
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                # A camera's rotation flag: the image as every viewer shows it (and as it was annotated).
+                return PIL.ImageOps.exif_transpose(img)
             return img
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
 
 
 def load_image(path: str | Path) -> PIL.Image.Image:
-    """Open an image file as 8-bit RGB (see :func:`to_rgb`); unreadable file -> DataError naming it."""
+    """Open an image file as 8-bit RGB (see :func:`to_rgb`), turned upright by its EXIF orientation;
+    unreadable file -> DataError naming it."""
     return to_rgb(_open(Path(path)))
 
 

@@ -27,7 +27,7 @@ import torch
 
 from ..data import load_image
 from ..data.transforms import ImageTransform, to_rgb
-from ..engine.model import PatchCore
+from ..engine.model import NonFiniteError, PatchCore
 from ..heatmaps import normalize_maps
 from .calibration import describe_calibration, normalize_score, unit_map_range
 
@@ -184,13 +184,20 @@ class Predictor:
         batch_size: int | None = None,
     ):
         """Yield (index, score, map, original size) per image, scoring ``batch_size`` images at a time."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = batch_size or getattr(self.model, "batch_size", None) or 16
         for start, (pil_images, tensors) in self._decoded(images, batch_size):
             shapes = {tuple(t.shape) for t in tensors}
             # Images that transform to different sizes (imagesize None) are scored one by one.
             groups = [list(range(len(tensors)))] if len(shapes) == 1 else [[i] for i in range(len(tensors))]
             for group in groups:
-                scores, maps = self.backend.score(torch.stack([tensors[i] for i in group]))
+                try:
+                    scores, maps = self.backend.score(torch.stack([tensors[i] for i in group]))
+                except NonFiniteError as exc:  # name the images, not positions in this batch
+                    bad = [start + group[p] for p in exc.positions]
+                    shown = [str(images[i]) if not isinstance(images[i], PIL.Image.Image) else f"#{i}" for i in bad]
+                    raise NonFiniteError(exc.what, bad, shown) from None
                 for j, i in enumerate(group):
                     size = (pil_images[i].height, pil_images[i].width)
                     yield start + i, float(scores[j]), np.asarray(maps[j]), size
@@ -224,12 +231,15 @@ class Predictor:
         batch_size: int | None = None,
     ) -> list[ImagePrediction]:
         """One record per image (paths or PIL images), in order."""
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        raw = [
-            (names[i] if names is not None else str(images[i]), score, amap, size)
-            for i, score, amap, size in self.score_batches(images, batch_size)
-        ]
+        try:
+            raw = [
+                (names[i] if names is not None else str(images[i]), score, amap, size)
+                for i, score, amap, size in self.score_batches(images, batch_size)
+            ]
+        except NonFiniteError as exc:
+            if names is None:
+                raise
+            raise NonFiniteError(exc.what, exc.positions, [names[i] for i in exc.positions]) from None
         if not raw:
             return []
         calibration = self.backend.calibration

@@ -196,6 +196,11 @@ def _build_timm(model_name: str, weights: str | os.PathLike | None) -> tuple[nn.
         ) from exc
 
 
+# torch's random generator is one per process: two threads building seeded networks at once would
+# interleave their draws and both get weights no seed describes ("random:seed=0" that is not).
+_SEEDED_BUILD = threading.Lock()
+
+
 def load_backbone(
     name: str, weights: str | os.PathLike | None = None, seed: int = 0
 ) -> tuple[nn.Module, str, tuple[str, ...]]:
@@ -206,7 +211,7 @@ def load_backbone(
     Returns ``(network in eval mode, weights id, default layers)``.
     """
     if name.startswith("timm:"):
-        with torch.random.fork_rng(devices=[]):
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model, wid = _build_timm(name[5:], weights)
         return model.eval(), wid, ()
@@ -215,7 +220,7 @@ def load_backbone(
             f"unknown backbone {name!r}; known: {', '.join(available_backbones())}, or timm:<model name>"
         )
     spec = _REGISTRY[name]
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.build()
     if weights == "random":

@@ -35,7 +35,7 @@ from .params import PARAMS, check_param, params_table
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
 from .store import FeatureStore
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "ModelFileError", "PatchCore", "Prediction"]
+__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "ModelFileError", "NonFiniteError", "PatchCore", "Prediction"]
 
 MODEL_FORMAT = "patchcore-model"
 # 2: a content digest over the parameters, the bank and the fit's records (an edited file is refused).
@@ -51,6 +51,31 @@ _FROZEN = frozenset(p.name for p in PARAMS if p.frozen_after_fit)
 
 class ModelFileError(ValueError):
     """A model file that cannot be used: truncated, not ours, or of another format version."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf in patch features or scores (bad backbone weights, a broken image): never scored.
+
+    ``positions``: the images' 0-based positions in the input of the fit / predict call, so a caller that
+    knows the file names can name the files.
+    """
+
+    def __init__(self, what: str, positions: list[int], names: list[str] | None = None):
+        shown = [str(n) for n in names] if names else [f"position {p} of the input" for p in positions]
+        text = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+        super().__init__(
+            f"non-finite (NaN or inf) {what} for image {text}: bad backbone weights or a broken image?"
+        )
+        self.what = what
+        self.positions = positions
+        self.names = names
+
+
+def _check_finite(values: np.ndarray, n_images: int, offset: int, what: str) -> None:
+    """Raise NonFiniteError naming the images (by position) whose rows hold NaN or inf."""
+    finite = np.isfinite(values.reshape(n_images, -1)).all(axis=1)
+    if not finite.all():
+        raise NonFiniteError(what, [offset + int(i) for i in np.flatnonzero(~finite)])
 
 
 @dataclass
@@ -299,6 +324,11 @@ class PatchCore:
                 train_features, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
             )
         bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the feature file may go
+        bad = ~np.isfinite(bank).all(axis=1)
+        if bad.any():  # features given directly (extract_features checks its own)
+            per_image = max(1, int(meta["n_rows"]) // max(1, int(meta["n_images"])))
+            rows = np.asarray(indices)[bad]
+            raise NonFiniteError("training patch features", sorted({int(r) // per_image for r in rows}))
         t2 = time.perf_counter()
 
         self.__dict__.pop("_unfitted_because", None)
@@ -342,7 +372,9 @@ class PatchCore:
                     f"training images must all have one size: got {tuple(batch.shape[-2:])} after {input_size}"
                 )
             grid, input_size = tuple(batch_grid), tuple(batch.shape[-2:])
-            store.append(rows.cpu().numpy())
+            rows = rows.cpu().numpy()
+            _check_finite(rows, len(batch), n_images, "patch features")
+            store.append(rows)
             n_images += len(batch)
             if progress is not None:
                 progress("extract", n_images, None)
@@ -409,6 +441,7 @@ class PatchCore:
             t0 = time.perf_counter()
             rows, grid = features(batch.to(device, non_blocking=True))
             rows = rows.cpu().numpy()
+            _check_finite(rows, len(batch), done, "patch features")
             t1 = time.perf_counter()
             squared, nearest = index.search(rows, k)
             scores = patch_scores(squared, self.distance).reshape(len(batch), -1)
@@ -416,6 +449,8 @@ class PatchCore:
                 image = reweighted_image_scores(scores, rows, nearest[:, 0], index, self.reweight_neighbors)
             else:
                 image = image_scores(scores)
+            _check_finite(scores, len(batch), done, "patch scores")
+            _check_finite(image, len(batch), done, "image scores")
             t2 = time.perf_counter()
             grids = scores.reshape(len(batch), *grid)
             all_image_scores.append(image)

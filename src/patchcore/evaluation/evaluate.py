@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ import numpy as np
 from ..data import DataError, ObjectData, Sample, load_image, load_mask, saturation_for
 from ..data.autovi import defect_name_for
 from ..data.loading import iterate_batches, make_loader
-from ..engine.model import PatchCore
+from ..engine.model import NonFiniteError, PatchCore
 from ..fileio import atomic_write_text, safe_name
 from ..heatmaps import (
     MAP_LEVELS,
@@ -162,7 +164,11 @@ def evaluate_object(
     done = 0
     with iterate_batches(loader) as batches:
         for batch in batches:
-            prediction = model.predict(batch["image"])
+            try:
+                prediction = model.predict(batch["image"])
+            except NonFiniteError as exc:  # name the files, not positions in this batch
+                names = [str(obj.test[int(batch["index"][p])].image_path) for p in exc.positions]
+                raise NonFiniteError(exc.what, exc.positions, names) from None
             scores.append(prediction.image_scores)
             labels.extend(int(v) for v in batch["label"])
             maps.extend(prediction.anomaly_maps)
@@ -244,11 +250,13 @@ def evaluate_object(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     span = (image_scores.max() - image_scores.min()) or 1.0
-    lines = ["name,label,anomalous,image_score,normalized_score"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")  # quoted: names may hold commas or quotes
+    writer.writerow(["name", "label", "anomalous", "image_score", "normalized_score"])
     for sample, score in zip(obj.test, image_scores, strict=True):
         normalized = (score - image_scores.min()) / span
-        lines.append(f"{sample.name},{sample.label},{int(sample.is_anomalous)},{score:.6f},{normalized:.6f}")
-    atomic_write_text(out_dir / f"predictions_{safe_name(obj.name)}.csv", "\n".join(lines) + "\n")
+        writer.writerow([sample.name, sample.label, int(sample.is_anomalous), f"{score:.6f}", f"{normalized:.6f}"])
+    atomic_write_text(out_dir / f"predictions_{safe_name(obj.name)}.csv", buffer.getvalue())
 
     if settings.heatmaps > 0:
         order = np.argsort(-image_scores, kind="stable")[: settings.heatmaps]
