@@ -34,6 +34,7 @@ from patchcore.engine.coreset import (
 )
 from patchcore.engine.features import patch_features
 from patchcore.engine.scoring import anomaly_maps
+from patchcore.engine.store import FeatureStore
 from patchcore.fileio import atomic_write
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -228,11 +229,18 @@ def test_different_seed_gives_different_coreset_indices(train_images, resnet18_w
     assert not np.array_equal(banks[0].coreset_indices_, banks[1].coreset_indices_)
 
 
-def test_memory_bank_rows_are_the_train_features_at_the_coreset_indices(fitted, train_images):
-    features, grid = public_features(train_images)
-    assert grid == (8, 8)
+def test_memory_bank_rows_are_the_train_features_at_the_coreset_indices(fitted, train_images, tmp_path):
+    # The model's own extraction path (the same arithmetic as fit), so the rows must be equal bit for bit;
+    # the public reference pieces agree with it to float rounding (tests/test_features.py).
+    store = FeatureStore(tmp_path / "features.f32")
+    meta = fitted.extract_features(train_images, store)
+    features = store.array()
+    assert tuple(meta["patch_grid"]) == (8, 8)
     assert len(np.unique(fitted.coreset_indices_)) == len(fitted.coreset_indices_)
     np.testing.assert_array_equal(fitted.memory_bank_, features[fitted.coreset_indices_])
+    reference, grid = public_features(train_images)
+    assert grid == (8, 8)
+    np.testing.assert_allclose(features[fitted.coreset_indices_], reference[fitted.coreset_indices_], atol=1e-4)
 
 
 def test_stats_describe_the_fit(fitted):

@@ -441,7 +441,17 @@ def test_predict_with_a_python_subprocess_keeps_stdout_to_json_lines(mvtec_run, 
     model = mvtec_run["run_dir"] / "models" / "patchcore_screw.pt"
     image = mvtec_run["data"] / "screw" / "test" / "broken" / "002.png"
     done = subprocess.run(
-        [sys.executable, "-m", "patchcore.app.cli", "predict", "-m", str(model), str(image), "-o", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "patchcore.app.cli",
+            "predict",
+            "-m",
+            str(model),
+            str(image),
+            "-o",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

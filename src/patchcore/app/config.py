@@ -99,7 +99,7 @@ class EvaluationConfig:
     enabled: bool = key(True, "evaluate each object on its test split after fitting")
     pro_fpr_limit: float = key(0.3, "FPR integration limit of AU-PRO", in_range(0, 1, low_open=True))
     spro_fpr_limits: list[float] = key(
-        [0.01, 0.05, 0.1, 0.3, 1.0], "FPR limits of AU-sPRO (AutoVI)",
+        [0.01, 0.05, 0.1, 0.3, 1.0], "FPR limits of AU-sPRO (AutoVI, MVTec LOCO)",
         Constraint("a non-empty list of numbers in (0, 1]", lambda v: bool(v) and all(0 < x <= 1 for x in v)),
     )  # fmt: skip
     save_autovi_maps: bool = key(

@@ -106,6 +106,7 @@ def _evaluate(
             "stats": stats,
             "metrics": metrics,
             "calibration": model.calibration_,
+            "evaluation": model.evaluation_,
             "weights_id": model.weights_id_,
         },
     )

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -186,12 +187,7 @@ class Predictor:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = batch_size or getattr(self.model, "batch_size", None) or 16
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pil_images = [
-                item if isinstance(item, PIL.Image.Image) else load_image(Path(item)) for item in chunk
-            ]
-            tensors = self.to_tensors(pil_images)
+        for start, (pil_images, tensors) in self._decoded(images, batch_size):
             shapes = {tuple(t.shape) for t in tensors}
             # Images that transform to different sizes (imagesize None) are scored one by one.
             groups = [list(range(len(tensors)))] if len(shapes) == 1 else [[i] for i in range(len(tensors))]
@@ -205,6 +201,28 @@ class Predictor:
                 for j, i in enumerate(group):
                     size = (pil_images[i].height, pil_images[i].width)
                     yield start + i, float(scores[j]), np.asarray(maps[j]), size
+
+    def _decoded(
+        self, images: Sequence[str | os.PathLike | PIL.Image.Image], batch_size: int
+    ) -> Iterator[tuple[int, tuple[list[PIL.Image.Image], list[torch.Tensor]]]]:
+        """(start, (images, tensors)) per batch. A thread decodes and transforms the next batch (PIL's
+        decoder and resize release the GIL) while the caller scores this one."""
+
+        def load(start: int) -> tuple[list[PIL.Image.Image], list[torch.Tensor]]:
+            chunk = images[start : start + batch_size]
+            pil_images = [
+                item if isinstance(item, PIL.Image.Image) else load_image(Path(item)) for item in chunk
+            ]
+            return pil_images, self.to_tensors(pil_images)
+
+        starts = list(range(0, len(images), batch_size))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-decode") as decoder:
+            upcoming = decoder.submit(load, starts[0]) if starts else None
+            for number, start in enumerate(starts):
+                assert upcoming is not None
+                batch = upcoming.result()
+                upcoming = decoder.submit(load, starts[number + 1]) if number + 1 < len(starts) else None
+                yield start, batch
 
     def predict(
         self,

@@ -1,16 +1,25 @@
 """Exact k-nearest-neighbour search with a certified principal-component bound (``kind="pruned"``).
 
 The distance over the first m principal components of the bank is a lower bound of the full distance (an
-orthogonal rotation preserves distances; dropping coordinates can only shrink them). On PatchCore features
-the first 128 of 1024 components hold about 90% of the variance, so for a test patch only ~1% of the bank
-vectors have a prefix distance below the true nearest-neighbour distance. Per query: the prefix distances to
-the whole bank come from one matrix product (m/D of the exact search's work); the exact distances of the r
-prefix-nearest vectors give an upper bound u on the k-th nearest distance; every vector whose prefix bound
-(minus a float-error margin) is below u gets its exact distance; the k smallest are the answer. Exact up to
-float32 rounding of the distances themselves.
+orthogonal rotation preserves distances; dropping coordinates can only shrink them). On PatchCore
+features the first 128 of 1024 components hold about 90% of the variance, so for a test patch only a few
+percent of the bank vectors have a bound below the true nearest-neighbour distance. Per query: the prefix
+dot products with the whole bank come from one matrix product (m/D of a brute-force search's work); the
+exact distances of the few prefix-nearest vectors give an upper bound u on the k-th nearest distance; every
+vector whose certified lower bound is <= u gets its exact distance (float64 sum of squared differences); the
+k smallest are the answer, ranked in float64 (ties: the smaller bank index).
+
+The matrix product runs in bfloat16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16: oneDNN,
+2.5-4x float32's speed) and in float32 otherwise (``precision``). In bf16 the bound widens by what the
+reduced precision can cost, computed per query and per bank vector (see :class:`PrunedExactSearch`); the
+answer is the same in both modes, only the number of exact distances computed differs.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+import sys
 
 import numpy as np
 import torch
@@ -18,29 +27,68 @@ from numba import njit, prange
 
 from .principal import principal_basis
 
+log = logging.getLogger(__name__)
+
 PREFIX_DIM = 128
 SEEDS = 4  # prefix-nearest candidates whose exact distances seed the upper bound
 QUERY_BLOCK = 512
-RELATIVE_MARGIN = 1e-3  # float-error allowance of the prefix bound, relative to the centred norms
+RELATIVE_MARGIN = 1e-3  # float-error allowance of the float32 prefix bound, relative to the centred norms
+PRECISIONS = ("auto", "bf16", "fp32")
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16 keeps 8 significand bits: |fl(x) - x| <= 2^-8 |x|
+FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 # Reassociation lets LLVM vectorise the float64 sums; no 'nnan'/'ninf' (the kernel uses inf sentinels).
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
+@functools.cache
+def cpu_bf16_matmul() -> str | None:
+    """The CPU feature that makes oneDNN's bf16 matrix products fast (``amx_bf16``, ``avx512_bf16``), or None.
+
+    Read from /proc/cpuinfo (Linux); elsewhere None, so the search stays in float32 (always exact, and bf16
+    emulated in software would be slower than float32).
+    """
+    if not sys.platform.startswith("linux") or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    for feature in ("amx_bf16", "avx512_bf16"):
+                        if feature in flags:
+                            return feature
+                    return None
+    except OSError:
+        return None
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """``auto`` -> ``bf16`` on a CUDA device or a CPU with native bf16 products, else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"search precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16"  # pragma: no cover - no GPU here
+    return "bf16" if cpu_bf16_matmul() is not None else "fp32"
+
+
 @njit(inline="always", fastmath=_FAST)
-def _squared_distance(a: np.ndarray, b: np.ndarray) -> np.float32:
+def _squared_distance(a: np.ndarray, b: np.ndarray) -> float:
     # Sum of squared differences in float64: exact differences, no cancellation, and no float32
     # subnormals (tiny squared differences would underflow to subnormals, which are ~100x slower).
     total = 0.0
     for i in range(a.shape[0]):
         d = np.float64(a[i]) - np.float64(b[i])
         total += d * d
-    return np.float32(total)
+    return total
 
 
 @njit(inline="always")
-def _insert(values: np.ndarray, labels: np.ndarray, value: np.float32, label: int) -> None:
+def _insert(values: np.ndarray, labels: np.ndarray, value, label: int) -> None:
     """Insert into an ascending top-k list (ties: the smaller bank index first)."""
     k = values.shape[0]
     if value > values[k - 1] or (value == values[k - 1] and label >= labels[k - 1]):
@@ -56,55 +104,99 @@ def _insert(values: np.ndarray, labels: np.ndarray, value: np.float32, label: in
     labels[position] = label
 
 
+@njit(inline="always", fastmath=_FAST)
+def _search_row(
+    row, query, sq, bank, bank_sq, allowance, margin_b, r_q, n_q, cross_b, k, out_d2, out_index
+) -> int:
+    """One query: its k nearest bank vectors into out_d2/out_index; returns the exact distances computed."""
+    n_bank = bank.shape[0]
+    seeds = min(max(SEEDS, k), n_bank)
+    # 1. The `seeds` smallest estimated prefix distances: their exact distances bound the k-th nearest.
+    seed_values = np.full(seeds, np.inf, dtype=np.float32)
+    seed_labels = np.full(seeds, n_bank, dtype=np.int64)
+    for j in range(n_bank):
+        _insert(seed_values, seed_labels, sq + bank_sq[j] - 2.0 * row[j], j)
+    best = np.full(k, np.inf, dtype=np.float64)
+    best_labels = np.full(k, n_bank, dtype=np.int64)
+    for s in range(seeds):
+        j = seed_labels[s]
+        _insert(best, best_labels, _squared_distance(query, bank[j]), j)
+    count = seeds
+    # 2. Every vector whose certified lower bound is <= the current k-th distance: exact distance.
+    for j in range(n_bank):
+        bound = sq + bank_sq[j] - 2.0 * row[j] - allowance - margin_b[j]
+        bound -= 2.0 * (r_q * cross_b[j, 0] + n_q * cross_b[j, 1])
+        if bound <= best[k - 1]:
+            already = False
+            for s in range(seeds):
+                if seed_labels[s] == j:
+                    already = True
+            if not already:
+                count += 1
+                _insert(best, best_labels, _squared_distance(query, bank[j]), j)
+    for i in range(k):
+        out_d2[i] = best[i]
+        out_index[i] = best_labels[i]
+    return count
+
+
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def pruned_knn(
     queries: np.ndarray,  # (B, D) float32
     bank: np.ndarray,  # (M, D) float32
-    prefix_d2: np.ndarray,  # (B, M) float32: squared prefix distances (from a matrix product)
-    margin_q: np.ndarray,  # (B,) float32: per-query allowance on prefix_d2
-    margin_b: np.ndarray,  # (M,) float32: per-bank-vector allowance on prefix_d2
+    dots: np.ndarray,  # (B, M) float32: prefix dot products
+    query_sq: np.ndarray,  # (B,) float32: squared prefix norms of the queries
+    bank_sq: np.ndarray,  # (M,) float32: squared prefix norms of the bank vectors
+    margin_q: np.ndarray,  # (B,) float32: per-query allowance on the prefix distance
+    margin_b: np.ndarray,  # (M,) float32: per-bank-vector allowance
+    cross_q: np.ndarray,  # (B, 2) float32: (r_q, n_q) of the reduced-precision allowance (zeros in fp32)
+    cross_b: np.ndarray,  # (M, 2) float32: (n_b, r'_b); allowance 2 (r_q n_b + n_q r'_b)
     k: int,
     out_d2: np.ndarray,  # (B, k) float32
     out_index: np.ndarray,  # (B, k) int64
     computed: np.ndarray,  # (B,) int64: exact distances computed per query
 ) -> None:
-    n_queries, n_bank = prefix_d2.shape
-    seeds = min(max(SEEDS, k), n_bank)
+    for q in prange(dots.shape[0]):
+        computed[q] = _search_row(
+            dots[q], queries[q], query_sq[q], bank, bank_sq, margin_q[q], margin_b, cross_q[q, 0],
+            cross_q[q, 1], cross_b, k, out_d2[q], out_index[q],
+        )  # fmt: skip
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+def pruned_knn_bf16(
+    queries, bank, dots, query_sq, bank_sq, margin_q, margin_b, cross_q, cross_b, k, out_d2, out_index,
+    computed,
+) -> None:  # fmt: skip
+    """:func:`pruned_knn` with ``dots`` as (B, M) uint16: the bits of bfloat16 products."""
+    n_queries, n_bank = dots.shape
     for q in prange(n_queries):
-        row = prefix_d2[q]
-        query = queries[q]
-        # 1. The `seeds` smallest prefix distances: their exact distances bound the k-th nearest.
-        seed_values = np.full(seeds, np.inf, dtype=np.float32)
-        seed_labels = np.full(seeds, n_bank, dtype=np.int64)
+        # bfloat16 is the high half of a float32: widen one row at a time (exact, stays in cache).
+        widened = np.empty(n_bank, dtype=np.uint32)
         for j in range(n_bank):
-            _insert(seed_values, seed_labels, row[j], j)
-        best = np.full(k, np.inf, dtype=np.float32)
-        best_labels = np.full(k, n_bank, dtype=np.int64)
-        for s in range(seeds):
-            j = seed_labels[s]
-            _insert(best, best_labels, _squared_distance(query, bank[j]), j)
-        count = seeds
-        # 2. Every vector whose certified lower bound is below the current k-th distance: exact distance.
-        allowance = margin_q[q]
-        for j in range(n_bank):
-            if row[j] - allowance - margin_b[j] <= best[k - 1]:
-                already = False
-                for s in range(seeds):
-                    if seed_labels[s] == j:
-                        already = True
-                if not already:
-                    count += 1
-                    _insert(best, best_labels, _squared_distance(query, bank[j]), j)
-        for i in range(k):
-            out_d2[q, i] = best[i]
-            out_index[q, i] = best_labels[i]
-        computed[q] = count
+            widened[j] = np.uint32(dots[q, j]) << np.uint32(16)
+        computed[q] = _search_row(
+            widened.view(np.float32), queries[q], query_sq[q], bank, bank_sq, margin_q[q], margin_b,
+            cross_q[q, 0], cross_q[q, 1], cross_b, k, out_d2[q], out_index[q],
+        )  # fmt: skip
 
 
 class PrunedExactSearch:
-    """Exact L2 k-NN over a bank, pruned by a principal-component prefix bound."""
+    """Exact L2 k-NN over a bank, pruned by a principal-component prefix bound.
 
-    def __init__(self, bank: np.ndarray, prefix_dim: int = PREFIX_DIM):
+    ``precision``: ``auto`` (bf16 where the CPU multiplies it natively, see :func:`cpu_bf16_matmul`),
+    ``bf16`` or ``fp32``; the result is the same, only the speed differs.
+
+    The bf16 allowance. With p, b the float32 prefixes and p~, b~ their bf16 roundings, the product returns
+    fl(p~.b~) (float32 accumulation of exact bf16 products, then rounded to bf16), and
+    |p.b - fl(p~.b~)| <= |p - p~| |b| + |p~| |b - b~| + (gamma + u_bf16 (1 + gamma)) |p~| |b~|
+    (Cauchy-Schwarz; gamma = 2m u_fp32 covers the accumulation, u_bf16 = 2^-8 the output rounding). Every
+    factor is a per-vector norm, computed in float64 and rounded up, so the allowance on the squared distance,
+    2 (r_q n_b + n_q r'_b) with r'_b = r_b + (gamma + u_bf16(1 + gamma)) n_b, is a certified one.
+    """
+
+    def __init__(self, bank: np.ndarray, prefix_dim: int = PREFIX_DIM, precision: str = "auto"):
+        self.precision = resolve_precision(precision)
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         mean, basis = principal_basis(torch.from_numpy(self.bank), prefix_dim)
         self.basis = basis.float().contiguous()
@@ -112,10 +204,25 @@ class PrunedExactSearch:
         centred = torch.from_numpy(self.bank).double() - mean
         prefix = (centred @ basis).float()
         self.bank_prefix = prefix.contiguous()
-        self.bank_prefix_sq = (prefix.double() ** 2).sum(1).float()
+        self.bank_prefix_sq = (prefix.double() ** 2).sum(1).float().numpy()
         # The float32 prefix of a vector and its float32 squared-distance formula err by far less than
         # 1e-3 of the centred squared norms (a rotation and a 128-term dot product in float32).
         self.margin_bank = (RELATIVE_MARGIN * (centred**2).sum(1) + 1e-6).float().numpy()
+        self.dim = prefix.shape[1]
+        if self.precision == "bf16":
+            self.bank_prefix_bf16 = prefix.to(torch.bfloat16)
+            self.cross_bank = _cross_terms(prefix, self.bank_prefix_bf16, self.dim, bank_side=True)
+        else:
+            self.bank_prefix_bf16 = None
+            self.cross_bank = np.zeros((len(self.bank), 2), dtype=np.float32)
+        feature = cpu_bf16_matmul()
+        log.info(
+            "exact search: %s prefix products (CPU bf16 support: %s%s), float64 re-ranking of what the "
+            "certified bound cannot exclude",
+            self.precision,
+            feature or "none",
+            "" if precision == "auto" else f"; precision={precision} asked",
+        )
         self.last_exact_fraction = 0.0
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,16 +236,45 @@ class PrunedExactSearch:
             block = torch.from_numpy(queries[start : start + QUERY_BLOCK])
             centred = block - self.mean32
             prefix = centred @ self.basis
-            # ||a||^2 - 2 a.b + ||b||^2 in float32; the margins cover its rounding.
-            prefix_d2 = torch.addmm(
-                self.bank_prefix_sq.unsqueeze(0), prefix, self.bank_prefix.T, beta=1, alpha=-2
-            )
-            prefix_d2.add_((prefix * prefix).sum(1, keepdim=True))
+            query_sq = (prefix.double() ** 2).sum(1).float().numpy()
             margin_q = (RELATIVE_MARGIN * (centred.double() ** 2).sum(1) + 1e-6).float().numpy()
+            if self.precision == "bf16":
+                reduced = prefix.to(torch.bfloat16)
+                dots = (reduced @ self.bank_prefix_bf16.T).view(torch.uint16).numpy()
+                cross_q = _cross_terms(prefix, reduced, self.dim, bank_side=False)
+            else:
+                dots = (prefix @ self.bank_prefix.T).numpy()
+                cross_q = np.zeros((len(block), 2), dtype=np.float32)
             stop = start + len(block)
-            pruned_knn(
-                block.numpy(), self.bank, prefix_d2.numpy(), margin_q, self.margin_bank, k,
+            kernel = pruned_knn_bf16 if self.precision == "bf16" else pruned_knn
+            kernel(
+                block.numpy(), self.bank, dots, query_sq, self.bank_prefix_sq, margin_q, self.margin_bank,
+                cross_q, self.cross_bank, k,
                 out_d2[start:stop], out_index[start:stop], computed[start:stop],
             )  # fmt: skip
         self.last_exact_fraction = float(computed.sum()) / max(1, n * len(self.bank))
         return out_d2, out_index
+
+
+def _cross_terms(prefix: torch.Tensor, reduced: torch.Tensor, dim: int, bank_side: bool) -> np.ndarray:
+    """Per-vector factors of the bf16 allowance, rounded up: queries (r_q, n_q); bank vectors (n_b, r'_b)."""
+    exact = prefix.double()
+    rounded = reduced.double()
+    residual = torch.linalg.vector_norm(exact - rounded, dim=1)
+    norm = torch.maximum(torch.linalg.vector_norm(exact, dim=1), torch.linalg.vector_norm(rounded, dim=1))
+    up = 1 + 1e-6  # float64 norms and the float32 storage below: round the factors up
+    if not bank_side:
+        return (torch.stack([residual, norm], dim=1) * up).float().numpy()
+    gamma = 2 * dim * FP32_UNIT_ROUNDOFF / (1 - 2 * dim * FP32_UNIT_ROUNDOFF)
+    product = gamma + BF16_UNIT_ROUNDOFF * (1 + gamma)
+    return (torch.stack([norm, residual + product * norm], dim=1) * up).float().numpy()
+
+
+__all__ = [
+    "PRECISIONS",
+    "PrunedExactSearch",
+    "cpu_bf16_matmul",
+    "pruned_knn",
+    "pruned_knn_bf16",
+    "resolve_precision",
+]

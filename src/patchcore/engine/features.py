@@ -4,16 +4,30 @@ For each hooked layer map (B, C, h, w): unfold p x p neighbourhoods (zero paddin
 the first onto the first layer's grid (bilinear, per neighbourhood map: unfold first, resize second), mean
 pool each layer's rows to ``pretrain_embed_dimension`` and pool the stacked layers to
 ``target_embed_dimension``. The result is one vector per patch, rows in (image, row, column) order.
+
+Two implementations of the same arithmetic:
+
+- :func:`patch_features` (``aggregation="reference"``) builds the C*p*p-wide neighbourhood rows and pools
+  them, op for op as the reference code does.
+- :class:`LinearPatchAggregator` (``aggregation="conv"``, the default of :class:`PatchFeatures`) uses that
+  every step after the backbone is linear and fixed: unfolding followed by the two adaptive poolings is one
+  p x p convolution per layer with a derived weight (its rows are rows of the pooling matrices), and bilinear
+  resizing acts on each channel alike, so it commutes with that per-pixel channel map: a coarse layer is
+  reduced to its output channels *before* it is upsampled. Equal to the reference in exact arithmetic; in
+  float32 each output sums a handful of nonzero products in another order (the test derives the tolerance).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PatchFeatures", "patchify", "patch_features"]
+__all__ = ["AGGREGATIONS", "LinearPatchAggregator", "PatchFeatures", "patchify", "patch_features"]
+
+AGGREGATIONS = ("conv", "reference")
 
 
 def patchify(
@@ -73,8 +87,107 @@ def patch_features(
     return F.adaptive_avg_pool1d(stacked, target_embed_dimension).reshape(len(pooled[0]), -1), reference_grid
 
 
+def _pooling_matrix(length: int, size: int) -> torch.Tensor:
+    """The (size, length) float64 matrix of ``F.adaptive_avg_pool1d`` from ``length`` to ``size`` values.
+
+    Bin i averages the inputs [floor(i*length/size), ceil((i+1)*length/size)), as torch's kernel does.
+    """
+    matrix = torch.zeros((size, length), dtype=torch.float64)
+    for i in range(size):
+        start = (i * length) // size
+        stop = -((-(i + 1) * length) // size)
+        matrix[i, start:stop] = 1.0 / (stop - start)
+    return matrix
+
+
+class LinearPatchAggregator:
+    """:func:`patch_features` as one p x p convolution per layer (plus a bilinear upsampling of the coarse
+    layers' *reduced* maps). Built for fixed layer channel counts; weights are derived in float64 from the
+    pooling matrices and stored in float32.
+
+    For layer l with C_l channels, the reference computes ``target_pool(concat_l(pre_pool_l(unfold(x_l))))``.
+    Everything is linear, so output = sum_l up_l(conv(x_l, W_l)) with W_l = T[:, block_l] @ P_l reshaped to
+    (out, C_l, p, p): P_l the (pre, C_l*p*p) pooling matrix, T the (target, sum pre) one, and unfold's row
+    order (channel outermost, then kernel row, column) equal to a convolution weight's (C, p, p) order. Only
+    the output rows a layer touches are convolved (for 1024 + 1024 -> 1024: the first layer gives rows
+    0..511, the second 512..1023).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        patchsize: int = 3,
+        stride: int = 1,
+        pretrain_embed_dimension: int | None = 1024,
+        target_embed_dimension: int | None = 1024,
+    ):
+        self.channels = tuple(int(c) for c in channels)
+        self.patchsize = patchsize
+        self.stride = stride
+        self.padding = (patchsize - 1) // 2
+        window = patchsize * patchsize
+        if target_embed_dimension is None:
+            pre = [_pooling_matrix(c * window, c) for c in self.channels]
+            target = torch.eye(sum(self.channels), dtype=torch.float64)
+        else:
+            if pretrain_embed_dimension is None:
+                raise ValueError("pretrain_embed_dimension=None needs target_embed_dimension=None")
+            pre = [_pooling_matrix(c * window, pretrain_embed_dimension) for c in self.channels]
+            target = _pooling_matrix(len(self.channels) * pretrain_embed_dimension, target_embed_dimension)
+        self.dim = target.shape[0]
+        # Per layer: (first row, stop row, conv weight (rows, C, p, p) float32).
+        self.parts: list[tuple[int, int, torch.Tensor]] = []
+        offset = 0
+        for c, pooling in zip(self.channels, pre, strict=True):
+            block = target[:, offset : offset + pooling.shape[0]]
+            offset += pooling.shape[0]
+            used = torch.flatten(torch.nonzero(block.abs().sum(1)))
+            start, stop = int(used[0]), int(used[-1]) + 1
+            weight = block[start:stop] @ pooling  # (rows, C*p*p)
+            self.parts.append((start, stop, weight.reshape(stop - start, c, patchsize, patchsize).float()))
+        spans = [(start, stop) for start, stop, _ in self.parts]
+        # The common case: the layers fill consecutive, disjoint row ranges, so the output is a concatenation.
+        self._concatenate = (
+            spans[0][0] == 0
+            and spans[-1][1] == self.dim
+            and all(a[1] == b[0] for a, b in zip(spans[:-1], spans[1:], strict=False))
+        )
+
+    def __call__(self, layer_maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        if tuple(m.shape[1] for m in layer_maps) != self.channels:
+            raise ValueError(
+                f"layer maps with {[m.shape[1] for m in layer_maps]} channels given to an aggregator built "
+                f"for {list(self.channels)}"
+            )
+        grid: tuple[int, int] | None = None
+        outputs = []
+        for layer_map, (start, stop, weight) in zip(layer_maps, self.parts, strict=True):
+            x = layer_map.float()
+            reduced = F.conv2d(x, weight.to(x.device), stride=self.stride, padding=self.padding)
+            if grid is None:
+                grid = (int(reduced.shape[-2]), int(reduced.shape[-1]))
+            elif tuple(reduced.shape[-2:]) != grid:
+                reduced = F.interpolate(reduced, size=grid, mode="bilinear", align_corners=False)
+            outputs.append((start, stop, reduced))
+        assert grid is not None
+        batch = layer_maps[0].shape[0]
+        if self._concatenate:
+            maps = torch.cat([r for _, _, r in outputs], dim=1) if len(outputs) > 1 else outputs[0][2]
+        else:
+            maps = outputs[0][2].new_zeros((batch, self.dim, *grid))
+            for start, stop, reduced in outputs:
+                maps[:, start:stop] += reduced
+        # (B, D, gh, gw) -> (B*gh*gw, D): one row per patch (a view when the maps are channels-last).
+        return maps.permute(0, 2, 3, 1).reshape(-1, self.dim), grid
+
+
 class PatchFeatures:
-    """Backbone + patch aggregation: images (B, 3, H, W) -> patch vectors (B*gh*gw, D) on the patch grid."""
+    """Backbone + patch aggregation: images (B, 3, H, W) -> patch vectors (B*gh*gw, D) on the patch grid.
+
+    ``aggregation``: ``"conv"`` (default, :class:`LinearPatchAggregator`) or ``"reference"``
+    (:func:`patch_features`, the reference's op-for-op arithmetic). ``channels_last``: run the backbone on
+    NHWC tensors (oneDNN's fast layout on CPUs; tensor cores' on GPUs); same values up to float rounding.
+    """
 
     def __init__(
         self,
@@ -84,24 +197,52 @@ class PatchFeatures:
         pretrain_embed_dimension: int | None = 1024,
         target_embed_dimension: int | None = 1024,
         autocast_dtype: torch.dtype | None = None,
+        aggregation: str = "conv",
+        channels_last: bool = True,
     ):
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.extractor = extractor
         self.patchsize = patchsize
         self.stride = stride
         self.pretrain_embed_dimension = pretrain_embed_dimension
         self.target_embed_dimension = target_embed_dimension
         self.autocast_dtype = autocast_dtype
+        self.aggregation = aggregation
+        self.channels_last = channels_last
+        if channels_last:
+            extractor.to(memory_format=torch.channels_last)
+        self._aggregator: LinearPatchAggregator | None = None
+        self._aggregator_lock = threading.Lock()
+
+    def aggregator(self, channels: Sequence[int]) -> LinearPatchAggregator:
+        """The convolution weights for these layer channel counts (derived once, then reused)."""
+        with self._aggregator_lock:
+            if self._aggregator is None or self._aggregator.channels != tuple(channels):
+                self._aggregator = LinearPatchAggregator(
+                    channels,
+                    self.patchsize,
+                    self.stride,
+                    self.pretrain_embed_dimension,
+                    self.target_embed_dimension,
+                )
+            return self._aggregator
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is not None:
             # Mixed precision for the backbone only; patch features and the bank stay float32.
             with torch.autocast(device_type=images.device.type, dtype=self.autocast_dtype):
                 maps = self.extractor(images)
         else:
             maps = self.extractor(images)
+        layer_maps = list(maps.values())
+        if self.aggregation == "conv":
+            return self.aggregator([m.shape[1] for m in layer_maps])(layer_maps)
         return patch_features(
-            list(maps.values()),
+            layer_maps,
             self.patchsize,
             self.stride,
             self.pretrain_embed_dimension,

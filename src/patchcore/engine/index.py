@@ -5,7 +5,9 @@ root; ``distance="squared_l2"`` keeps them (what the reference code reports).
 
 Three kinds of index (``kind``):
 
-- ``"flat"`` (default): exact search, ``IndexFlatL2`` (the reference's; on the GPU when asked and available).
+- ``"flat"`` (default): exact search, ``IndexFlatL2`` (the reference's; on the GPU when asked and available;
+  with a CUDA device but a FAISS without GPU support, ``_torch_search``: torch matrix products on the GPU
+  with float64 re-ranking, the same answer; ``pruned`` on a CUDA device takes that path too).
 - ``"pruned"``: exact search too, on the CPU, with a certified principal-component lower bound that skips
   most bank vectors (see ``_pruned_search``); needs numba. Same neighbours as ``flat`` up to float32
   rounding of the distances (its distances are computed as sums of squared differences, not by FAISS's
@@ -71,6 +73,10 @@ class MemoryBankIndex:
     threads: when given, ``faiss.omp_set_num_threads(threads)``: FAISS's OpenMP thread count for build and
         search. This is process-wide and is not restored afterwards; None leaves it as it is (by default
         FAISS uses every core OpenMP sees).
+    search_precision: ``pruned`` only: the precision of its candidate bound's matrix product, ``auto``
+        (bf16 where the CPU multiplies bf16 natively: AMX or AVX512-BF16; float32 elsewhere), ``bf16`` or
+        ``fp32``. The answer is exact in every mode; the chosen one is logged and kept in
+        ``search_precision``.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class MemoryBankIndex:
         ef_search: int = 64,
         nlist: int | None = None,
         threads: int | None = None,
+        search_precision: str = "auto",
     ):
         import faiss
 
@@ -110,11 +117,22 @@ class MemoryBankIndex:
         self._exact: MemoryBankIndex | None = None
         gpu = bool(use_gpu and kind in ("flat", "ivf") and faiss_has_gpu())
         self._pruned = None
+        self._torch = None
+        self.search_precision = "fp32"
 
+        if kind in ("flat", "pruned") and use_gpu and not gpu and _torch_cuda():  # pragma: no cover - GPU
+            # A CUDA device but FAISS without GPU support: exact search by torch matrix products there.
+            from ._torch_search import TorchExactSearch
+
+            self._torch = TorchExactSearch(bank, "cuda")
+            self.on_gpu = True
+            self.index = None
+            return
         if kind == "pruned":
             from ._pruned_search import PrunedExactSearch
 
-            self._pruned = PrunedExactSearch(bank)
+            self._pruned = PrunedExactSearch(bank, precision=search_precision)
+            self.search_precision = self._pruned.precision
             self.on_gpu = False
             self.index = None
             return
@@ -181,6 +199,8 @@ class MemoryBankIndex:
         if self._pruned is not None:
             distances, indices = self._pruned.search(queries, k)
             return distances, indices
+        if self._torch is not None:  # pragma: no cover - GPU
+            return self._torch.search(queries, k)
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, k)
         for start, stop in self._chunks(len(queries)):
@@ -218,6 +238,12 @@ class MemoryBankIndex:
             return float(np.mean(found[:, 0] == truth[:, 0]))
         hits = sum(len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(found, truth, strict=True))
         return hits / (len(queries) * k)
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def blas_min_rows(dim: int) -> int:

@@ -106,7 +106,11 @@ def _native_evaluation(
             else:
                 save_map_png(target.with_suffix(".png"), unit, sixteen_bit=True)
         channels = _native_channels(obj, sample, levels.shape) if with_gt and sample.is_anomalous else []
-        accumulator.add(sample.label, levels, channels)
+        usable = not (with_gt and sample.is_anomalous and not channels)
+        if not usable:
+            log.warning("%s: defect image %s has no non-empty ground truth: left out of sPRO", obj.name,
+                        sample.image_path)  # fmt: skip
+        accumulator.add(sample.label, levels, channels, pixels=usable)
     metrics: dict[str, float | None] = {}
     per_class: dict[str, Any] = {}
     image_aurocs = accumulator.image_aurocs()

@@ -60,11 +60,21 @@ class NativeSproAccumulator:
         self.image_labels: list[str] = []
         self.image_maxima: list[int] = []
 
-    def add(self, label: str, levels: np.ndarray, channels: Sequence[Channel] = ()) -> None:
-        """Add one image: its map as uint16 levels (native size) and its non-empty ground-truth channels."""
+    def add(
+        self, label: str, levels: np.ndarray, channels: Sequence[Channel] = (), pixels: bool = True
+    ) -> None:
+        """Add one image: its map as uint16 levels (native size) and its non-empty ground-truth channels.
+
+        ``pixels=False``: the image counts at image level only (a defect image without usable ground truth
+        must not add its pixels to the negatives).
+        """
         levels = np.asarray(levels)
         if levels.dtype != np.uint16 or levels.ndim != 2:
             raise ValueError(f"levels must be a 2-D uint16 array, got {levels.dtype} {levels.shape}")
+        self.image_labels.append(label)
+        self.image_maxima.append(int(levels.max()))
+        if not pixels:
+            return
         group = self._groups.setdefault(label, _Group())
         union = np.zeros(levels.shape, dtype=bool)
         for channel in channels:
@@ -83,8 +93,6 @@ class NativeSproAccumulator:
             group.spro_sum += np.minimum(hits / saturation, 1.0)
             group.n_channels += 1
         group.negatives += np.bincount(levels[~union], minlength=MAP_LEVELS)
-        self.image_labels.append(label)
-        self.image_maxima.append(int(levels.max()))
 
     @property
     def anomaly_labels(self) -> list[str]:

@@ -1,0 +1,566 @@
+"""Speed of PatchCore on this machine: today's code (a git revision) against the working tree, in one run.
+
+ELPV cells (the ``elpv-dataset`` package) and EfficientNet-Lite0 (its weights ship in a package), as
+configs/elpv.yaml sets them up. Phases, each for both codes unless said otherwise:
+
+- extraction: train images from PNG through a DataLoader (as ``fit`` reads them): images/s end to end
+  and for backbone + patch features alone; the new code also with ``precision="bf16"``;
+- fit (new code): extraction + coreset + index, what ``PatchCore.fit`` times; today's fit is today's
+  extraction + the same coreset (its code is unchanged) + today's index build;
+- search: the pruned exact index on the fitted bank, over the test images' patches (32 images per call, as
+  ``predict`` calls it); the new code in bf16 (where the CPU has native bf16) and float32; FAISS flat for
+  scale; exactness against float64 brute force on a sample of patches;
+- predict: ``Predictor.predict`` on the test PNG files, end to end (decode, backbone, search, maps);
+- ``--auroc-only``: image AUROC of fp32 against bf16 extraction (fit + predict of the whole object each).
+
+Today's code runs in a child process on ``git archive <rev> src`` (default: the merge base with main), so
+both sides run on the same machine within minutes of each other. Ratios are new / today in this run; the
+reference implementation's figures (NOTES.md) are quoted, not re-measured.
+
+    .venv/bin/python benchmarks/bench_speed.py                          # mono, 224 px
+    .venv/bin/python benchmarks/bench_speed.py --train-limit 64 --test-limit 32 --skip-today   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+BACKBONE = "efficientnet-lite0"
+LAYERS = ["_blocks.4", "_blocks.10"]
+# The reference implementation on this machine (NOTES.md / issue 10, measured by earlier sessions).
+REFERENCE = {"predict_images_per_second": 3.3, "greedy_ms_per_pick": 66.4}
+TARGETS = {
+    "predict_images_per_second": 30.0,
+    "extract_fp32_images_per_second": 60.0,
+    "extract_bf16_images_per_second": 120.0,
+    "fit_seconds_mono": 20.0,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--object", choices=("mono", "poly"), default="mono")
+    parser.add_argument("--train-limit", type=int, default=None, metavar="N", help="first N train images")
+    parser.add_argument("--test-limit", type=int, default=None, metavar="N", help="first N test images")
+    parser.add_argument("--baseline-rev", default=None, help="today's code (default: merge-base HEAD main)")
+    parser.add_argument("--skip-today", action="store_true", help="new code only")
+    parser.add_argument(
+        "--extract-limit",
+        type=int,
+        default=96,
+        metavar="N",
+        help="train images timed for bf16 and today's extraction (the new fp32 pass reads all: it builds the bank)",
+    )
+    parser.add_argument(
+        "--auroc-only",
+        action="store_true",
+        help="only the image AUROC of fp32 against bf16 extraction (fit + predict of the whole object each)",
+    )
+    parser.add_argument(
+        "--exact-sample", type=int, default=784, help="patches checked vs float64 brute force"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--out", default=str(ROOT / "results"), help="folder for the JSON and text table")
+    parser.add_argument("--role", default="new", help=argparse.SUPPRESS)  # internal: "today" in the child
+    parser.add_argument("--shared", default=None, help=argparse.SUPPRESS)  # internal: files from the parent
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers (both codes)
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(
+                    f for f in flags if "bf16" in f or "amx" in f or f in ("avx512f", "avx512_vnni")
+                )
+    except OSError:
+        pass
+    return []
+
+
+def split(args: argparse.Namespace):
+    from patchcore.data import load_elpv
+
+    obj = load_elpv(objects=[args.object])[0]
+    return obj.train[: args.train_limit], obj.test[: args.test_limit]
+
+
+def make_model(args: argparse.Namespace, **overrides) -> Any:
+    from patchcore import PatchCore
+
+    settings = dict(
+        backbone=BACKBONE, layers=LAYERS, resize=256, imagesize=224, percentage=0.1, index_kind="pruned",
+        device="cpu", batch_size=args.batch_size, seed=0,
+    )  # fmt: skip
+    settings.update(overrides)
+    return PatchCore(**settings)
+
+
+def loader(model: Any, samples: list, args: argparse.Namespace):
+    from torch.utils.data import DataLoader
+
+    from patchcore.data import ImageDataset, collate_samples
+
+    return DataLoader(
+        ImageDataset(samples, model.transform), batch_size=args.batch_size, shuffle=False,
+        num_workers=args.workers, collate_fn=collate_samples,
+    )  # fmt: skip
+
+
+def extract(model: Any, samples: list, args: argparse.Namespace) -> tuple[dict, np.ndarray]:
+    """Patch features of ``samples`` through the model's own feature path, timed end to end and alone."""
+    features = model._patch_features()
+    warm = torch.zeros(2, 3, 224, 224)
+    features(warm)  # lazy builds (weights, aggregator) outside the timings
+    rows_all, compute_s, n = [], 0.0, 0
+    start = time.perf_counter()
+    for batch in loader(model, samples, args):
+        t0 = time.perf_counter()
+        rows, _ = features(batch["image"])
+        rows_all.append(rows.numpy())
+        compute_s += time.perf_counter() - t0
+        n += len(batch["image"])
+    seconds = time.perf_counter() - start
+    return {
+        "images": n,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(n / seconds, 2),
+        "compute_images_per_second": round(n / compute_s, 2),
+        "load_average": load_average(),
+    }, np.concatenate(rows_all)
+
+
+def search_timing(
+    index: Any, queries: np.ndarray, per_call: int, repeats: int = 2
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Seconds for all queries (per call, the fastest of ``repeats``: the machine is shared, and other
+    processes only ever add time), and the nearest neighbours."""
+    distances, nearest = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
+    seconds = 0.0
+    for start in range(0, len(queries), per_call):
+        fastest = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            d, i = index.search(queries[start : start + per_call], 1)
+            fastest = min(fastest, time.perf_counter() - t0)
+        seconds += fastest
+        distances[start : start + len(d)], nearest[start : start + len(d)] = d[:, 0], i[:, 0]
+    return seconds, distances, nearest
+
+
+def predict_phase(model_path: str, samples: list) -> tuple[dict, np.ndarray]:
+    from patchcore.deploy.inference import Predictor
+
+    predictor = Predictor.load(model_path, device="cpu")
+    predictor.predict([samples[0].image_path])  # lazy builds (extractor, index, numba) outside the timing
+    paths = [s.image_path for s in samples]
+    start = time.perf_counter()
+    records = predictor.predict(paths)
+    seconds = time.perf_counter() - start
+    return {
+        "images": len(paths),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(paths) / seconds, 2),
+        "load_average": load_average(),
+    }, np.array([r.score for r in records])
+
+
+# --------------------------------------------------------------------------- today's code (child)
+
+
+def run_today(args: argparse.Namespace) -> dict[str, Any]:
+    """Extraction, search and predict with whatever ``patchcore`` is importable (today's tree)."""
+    from patchcore.engine.index import MemoryBankIndex
+
+    shared = Path(args.shared)
+    train, test = split(args)
+    import patchcore
+
+    result: dict[str, Any] = {"load_average_start": load_average(), "patchcore_module": patchcore.__file__}
+    say(f"today: extraction of {min(len(train), args.extract_limit)} train images")
+    result["extract_fp32"], _ = extract(make_model(args), train[: args.extract_limit], args)
+    model_file = str(shared / "model.pt")
+    from patchcore import PatchCore
+
+    bank = PatchCore.load(model_file).memory_bank_
+    queries = np.load(shared / "test_features.npy")
+    per_image = queries.shape[0] // len(test)
+    index_start = time.perf_counter()
+    index = MemoryBankIndex(bank, kind="pruned")
+    index.search(queries[:per_image], 1)  # numba compile / cache load
+    result["index_build_seconds"] = round(time.perf_counter() - index_start, 3)
+    seconds, distances, nearest = search_timing(index, queries, per_image * args.batch_size)
+    result["search"] = {"ms_per_image": round(1000 * seconds / len(test), 2)}
+    say("today: predict")
+    np.save(shared / "today_nearest.npy", nearest)
+    result["predict"], scores = predict_phase(model_file, test)
+    np.save(shared / "today_scores.npy", scores)
+    result["load_average_end"] = load_average()
+    return result
+
+
+def today_tree(rev: str, into: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "src"
+
+
+# --------------------------------------------------------------------------- new code (parent)
+
+
+def float64_nearest(bank: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    b = torch.from_numpy(bank).double()
+    out_d, out_i = np.empty(len(queries)), np.empty(len(queries), np.int64)
+    for row, q in enumerate(torch.from_numpy(queries).double()):
+        d = ((b - q) ** 2).sum(1)
+        out_i[row] = int(torch.argmin(d))
+        out_d[row] = float(d[out_i[row]])
+    return out_d, out_i
+
+
+def run_new(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
+    from patchcore.engine._pruned_search import cpu_bf16_matmul
+    from patchcore.engine.index import MemoryBankIndex
+
+    train, test = split(args)
+    result: dict[str, Any] = {"load_average_start": load_average(), "cpu_bf16": cpu_bf16_matmul()}
+    model = make_model(args)
+    say(f"new: extraction fp32 of {len(train)} train images")
+    result["extract_fp32"], features = extract(model, train, args)
+    say(f"new: extraction bf16 of {min(len(train), args.extract_limit)} train images")
+    result["extract_bf16"], _ = extract(make_model(args, precision="bf16"), train[: args.extract_limit], args)
+    say("new: coreset + index")
+
+    # Fit = extraction (timed above) + coreset + index, as PatchCore.fit_features does them.
+    start = time.perf_counter()
+    model.fit_features(
+        features,
+        {"n_images": len(train), "n_rows": len(features), "patch_grid": [28, 28], "input_size": [224, 224]},
+    )
+    fit_rest = time.perf_counter() - start
+    stats = model.stats_
+    result["fit"] = {
+        "extract_seconds": result["extract_fp32"]["seconds"],
+        "coreset_seconds": stats["coreset_seconds"],
+        "index_seconds": stats["index_seconds"],
+        "seconds": round(result["extract_fp32"]["seconds"] + fit_rest, 3),
+        "bank": stats["memory_size"],
+        "patches": stats["n_patches"],
+    }
+    model_file = shared / "model.pt"
+    model.save(model_file)
+
+    say(f"new: test features of {len(test)} images, search")
+    _, queries = extract(model, test, args)
+    np.save(shared / "test_features.npy", queries)
+    per_image = len(queries) // len(test)
+    per_call = per_image * args.batch_size
+    bank = model.memory_bank_
+    search: dict[str, Any] = {}
+    nearest_by = {}
+    for name, kind, precision in (
+        ("flat", "flat", "auto"),
+        ("pruned_fp32", "pruned", "fp32"),
+        ("pruned_bf16", "pruned", "bf16"),
+    ):
+        t0 = time.perf_counter()
+        index = MemoryBankIndex(bank, kind=kind, search_precision=precision)
+        index.search(queries[:per_image], 1)
+        build = time.perf_counter() - t0
+        seconds, distances, nearest = search_timing(index, queries, per_call)
+        nearest_by[name] = (distances, nearest)
+        search[name] = {
+            "ms_per_image": round(1000 * seconds / len(test), 2),
+            "build_seconds": round(build, 3),
+        }
+        if kind == "pruned":
+            search[name]["exact_fraction"] = round(index._pruned.last_exact_fraction, 5)
+    # Exactness on a sample of patches spread over the test set: float64 brute force.
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(queries), min(args.exact_sample, len(queries)), replace=False))
+    truth_d, truth_i = float64_nearest(bank, queries[sample])
+    for name in ("pruned_fp32", "pruned_bf16", "flat"):
+        d, i = nearest_by[name]
+        search[name]["same_neighbour_fraction"] = float(np.mean(i[sample] == truth_i))
+        scale = np.maximum(np.sqrt(truth_d), 1e-12)
+        search[name]["max_relative_score_error"] = float(
+            np.max(np.abs(np.sqrt(d[sample]) - np.sqrt(truth_d)) / scale)
+        )
+    result["search"] = search
+    result["search"]["exact_sample"] = int(len(sample))
+
+    say("new: predict")
+    result["predict"], scores = predict_phase(str(model_file), test)
+    np.save(shared / "new_scores.npy", scores)
+    result["load_average_end"] = load_average()
+    return result
+
+
+def run_auroc(args: argparse.Namespace) -> dict[str, Any]:
+    """Image AUROC with fp32 and with bf16 extraction: each a whole fit and a prediction of every test image
+    (through ``PatchCore.predict`` on a DataLoader, as ``patchcore train`` evaluates)."""
+    from patchcore.evaluation.metrics import image_auroc
+
+    train, test = split(args)
+    labels = np.array([s.label != "good" for s in test], dtype=int)
+    result: dict[str, Any] = {"object": args.object, "train_images": len(train), "test_images": len(test)}
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        say(f"auroc: fit + predict with precision={precision}")
+        model = make_model(args, precision=precision)
+        start = time.perf_counter()
+        model.fit(loader(model, train, args))
+        prediction = model.predict(loader(model, test, args), return_maps=False)
+        scores[precision] = prediction.image_scores
+        result[precision] = {"image_auroc": image_auroc(labels, prediction.image_scores),
+                             "seconds": round(time.perf_counter() - start, 1),
+                             "search_precision": model._search_index().search_precision}  # fmt: skip
+    result["change"] = result["bf16"]["image_auroc"] - result["fp32"]["image_auroc"]
+    result["max_relative_image_score_change"] = float(
+        np.max(np.abs(scores["bf16"] - scores["fp32"]) / scores["fp32"])
+    )
+    result["load_average_end"] = load_average()
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "" if not a or not b else f"x{a / b:.2f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    new, today = report["new"], report.get("today") or {}
+
+    def row(figure, t, n, r="", target="", ref=""):
+        return f"| {figure} | {t} | {n} | {r} | {target} | {ref} |"
+
+    lines = [
+        f"ELPV {report['object']}, {report['train_images']} train / {report['test_images']} test images, 224 px; "
+        f"CPU {report['machine']['cpu']} ({report['machine']['cores']} cores; bf16 flags: "
+        f"{', '.join(report['machine']['bf16_flags']) or 'none'}); load average start {new['load_average_start']} "
+        f"end {new['load_average_end']}",
+        "",
+        row("figure", "today", "new", "new/today", "target", "reference code"),
+        row("---", "---:", "---:", "---:", "---:", "---:"),
+    ]
+    te, ne = today.get("extract_fp32", {}), new["extract_fp32"]
+    lines.append(
+        row(
+            "extraction fp32, img/s end to end (PNG)",
+            te.get("images_per_second", ""),
+            ne["images_per_second"],
+            ratio(ne["images_per_second"], te.get("images_per_second")),
+            ">= 60",
+        )
+    )
+    lines.append(
+        row(
+            "extraction fp32, img/s backbone + patch features",
+            te.get("compute_images_per_second", ""),
+            ne["compute_images_per_second"],
+            ratio(ne["compute_images_per_second"], te.get("compute_images_per_second")),
+        )
+    )
+    nb = new["extract_bf16"]
+    lines.append(
+        row(
+            "extraction bf16 (opt-in), img/s end to end",
+            "",
+            nb["images_per_second"],
+            ratio(nb["images_per_second"], te.get("images_per_second")),
+            ">= 120",
+        )
+    )
+    lines.append(
+        row(
+            "extraction bf16, img/s backbone + patch features",
+            "",
+            nb["compute_images_per_second"],
+            ratio(nb["compute_images_per_second"], te.get("compute_images_per_second")),
+        )
+    )
+    fit = new["fit"]
+    today_fit = None
+    if te:
+        # Today's extraction rate (measured on the first --extract-limit images) over the whole train set.
+        today_fit = round(
+            report["train_images"] / te["images_per_second"]
+            + fit["coreset_seconds"]
+            + today.get("index_build_seconds", 0.0),
+            2,
+        )
+    lines.append(
+        row(
+            "fit s (extract + coreset + index)",
+            today_fit or "",
+            fit["seconds"],
+            ratio(today_fit, fit["seconds"]),
+            "<= 20",
+        )
+    )
+    lines.append(
+        row("  of which coreset s (same code both)", fit["coreset_seconds"], fit["coreset_seconds"], "", "")
+    )
+    s = new["search"]
+    ts = today.get("search", {}).get("ms_per_image")
+    for name, label in (
+        ("pruned_bf16", "search pruned bf16, ms/img"),
+        ("pruned_fp32", "search pruned fp32, ms/img"),
+        ("flat", "search FAISS flat, ms/img"),
+    ):
+        lines.append(
+            row(
+                label + f" (exact fraction {s[name].get('exact_fraction', 1.0)})",
+                ts if name != "flat" else "",
+                s[name]["ms_per_image"],
+                ratio(ts, s[name]["ms_per_image"]) if name != "flat" else "",
+            )
+        )
+    for name in ("pruned_bf16", "pruned_fp32"):
+        lines.append(
+            row(
+                f"  {name}: same neighbour as float64 brute force ({s['exact_sample']} patches); max rel. score error",
+                "",
+                f"{s[name]['same_neighbour_fraction']:.4f}; {s[name]['max_relative_score_error']:.1e}",
+                "",
+                "1.0; <= 1e-5",
+            )
+        )
+    tp, np_ = today.get("predict", {}), new["predict"]
+    lines.append(
+        row(
+            "predict img/s end to end (Predictor, PNG)",
+            tp.get("images_per_second", ""),
+            np_["images_per_second"],
+            ratio(np_["images_per_second"], tp.get("images_per_second")),
+            ">= 30",
+            REFERENCE["predict_images_per_second"],
+        )
+    )
+    if "score_max_abs_diff_today_vs_new" in report:
+        lines.append(
+            row(
+                "predict: max |image score new - today|",
+                "",
+                f"{report['score_max_abs_diff_today_vs_new']:.2e}",
+                "",
+                "",
+            )
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    if args.role == "today":
+        result = run_today(args)
+        Path(args.shared, "today.json").write_text(json.dumps(result))
+        return 0
+    started = dt.datetime.now(dt.UTC)
+    if args.auroc_only:
+        report = {"benchmark": "bench_speed --auroc-only", "started_utc": started.isoformat(timespec="seconds"),
+                  "command": " ".join([Path(sys.executable).name, *sys.argv]), "load_average_start": load_average(),
+                  **run_auroc(args)}  # fmt: skip
+        text = (f"ELPV {args.object}: image AUROC fp32 {report['fp32']['image_auroc']:.4f}, bf16 extraction "
+                f"{report['bf16']['image_auroc']:.4f} (change {report['change']:+.4f}); largest relative image "
+                f"score change {report['max_relative_image_score_change']:.2e}")  # fmt: skip
+        return write(args, started, report, text, "auroc")
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
+        shared = Path(tmp)
+        new = run_new(args, shared)
+        today = None
+        if not args.skip_today:
+            rev = (
+                args.baseline_rev
+                or subprocess.run(
+                    ["git", "-C", str(REPO), "merge-base", "HEAD", "main"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+            )
+            src = today_tree(rev, shared)
+            env = dict(os.environ, PYTHONPATH=str(src))
+            child = [sys.executable, __file__, "--role", "today", "--shared", str(shared), "--object", args.object,
+                     "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                     "--extract-limit", str(args.extract_limit)]  # fmt: skip
+            if args.train_limit is not None:
+                child += ["--train-limit", str(args.train_limit)]
+            if args.test_limit is not None:
+                child += ["--test-limit", str(args.test_limit)]
+            subprocess.run(child, check=True, env=env, cwd=tmp)
+            today = json.loads((shared / "today.json").read_text())
+            today["revision"] = rev
+        train, test = split(args)
+        report: dict[str, Any] = {
+            "benchmark": "bench_speed",
+            "started_utc": started.isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "object": args.object,
+            "train_images": len(train),
+            "test_images": len(test),
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "bf16_flags": cpu_flags(),
+                "torch": torch.__version__,
+            },
+            "reference_code": REFERENCE,
+            "targets": TARGETS,
+            "new": new,
+            "today": today,
+        }
+        if today is not None:
+            report["score_max_abs_diff_today_vs_new"] = float(
+                np.max(np.abs(np.load(shared / "today_scores.npy") - np.load(shared / "new_scores.npy")))
+            )
+    return write(args, started, report, table(report), "speed")
+
+
+def write(
+    args: argparse.Namespace, started: dt.datetime, report: dict[str, Any], text: str, kind: str
+) -> int:
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{kind}_{args.object}_{started.strftime('%Y-%m-%dT%H%M')}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / f"{stem}.txt").write_text(text + "\n")
+    print(f"\nwrote {out / stem}.json and .txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

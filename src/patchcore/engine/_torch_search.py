@@ -1,0 +1,82 @@
+"""Exact k-nearest-neighbour search by torch matrix products: the GPU path when FAISS has no GPU build.
+
+Candidates come from ||q||^2 + ||b||^2 - 2 q.b in the device's float32 matrix product (which may run in
+TF32 on NVIDIA GPUs: 10-bit mantissa), then the candidates are re-ranked by float64 sums of squared
+differences. The float32 estimate (on vectors centred on the bank mean) errs by at most
+``RELATIVE_ERROR * (||q|| + ||b||_max)^2`` (centred norms; TF32 input
+rounding 2 * 2^-11 relative on the product plus the float32 accumulation, with margin), so once the
+(k + extra)-th estimate minus that allowance exceeds the k-th exact distance no bank vector outside the
+candidates can be nearer; a query where that does not hold is searched by float64 brute force. Same answer
+(neighbours, float64-ranked, ties to the smaller index) as :class:`PrunedExactSearch` and float64 brute force.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+RELATIVE_ERROR = 2.0**-9  # > 2 * 2^-11 (TF32 rounding of both factors) + float32 accumulation over D terms
+EXTRA = 8  # candidates beyond k re-ranked in float64
+CHUNK_ROWS = 1024  # queries per product; the float64 re-ranking gathers (rows, k + extra, D)
+
+
+class TorchExactSearch:
+    """Exact L2 k-NN of a bank held on a torch device (CUDA in practice; also runs, and is tested, on CPU)."""
+
+    def __init__(self, bank: np.ndarray, device: str | torch.device = "cuda", extra: int = EXTRA):
+        self.device = torch.device(device)
+        self.bank = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(self.device)
+        # Estimates on centred vectors: the allowance scales with their norms, which are far smaller than
+        # the raw ones when features share a large mean (centring rounds each entry once, relative 2^-24).
+        self.mean = self.bank.double().mean(0).float()
+        self.centred = self.bank - self.mean
+        squared = (self.centred.double() ** 2).sum(1)
+        self.bank_sq = squared.float()
+        self.bank_norm_max = float(torch.sqrt(squared.max()))
+        self.extra = int(extra)
+        self.last_fallbacks = 0
+
+    @torch.no_grad()
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        m = len(self.bank)
+        k = min(int(k), m)
+        width = min(k + self.extra, m)
+        out_d2 = np.empty((len(queries), k), dtype=np.float32)
+        out_index = np.empty((len(queries), k), dtype=np.int64)
+        self.last_fallbacks = 0
+        for start in range(0, len(queries), CHUNK_ROWS):
+            q = torch.from_numpy(np.ascontiguousarray(queries[start : start + CHUNK_ROWS], np.float32))
+            q = q.to(self.device)
+            centred = q - self.mean
+            query_sq = (centred.double() ** 2).sum(1)
+            estimate = torch.addmm(self.bank_sq.unsqueeze(0), centred, self.centred.T, beta=1, alpha=-2)
+            estimate += query_sq.float().unsqueeze(1)
+            approx, candidates = torch.topk(estimate, width, dim=1, largest=False, sorted=True)
+            exact = ((self.bank[candidates].double() - q.double().unsqueeze(1)) ** 2).sum(2)
+            # Float64 ranking; ties to the smaller bank index (sort by index, then stably by distance).
+            by_index = torch.argsort(candidates, dim=1)
+            candidates = torch.gather(candidates, 1, by_index)
+            exact = torch.gather(exact, 1, by_index)
+            order = torch.sort(exact, dim=1, stable=True).indices[:, :k]
+            best_d = torch.gather(exact, 1, order)
+            best_i = torch.gather(candidates, 1, order)
+            allowance = RELATIVE_ERROR * (torch.sqrt(query_sq) + self.bank_norm_max) ** 2
+            if width < m:
+                uncertified = approx[:, -1].double() - allowance <= best_d[:, -1]
+                for row in torch.nonzero(uncertified).flatten().tolist():
+                    best_d[row], best_i[row] = self._brute_force(q[row], k)
+                    self.last_fallbacks += 1
+            stop = start + len(q)
+            out_d2[start:stop] = best_d.float().cpu().numpy()
+            out_index[start:stop] = best_i.cpu().numpy()
+        return out_d2, out_index
+
+    def _brute_force(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        distances = torch.cat(
+            [
+                ((self.bank[s : s + CHUNK_ROWS].double() - query.double()) ** 2).sum(1)
+                for s in range(0, len(self.bank), CHUNK_ROWS)
+            ]
+        )
+        order = torch.sort(distances, stable=True).indices[:k]  # stable: ties keep index order
+        return distances[order], order
