@@ -76,8 +76,11 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> flo
         if process.poll() is not None:
             raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            response = httpx.get(f"{url}/readyz", timeout=2)
+            if response.status_code == 200:
                 return time.monotonic() - t0
+            if "error" in response.json():
+                raise RuntimeError(f"the server cannot load the model: {response.json()['error']}")
         except httpx.TransportError:
             pass
         time.sleep(0.25)
@@ -94,12 +97,25 @@ def rss_mib(pid: int) -> float:
 # --------------------------------------------------------------------------- load
 
 
-def test_images(obj: str, count: int) -> list[tuple[str, bytes]]:
+def test_images(obj: str, count: int) -> list[tuple[str, bytes, Path]]:
     from patchcore.data import load_dataset
 
     (data,) = load_dataset("elpv", None, [obj])
     samples = data.test[:: max(1, len(data.test) // count)][:count]
-    return [(s.image_path.name, s.image_path.read_bytes()) for s in samples]
+    return [(s.image_path.name, s.image_path.read_bytes(), s.image_path) for s in samples]
+
+
+def cli_predict_scores(args: argparse.Namespace, paths: list[Path]) -> list[float]:
+    """What ``patchcore predict`` prints for these files (its JSON lines), run as users run it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="patchcore-predict-") as tmp:
+        command = [
+            sys.executable, "-m", "patchcore.app.cli", "predict", "--model", str(args.model),
+            *map(str, paths), "--out", str(Path(tmp) / "p"), "--no-heatmaps", "--device", "cpu",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return [json.loads(line)["score"] for line in done.stdout.splitlines()]
 
 
 def bad_uploads(good: bytes) -> list[tuple[str, bytes, int]]:
@@ -176,9 +192,8 @@ def batch_stats(url: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from patchcore.deploy.inference import Predictor
-
-    images = test_images(args.object, args.images)
+    files = test_images(args.object, args.images)
+    images = [(name, data) for name, data, _ in files]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     result: dict[str, Any] = {
@@ -193,16 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     process = start_server(args, port)
     try:
         result["startup_seconds"] = round(wait_ready(url, process), 2)
-        # What `patchcore predict` computes for these files (the same Predictor, in this process).
-        reference = Predictor.load(args.model, runtime=args.runtime, device="cpu")
-        from PIL import Image
+        if args.runtime == "torch":
+            expected = cli_predict_scores(args, [path for _, _, path in files])
+        else:  # an export folder: the same Predictor that `patchcore predict` uses, on that runtime
+            from PIL import Image
 
-        expected = [r.score for r in reference.predict([Image.open(io.BytesIO(d)) for _, d in images])]
+            from patchcore.deploy.inference import Predictor
+
+            reference = Predictor.load(args.model, runtime=args.runtime)
+            expected = [r.score for r in reference.predict([Image.open(io.BytesIO(d)) for _, d in images])]
         parity = asyncio.run(run_load(url, images, len(images), 4, args.phase_seconds))
         got = {i: body["score"] for i, s, body in parity.pop("answers") if s == 200}
         rel = [abs(got[i] - expected[i]) / abs(expected[i]) for i in got]
         result["parity"] = {"images": len(images), "answered": len(got), "max_rel_diff": max(rel)}
-        print(f"parity with the Predictor on {len(images)} images: max rel diff {max(rel):.2e}", flush=True)
+        print(
+            f"parity with patchcore predict on {len(images)} images: max rel diff {max(rel):.2e}", flush=True
+        )
 
         result["levels"] = []
         for level in args.levels:
@@ -224,19 +245,20 @@ def main(argv: list[str] | None = None) -> int:
             if count % 1000 == 0 or count == 1:
                 samples[count] = round(rss_mib(process.pid), 1)
 
-        long = asyncio.run(
-            run_load(url, images, args.long_requests, args.long_concurrency, args.phase_seconds, on_done)
-        )
-        long.pop("answers")
-        samples[long["requests"]] = round(rss_mib(process.pid), 1)
-        base = samples.get(1000)
-        long["rss_mib"] = samples
-        if base:
-            later = [v for k, v in samples.items() if k >= 1000]
-            long["rss_growth_from_1000"] = round(max(later) / base - 1.0, 4)
-        result["long"] = long
-        print(json.dumps(long), flush=True)
-        atomic_dump(out, result)
+        if args.long_requests > 0:
+            long = asyncio.run(
+                run_load(url, images, args.long_requests, args.long_concurrency, args.phase_seconds, on_done)
+            )
+            long.pop("answers")
+            samples[long["requests"]] = round(rss_mib(process.pid), 1)
+            base = samples.get(1000)
+            long["rss_mib"] = samples
+            if base:
+                later = [v for k, v in samples.items() if k >= 1000]
+                long["rss_growth_from_1000"] = round(max(later) / base - 1.0, 4)
+            result["long"] = long
+            print(json.dumps(long), flush=True)
+            atomic_dump(out, result)
 
         # 10 % bad uploads mixed in.
         bad = bad_uploads(images[0][1])

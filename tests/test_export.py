@@ -19,6 +19,7 @@ from patchcore.deploy.errors import DeployError
 from patchcore.deploy.export import EXPORT_META, ExportableGraph, export_model
 from patchcore.deploy.inference import Predictor
 from patchcore.deploy.service import ServiceSettings, create_app
+from patchcore.engine.model import _state_digest
 
 # float32 throughout; the graph sums in another order (convolution instead of unfold + mean, ||x||^2 -
 # 2x.b + ||b||^2 instead of the index's distances): differences are a few float32 ulps of the largest
@@ -109,5 +110,11 @@ def test_export_refuses_what_the_graph_cannot_express(setup, tmp_path):
     model.reweight = True  # the paper's Eq. 7 needs a second search the graph does not have
     with pytest.raises(DeployError, match="reweight"):
         export_model(model, "onnx", tmp_path / "x")
+    state = setup["model"].state_dict()
+    state["params"]["imagesize"] = None  # sizes follow each image's aspect: no single graph size
+    state["digest"] = _state_digest(state)
+    model = PatchCore.from_state_dict(state, device="cpu")
+    with pytest.raises(DeployError, match="fixed input size"):
+        export_model(model, "onnx", tmp_path / "z")
     code, _, err = run_cli("export", "-m", tmp_path / "missing.pt", "--out", tmp_path / "y")
     assert code == 2 and "missing.pt" in err

@@ -163,3 +163,12 @@ def test_empty_ground_truth_is_a_warning_naming_the_file_never_silent_negatives(
         in (run / "run.log").read_text()
     )
     assert json.loads((run / "summary.json").read_text())["objects"][0]["metrics"]["au_spro@1"] is not None
+
+
+def test_histograms_get_the_calibrated_decision_threshold_when_the_run_has_one(runs):
+    from patchcore.evaluation.plot_data import read_plot_data
+
+    loco = read_plot_data(runs["loco"] / "report_data" / "toy.npz")  # LOCO's validation goods calibrate it
+    folder = read_plot_data(runs["folder"] / "report_data" / "cells.npz")  # no calibration asked
+    assert np.isfinite(loco["decision_threshold"]) and np.isnan(folder["decision_threshold"])
+    assert np.isfinite(loco["threshold"]) and np.isfinite(folder["threshold"])  # best F1 on the test set

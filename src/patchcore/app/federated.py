@@ -54,6 +54,7 @@ class Partition:
     name: str
     clients: list[tuple[str, list[Sample]]]
     evaluate_on: list[ObjectData] = field(default_factory=list)
+    central: list[Sample] = field(default_factory=list)  # the same images in data order (central fit)
 
 
 def partitions(config: Config, objects: list[ObjectData]) -> list[Partition]:
@@ -68,12 +69,13 @@ def partitions(config: Config, objects: list[ObjectData]) -> list[Partition]:
             clients = [
                 (f"{obj.name}/client{k}", [obj.train[i] for i in sorted(p)]) for k, p in enumerate(parts)
             ]
-            out.append(Partition(obj.name, clients, [obj]))
+            out.append(Partition(obj.name, clients, [obj], list(obj.train)))
         return out
     if fed.partition == "by_category":
         if len(objects) < 2:
             raise ConfigError(f"{config.source}: federated.partition by_category needs at least two objects")
-        return [Partition("joint", [(o.name, list(o.train)) for o in objects], list(objects))]
+        clients = [(o.name, list(o.train)) for o in objects]
+        return [Partition("joint", clients, list(objects), [s for _, samples in clients for s in samples])]
     if not fed.sites:
         raise ConfigError(
             f"{config.source}: federated.partition folders needs federated.sites (one folder per site)"
@@ -87,7 +89,7 @@ def partitions(config: Config, objects: list[ObjectData]) -> list[Partition]:
     for k, site in enumerate(fed.sites):
         images = expand_images([site])
         clients.append((f"site{k}:{Path(site).name}", [Sample(p, "good", (), p.stem) for p in images]))
-    return [Partition(objects[0].name, clients, [objects[0]])]
+    return [Partition(objects[0].name, clients, [objects[0]], [s for _, samples in clients for s in samples])]
 
 
 def _evaluate(
@@ -161,8 +163,8 @@ def federated(config: Config) -> Path:
             federated_fit(model, banks, fed.bank_size, fed.weighted)
             central = None
             if fed.compare_centralised:
-                everything = [s for _, samples in part.clients for s in samples]
-                joint = ObjectData(part.name, everything, [], False)
+                # The central fit sees the images in data order, as `patchcore train` would.
+                joint = ObjectData(part.name, part.central, [], False)
                 central = fit_object(config, joint)
             for obj in part.evaluate_on:
                 result = _evaluate(model, obj, run_dir, config, progress)

@@ -77,6 +77,14 @@ class ExportableGraph(nn.Module):
             raise DeployError("export does not support reweight=True (the paper's Eq. 7) yet")
         if model.precision != "fp32":
             raise DeployError(f"export needs precision fp32, the model uses {model.precision}")
+        transform = model.transform
+        sizes = {tuple(transform.output_size(hw)) for hw in ((300, 500), (500, 300), (400, 400))}
+        if sizes != {tuple(int(v) for v in model.input_size_)}:
+            # The graph's upsampling and smoothing are built for one input size.
+            raise DeployError(
+                "export needs a fixed input size (a crop, imagesize, or resize to (h, w)); this model's "
+                f"transform gives sizes {sorted(sizes)}"
+            )
         features = model._patch_features()
         self.extractor = features.extractor.cpu().eval()
         self.layers = list(self.extractor.layers)

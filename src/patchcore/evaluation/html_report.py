@@ -95,14 +95,20 @@ def _curve_plot(data: dict[str, Any]) -> str | None:
     return _figure_png(figure)
 
 
-def _histogram_plot(labels: np.ndarray, scores: np.ndarray, threshold: float) -> str:
+def _histogram_plot(labels: np.ndarray, scores: np.ndarray, threshold: float, decision: float) -> str:
     figure, axes = _new_figure()
     bins = np.histogram_bin_edges(scores, bins=min(40, max(5, scores.size // 3)))
     axes.hist(scores[labels == 0], bins=bins, alpha=0.6, color="#2a9d55", label="good")
     if labels.any():
         axes.hist(scores[labels == 1], bins=bins, alpha=0.6, color="#d0453a", label="defective")
+    if math.isfinite(decision):
+        axes.axvline(
+            decision, color="black", linestyle="-", label=f"decision threshold {decision:.4g} (calibrated)"
+        )
     if math.isfinite(threshold):
-        axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g} (best F1)")
+        axes.axvline(
+            threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g} (best F1 on test)"
+        )
     axes.set(xlabel="image score", ylabel="images", title="Image scores")
     axes.legend(fontsize=8)
     return _figure_png(figure)
@@ -152,7 +158,7 @@ def _object_section(data: dict[str, Any]) -> str:
     for title, uri in (
         ("ROC curve", _roc_plot(labels, scores)),
         ("PRO / sPRO curve", _curve_plot(data)),
-        ("score histograms", _histogram_plot(labels, scores, data["threshold"])),
+        ("score histograms", _histogram_plot(labels, scores, data["threshold"], data["decision_threshold"])),
     ):
         if uri is not None:
             parts.append(f'<img alt="{name}: {title}" src="{uri}">')

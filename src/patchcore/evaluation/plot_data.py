@@ -64,6 +64,10 @@ def write_plot_data(
         "labels": np.asarray(labels, dtype=np.int64),
         "scores": np.asarray(scores, dtype=np.float64),
         "threshold": np.array(np.nan if threshold is None else threshold),
+        # The decision threshold calibrated on good images (absent unless the run calibrated one).
+        "decision_threshold": np.array(
+            float(getattr(model, "calibration_", {}).get("image_threshold", np.nan))
+        ),
         "names": np.array([s.name for s in obj.test]),
         "per_class": np.array(json.dumps(per_class or {})),
     }
@@ -126,5 +130,6 @@ def read_plot_data(path: Path) -> dict[str, Any]:
         out = {k: data[k] for k in data.files}
     out["object"] = str(out["object"])
     out["threshold"] = float(out["threshold"])
+    out["decision_threshold"] = float(out.get("decision_threshold", np.nan))
     out["per_class"] = json.loads(str(out.get("per_class", "{}")))
     return out
