@@ -36,6 +36,7 @@ from .train import (
     evaluation_settings,
     fit_object,
     load_objects,
+    model_record,
     ray_options,
     run_header,
 )
@@ -100,18 +101,7 @@ def _evaluate(
     metrics, eval_stats = evaluate_object(model, obj, out_dir, evaluation_settings(config), progress)
     stats = {**model.stats_, **eval_stats}
     path = model.save(out_dir / "models" / f"patchcore_{safe_name(obj.name)}.pt")
-    atomic_write_json(
-        path.with_suffix(".json"),
-        {
-            "object": obj.name,
-            "params": model.get_params(),
-            "stats": stats,
-            "metrics": metrics,
-            "calibration": model.calibration_,
-            "evaluation": model.evaluation_,
-            "weights_id": model.weights_id_,
-        },
-    )
+    atomic_write_json(path.with_suffix(".json"), model_record(model, obj.name, stats, metrics))
     return ObjectResult(obj.name, metrics, stats, str(path))
 
 

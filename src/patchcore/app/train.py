@@ -58,6 +58,7 @@ __all__ = [
     "config_hash",
     "evaluation_settings",
     "load_objects",
+    "model_record",
     "name_bad_images",
     "run_header",
     "train",
@@ -290,8 +291,16 @@ def train_object(
             if temporary:
                 shutil.rmtree(target, ignore_errors=True)
         stats.update(eval_stats)
-    metadata = {
-        "object": obj.name,
+    metadata = model_record(model, obj.name, stats, metrics)
+    return ObjectOutput(obj.name, model.state_dict(), metadata, metrics, stats, files)
+
+
+def model_record(
+    model: PatchCore, name: str, stats: dict[str, Any], metrics: dict[str, float | None]
+) -> dict[str, Any]:
+    """The ``patchcore_<object>.json`` written beside a model file: what a person or a tool reads."""
+    return {
+        "object": name,
         "params": model.get_params(),
         "stats": stats,
         "metrics": metrics,
@@ -299,7 +308,6 @@ def train_object(
         "evaluation": model.evaluation_,
         "weights_id": model.weights_id_,
     }
-    return ObjectOutput(obj.name, model.state_dict(), metadata, metrics, stats, files)
 
 
 def _sha256(path: Path) -> str:
