@@ -49,15 +49,7 @@ def predict_images(
     records: list[dict[str, Any]] = []
     used_names: set[str] = set()
     for path, prediction in zip(paths, predictions, strict=True):
-        record: dict[str, Any] = {
-            "image": str(path),
-            "score": prediction.score,
-            "normalized_score": prediction.normalized_score,
-            "anomalous": prediction.anomalous,
-            "threshold": prediction.threshold,
-        }
-        if not predictor.calibrated:
-            record["calibration"] = predictor.describe()
+        record: dict[str, Any] = {"image": str(path), **predictor.result_fields(prediction)}
         stem = safe_name(path.stem)
         name, n = stem, 1
         while name in used_names:

@@ -16,6 +16,7 @@ from .base import (
     require_dir,
     resolve_root,
     sample_name,
+    train_good_samples,
 )
 
 __all__ = [
@@ -160,10 +161,7 @@ def load_autovi_object(obj_dir: Path, name: str | None = None) -> ObjectData:
     """
     obj_dir = require_dir(Path(obj_dir), "AutoVI object folder")
     config = load_defects_config(obj_dir / "defects_config.json")
-    train_dir = require_dir(obj_dir / "train" / "good", "AutoVI train/good folder")
-    train = [Sample(p, "good", (), sample_name(p, obj_dir)) for p in list_images(train_dir)]
-    if not train:
-        raise DataError(f"no training images in {train_dir}")
+    train = train_good_samples(obj_dir, "AutoVI")
     test = channel_test_samples(obj_dir, "AutoVI")
     return ObjectData(
         name=name or obj_dir.name,

@@ -17,6 +17,7 @@ __all__ = [
     "require_dir",
     "resolve_root",
     "sample_name",
+    "train_good_samples",
 ]
 
 # Lower-case; matched case-insensitively so "IMG_001.PNG" from a camera counts too.
@@ -102,6 +103,15 @@ def find_mask(folder: Path, stems: tuple[str, ...]) -> Path | None:
         if stem in by_stem:
             return by_stem[stem]
     return None
+
+
+def train_good_samples(obj_dir: Path, what: str) -> list[Sample]:
+    """The defect-free training images of ``<obj_dir>/train/good`` (an error when there are none)."""
+    train_dir = require_dir(obj_dir / "train" / "good", f"{what} train/good folder".strip())
+    train = [Sample(p, "good", (), sample_name(p, obj_dir)) for p in list_images(train_dir)]
+    if not train:
+        raise DataError(f"no training images in {train_dir}")
+    return train
 
 
 def resolve_root(root: str | Path | None, kind: str) -> Path:

@@ -11,10 +11,10 @@ from .base import (
     Sample,
     find_mask,
     labelled_images,
-    list_images,
     require_dir,
     resolve_root,
     sample_name,
+    train_good_samples,
 )
 
 __all__ = ["load_folder", "load_folder_object"]
@@ -34,10 +34,7 @@ def load_folder_object(obj_dir: Path, name: str | None = None) -> ObjectData:
     ``mask_paths``; pixel metrics should then only use samples that have them.
     """
     obj_dir = require_dir(Path(obj_dir), "object folder")
-    train_dir = require_dir(obj_dir / "train" / "good", "train/good folder")
-    train = [Sample(p, "good", (), sample_name(p, obj_dir)) for p in list_images(train_dir)]
-    if not train:
-        raise DataError(f"no training images in {train_dir}")
+    train = train_good_samples(obj_dir, "")
 
     test: list[Sample] = []
     test_root = obj_dir / "test"

@@ -11,10 +11,10 @@ from .base import (
     Sample,
     find_mask,
     labelled_images,
-    list_images,
     require_dir,
     resolve_root,
     sample_name,
+    train_good_samples,
 )
 
 __all__ = ["MVTEC_CLASSES", "load_mvtec", "load_mvtec_object"]
@@ -41,12 +41,7 @@ MVTEC_CLASSES: tuple[str, ...] = (
 def load_mvtec_object(class_dir: Path, name: str | None = None) -> ObjectData:
     """One class folder: ``train/good``, ``test/{good,<defect>}``, ``ground_truth/<defect>/<stem>_mask.png``."""
     class_dir = require_dir(Path(class_dir), "MVTec class folder")
-    train_dir = require_dir(class_dir / "train" / "good", "MVTec train/good folder")
-    train = [
-        Sample(image_path=p, label="good", name=sample_name(p, class_dir)) for p in list_images(train_dir)
-    ]
-    if not train:
-        raise DataError(f"no training images in {train_dir}")
+    train = train_good_samples(class_dir, "MVTec")
 
     test_root = require_dir(class_dir / "test", "MVTec test folder")
     test: list[Sample] = []

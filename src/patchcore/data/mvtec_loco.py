@@ -6,7 +6,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .autovi import channel_test_samples, load_defects_config
-from .base import DataError, ObjectData, Sample, list_images, require_dir, resolve_root, sample_name
+from .base import (
+    DataError,
+    ObjectData,
+    Sample,
+    list_images,
+    require_dir,
+    resolve_root,
+    sample_name,
+    train_good_samples,
+)
 
 __all__ = ["LOCO_ANOMALY_TYPES", "LOCO_OBJECTS", "load_mvtec_loco", "load_mvtec_loco_object"]
 
@@ -28,10 +37,7 @@ def load_mvtec_loco_object(obj_dir: Path, name: str | None = None) -> ObjectData
     """
     obj_dir = require_dir(Path(obj_dir), "MVTec LOCO object folder")
     config = load_defects_config(obj_dir / "defects_config.json")
-    train_dir = require_dir(obj_dir / "train" / "good", "MVTec LOCO train/good folder")
-    train = [Sample(p, "good", (), sample_name(p, obj_dir)) for p in list_images(train_dir)]
-    if not train:
-        raise DataError(f"no training images in {train_dir}")
+    train = train_good_samples(obj_dir, "MVTec LOCO")
     validation = [
         Sample(p, "good", (), sample_name(p, obj_dir)) for p in list_images(obj_dir / "validation" / "good")
     ]

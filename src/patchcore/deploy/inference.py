@@ -165,6 +165,19 @@ class Predictor:
         """How decisions are made, in one line (every output carries it)."""
         return describe_calibration(self.backend.calibration)
 
+    def result_fields(self, prediction: ImagePrediction) -> dict[str, Any]:
+        """The JSON fields every output of one prediction carries (``patchcore predict`` and the service);
+        an uncalibrated model says so instead of inventing a threshold."""
+        fields: dict[str, Any] = {
+            "score": prediction.score,
+            "normalized_score": prediction.normalized_score,
+            "anomalous": prediction.anomalous,
+            "threshold": prediction.threshold,
+        }
+        if not self.calibrated:
+            fields["calibration"] = self.describe()
+        return fields
+
     def info(self) -> dict[str, Any]:
         return {
             **self.backend.info(),

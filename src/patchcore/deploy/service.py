@@ -296,15 +296,10 @@ def create_app(
         out: dict[str, Any] = {
             "model": name,
             "image": filename,
-            "score": prediction.score,
-            "normalized_score": prediction.normalized_score,
-            "anomalous": prediction.anomalous,
-            "threshold": prediction.threshold,
+            **predictor.result_fields(prediction),
             "width": image.width,
             "height": image.height,
         }
-        if not predictor.calibrated:
-            out["calibration"] = predictor.describe()
         if heatmap:
             out["heatmap_png_base64"] = _png_base64(overlay(image, prediction.unit_map))
         if mask:
