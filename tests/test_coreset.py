@@ -37,9 +37,11 @@ def test_prefix_bound_never_exceeds_the_reference_distance(seed):
     dequantised = bound["q"].T.astype(np.float64) * bound["scale"].astype(np.float64)
     for i in np.random.default_rng(seed).choice(len(z), 20, replace=False):
         prefix_distance = np.linalg.norm(dequantised - dequantised[i], axis=1)
-        lower = prefix_distance - bound["slack"] - bound["slack"][i]
-        actual = reference_float_distances(z, int(i))
-        assert np.all(lower <= actual), "the certified bound exceeded a distance"
+        # T >= P - e_j - e_i, and the float formula's square is at least T^2 - (cn_j + cn_i).
+        lower = np.maximum(prefix_distance - bound["slack"] - bound["slack"][i], 0.0)
+        lower_squared = lower**2 - bound["cn"].astype(np.float64) - float(bound["cn"][i])
+        actual = reference_float_distances(z, int(i)).astype(np.float64)
+        assert np.all(lower_squared <= actual**2), "the certified bound exceeded a distance"
 
 
 def test_pruning_computes_only_a_fraction_of_the_distances():

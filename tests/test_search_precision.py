@@ -151,3 +151,29 @@ def test_torch_matmul_search_falls_back_to_brute_force_where_it_cannot_certify()
     np.testing.assert_array_equal(indices, np.stack([np.arange(40), np.arange(40) + 300], 1))
     expected_distances, _ = float64_brute_force(bank, queries, 2)
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("offset", [0.0, 40.0])
+def test_bfloat16_screen_never_exceeds_the_float64_distance(offset):
+    # The second bound, (||q_c - b~|| - ||b_c - b~||)^2 from the bank's bfloat16 copy, is a lower bound of
+    # the exact squared distance for every pair, including near and identical vectors and large norms.
+    bank = patch_like(500, 96, seed=5, offset=offset)
+    search = _pruned_search.PrunedExactSearch(bank, precision="fp32")
+    rng = np.random.default_rng(3)
+    queries = np.concatenate([bank[:20], bank[20:60] + rng.normal(0, 1e-3, size=(40, 96)).astype(np.float32)])
+    for query in queries:
+        centred = query.astype(np.float64) - search.mean_np.astype(np.float64)
+        exact = ((bank.astype(np.float64) - query.astype(np.float64)) ** 2).sum(1)
+        for j in range(len(bank)):
+            lower = _pruned_search._reduced_lower_bound(centred, search.reduced_bank[j], search.reduced_residual[j])
+            assert lower <= exact[j] * (1 + 1e-9), (j, lower, exact[j])
+
+
+def test_bfloat16_screen_spares_most_exact_distances_on_patch_like_data():
+    bank = patch_like(4000, 256, seed=8)
+    rng = np.random.default_rng(4)
+    queries = bank[rng.choice(len(bank), 200)] + rng.normal(0, 0.3, size=(200, 256)).astype(np.float32)
+    index = MemoryBankIndex(bank, kind="pruned", search_precision="fp32")
+    assert_exact(index, bank, queries, 1)
+    search = index._pruned
+    assert search.last_screened_fraction > search.last_exact_fraction

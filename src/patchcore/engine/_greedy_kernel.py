@@ -49,6 +49,7 @@ def greedy_picks(
     scale: np.ndarray,  # (m,) float32: dequantisation scale of each prefix coordinate
     qsq: np.ndarray,  # (N,) float32: ||dequantised prefix_j||^2 minus its float-error allowance
     slack: np.ndarray,  # (N,) float32: certified slack of the bound for point j (see prefix_bound_data)
+    cn: np.ndarray,  # (N,) float32: c ||z_j||^2, the float formula's allowance (see prefix_bound_data)
     d: np.ndarray,  # (N,) float32: current min distances, updated in place
     first: int,  # the next pick (the argmax of d on entry)
     n_picks: int,
@@ -57,8 +58,9 @@ def greedy_picks(
 ) -> int:
     """Run ``n_picks`` greedy steps starting with ``first``; returns the argmax of d after the last one.
 
-    Point j is skipped when ||p_j - p_i||^2 (dequantised prefixes) >= (d_j + slack_j + slack_i)^2: then
-    the reference's float distance cannot fall below d_j, so min(d_j, distance) = d_j.
+    Point j is skipped when ||p_j - p_i||^2 (dequantised prefixes) >= (d_j + slack_j + slack_i +
+    (cn_j + cn_i) / (2 d_j))^2, or when d_j = 0: then the reference's float distance cannot fall below d_j,
+    so min(d_j, distance) = d_j.
     """
     n = z.shape[0]
     m = q.shape[0]
@@ -69,6 +71,7 @@ def greedy_picks(
     u = np.empty(m, dtype=np.float32)
     minus_two = np.float32(-2.0)
     zero = np.float32(0.0)
+    tiny = np.float32(1e-30)
     pick = first
     for step in range(n_picks):
         chosen[step] = pick
@@ -76,6 +79,7 @@ def greedy_picks(
         sq_i = sq[pick]
         qsq_i = qsq[pick]
         slack_i = slack[pick]
+        cn_i = cn[pick]
         for k in range(m):
             # dequantised p_i[k] times the scale of coordinate k: sum_k q_jk * u_k = p_j . p_i
             u[k] = np.float32(q[k, pick]) * scale[k] * scale[k]
@@ -91,6 +95,7 @@ def greedy_picks(
                 d_block = d[start : start + size]
                 qsq_block = qsq[start : start + size]
                 slack_block = slack[start : start + size]
+                cn_block = cn[start : start + size]
                 for t in range(size):
                     acc[t] = zero
                 for k in range(m):
@@ -100,8 +105,9 @@ def greedy_picks(
                         acc[t] += np.float32(row[t]) * uk
                 for t in range(size):
                     dj = d_block[t]
-                    reach = dj + slack_block[t] + slack_i
-                    if minus_two * acc[t] + qsq_block[t] + qsq_i < reach * reach:
+                    # d_j = 0 cannot decrease; the guard also keeps the division finite.
+                    reach = dj + slack_block[t] + slack_i + (cn_block[t] + cn_i) / max(dj + dj, tiny)
+                    if dj > zero and minus_two * acc[t] + qsq_block[t] + qsq_i < reach * reach:
                         count += 1
                         j = start + t
                         squared = minus_two * _exact_dot(z[j], zi) + sq[j] + sq_i
@@ -125,3 +131,4 @@ def greedy_picks(
                 value = best_value[c]
                 pick = best_index[c]
     return pick
+
