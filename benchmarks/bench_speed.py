@@ -481,7 +481,7 @@ def table(report: dict[str, Any]) -> str:
         )
     )
     lines.append(
-        row("  of which coreset s (same code both)", fit["coreset_seconds"], fit["coreset_seconds"], "", "")
+        row("  of which coreset s (new code for both: same picks)", fit["coreset_seconds"], fit["coreset_seconds"], "", "")
     )
     s = new["search"]
     ts = today.get("search", {}).get("ms_per_image")
