@@ -296,7 +296,7 @@ def test_model_file_with_edited_parameters_is_refused(fitted, tmp_path):
 
 
 def test_model_file_whose_parameters_disagree_with_its_bank_is_refused_even_with_a_matching_digest(fitted):
-    from patchcore.engine.model import _state_digest
+    from patchcore.engine.persistence import state_digest as _state_digest
 
     state = fitted.state_dict()
     state["params"]["target_embed_dimension"] = 64

@@ -24,7 +24,7 @@ from patchcore.deploy.calibration import (
     normalize_score,
 )
 from patchcore.deploy.inference import Predictor
-from patchcore.engine.model import _state_digest
+from patchcore.engine.persistence import state_digest as _state_digest
 
 
 def _record(scores, rate):

@@ -19,7 +19,7 @@ from patchcore.deploy.errors import DeployError
 from patchcore.deploy.export import EXPORT_META, ExportableGraph, export_model
 from patchcore.deploy.inference import Predictor
 from patchcore.deploy.service import ServiceSettings, create_app
-from patchcore.engine.model import _state_digest
+from patchcore.engine.persistence import state_digest as _state_digest
 
 # float32 throughout; the graph sums in another order (convolution instead of unfold + mean, ||x||^2 -
 # 2x.b + ||b||^2 instead of the index's distances): differences are a few float32 ulps of the largest

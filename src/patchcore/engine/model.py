@@ -11,7 +11,6 @@ import copy
 import inspect
 import io
 import os
-import platform
 import shutil
 import tempfile
 import threading
@@ -24,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._version import __version__
 from ..data.transforms import ImageTransform, load_image
 from ..fileio import atomic_write
 from .backbones import BackboneError, FeatureExtractor, load_backbone
@@ -32,14 +30,20 @@ from .coreset import make_sampler
 from .features import PatchFeatures
 from .index import MemoryBankIndex
 from .params import PARAMS, check_param, params_table
+from .persistence import (
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    ModelFileError,
+    check_state,
+    model_state,
+    plain,
+    read_state,
+    restore_fitted,
+)
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
 from .store import FeatureStore
 
 __all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "ModelFileError", "NonFiniteError", "PatchCore", "Prediction"]
-
-MODEL_FORMAT = "patchcore-model"
-# 2: a content digest over the parameters, the bank and the fit's records (an edited file is refused).
-MODEL_FORMAT_VERSION = 2
 
 # (phase, items done so far, total items or None)
 ProgressCallback = Callable[[str, int, int | None], None]
@@ -47,10 +51,6 @@ ProgressCallback = Callable[[str, int, int | None], None]
 _PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PARAM_NAMES = tuple(p.name for p in PARAMS)
 _FROZEN = frozenset(p.name for p in PARAMS if p.frozen_after_fit)
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be used: truncated, not ours, or of another format version."""
 
 
 class NonFiniteError(ValueError):
@@ -130,14 +130,14 @@ class PatchCore:
             if (
                 name in _FROZEN
                 and "memory_bank_" in self.__dict__
-                and _plain(value) != _plain(self.__dict__.get(name))
+                and plain(value) != plain(self.__dict__.get(name))
             ):
                 # The bank was built with the old value: scoring against it, or saving it under the new
                 # value, would be silently wrong. The model becomes unfitted and says why.
                 for attr in [a for a in self.__dict__ if a.endswith("_") and not a.startswith("_")]:
                     del self.__dict__[attr]
                 self.__dict__["_unfitted_because"] = (
-                    f"{name} was changed from {_plain(self.__dict__.get(name))!r} to {_plain(value)!r} after "
+                    f"{name} was changed from {plain(self.__dict__.get(name))!r} to {plain(value)!r} after "
                     "fit, which dropped the memory bank built with the old value; call fit() again"
                 )
             if "_build_lock" in self.__dict__:
@@ -148,7 +148,7 @@ class PatchCore:
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments, as plain JSON-able values."""
-        return {name: _plain(getattr(self, name)) for name in _PARAM_NAMES}
+        return {name: plain(getattr(self, name)) for name in _PARAM_NAMES}
 
     def set_params(self, **params: Any) -> PatchCore:
         """Change parameters (each checked against its declaration before any is set). On a fitted model,
@@ -165,7 +165,7 @@ class PatchCore:
 
     def __repr__(self) -> str:
         changed = [
-            f"{p.name}={getattr(self, p.name)!r}" for p in PARAMS if _plain(getattr(self, p.name)) != _plain(p.default)
+            f"{p.name}={getattr(self, p.name)!r}" for p in PARAMS if plain(getattr(self, p.name)) != plain(p.default)
         ]
         return f"PatchCore({', '.join(changed)})"
 
@@ -482,25 +482,7 @@ class PatchCore:
     def state_dict(self) -> dict[str, Any]:
         """Everything a model file holds: plain types and one float32 tensor (weights_only-loadable)."""
         self._check_fitted()
-        params = self.get_params()
-        params["layers"] = list(self.layers_)
-        params["device"] = "auto"
-        params["work_dir"] = None
-        state = {
-            "format": MODEL_FORMAT,
-            "format_version": MODEL_FORMAT_VERSION,
-            "params": params,
-            "weights_id": self.weights_id_,
-            "memory_bank": torch.from_numpy(self.memory_bank_.copy()),
-            "patch_grid": list(self.patch_grid_),
-            "input_size": list(self.input_size_),
-            "stats": _plain_dict(self.stats_),
-            "calibration": _plain_dict(getattr(self, "calibration_", {})),
-            "evaluation": _plain_dict(getattr(self, "evaluation_", {})),
-            "versions": _versions(),
-        }
-        state["digest"] = _state_digest(state)
-        return state
+        return model_state(self)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model file atomically (a reader never sees half a file)."""
@@ -516,16 +498,7 @@ class PatchCore:
     ) -> PatchCore:
         """Rebuild a fitted model from a file written by ``save`` (backbone weights resolved again:
         ``weights`` overrides where they come from)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"model file {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelFileError(
-                f"{path} is not a readable patchcore model file (truncated or corrupted?): {exc}"
-            ) from exc
-        return cls.from_state_dict(state, device=device, weights=weights, source=str(path))
+        return cls.from_state_dict(read_state(path), device=device, weights=weights, source=str(path))
 
     @classmethod
     def from_state_dict(
@@ -535,84 +508,18 @@ class PatchCore:
         weights: str | os.PathLike | None = None,
         source: str = "<state>",
     ) -> PatchCore:
-        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-            raise ModelFileError(f"{source} is not a patchcore model file")
-        version = state.get("format_version")
-        if version != MODEL_FORMAT_VERSION:
-            raise ModelFileError(
-                f"{source} has model format version {version}; this patchcore ({__version__}) reads version "
-                f"{MODEL_FORMAT_VERSION}. Re-train the model with this version."
-            )
-        digest = state.get("digest")
-        try:
-            expected = _state_digest(state)
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
-        if digest != expected:
-            raise ModelFileError(
-                f"{source} was modified after it was saved (its content digest does not match): its "
-                "parameters may no longer describe its memory bank. Re-train, or use the original file."
-            )
+        """A fitted model from a model file's dict, after the checks of ``persistence.check_state``."""
+        check_state(state, source)
         try:
             params = dict(state["params"])
             params["device"] = device
             if weights is not None:
                 params["weights"] = str(weights)
             model = cls(**params)
-            bank = state["memory_bank"]
-            model.memory_bank_ = bank.detach().cpu().numpy().astype(np.float32, copy=False)
-            model.patch_grid_ = tuple(state["patch_grid"])
-            model.input_size_ = tuple(state["input_size"])
-            model.stats_ = dict(state["stats"])
-            model.weights_id_ = state["weights_id"]
-            model.layers_ = tuple(params["layers"])
-            model.versions_ = dict(state.get("versions", {}))
-            model.calibration_ = dict(state.get("calibration", {}))
-            model.evaluation_ = dict(state.get("evaluation", {}))
-            if "map_min" in model.calibration_:
-                # Files from before good-image calibration kept the test-set ranges there: figures only.
-                legacy = model.calibration_
-                model.calibration_ = {}
-                model.evaluation_ = {**legacy, **model.evaluation_}
-                if "image_threshold" in legacy:
-                    model.evaluation_["f1_threshold"] = model.evaluation_.pop("image_threshold")
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
-        problem = model._bank_problem()
-        if problem:
-            raise ModelFileError(f"{source}: {problem}; the file is inconsistent, re-train the model")
+        restore_fitted(model, state, source)
         return model
-
-    def _bank_problem(self) -> str | None:
-        """What disagrees between the stored parameters, records and memory bank (None: all agree)."""
-        bank, stats = self.memory_bank_, self.stats_
-        if bank.ndim != 2 or len(bank) == 0:
-            return f"the memory bank has shape {bank.shape}, not (M >= 1, D)"
-        if not np.isfinite(bank).all():
-            return "the memory bank holds non-finite values (NaN or inf)"
-        if self.target_embed_dimension is not None and bank.shape[1] != self.target_embed_dimension:
-            return (
-                f"target_embed_dimension is {self.target_embed_dimension} but the memory bank has "
-                f"{bank.shape[1]}-dimensional features"
-            )
-        if stats.get("memory_size") != len(bank) or stats.get("feature_dim") != bank.shape[1]:
-            return (
-                f"the records say a {stats.get('memory_size')} x {stats.get('feature_dim')} memory bank, "
-                f"the file holds {bank.shape[0]} x {bank.shape[1]}"
-            )
-        n_patches = stats.get("n_patches")
-        if n_patches != stats.get("n_train_images", 0) * int(np.prod(self.patch_grid_)):
-            return f"n_patches {n_patches} is not n_train_images x the patch grid {list(self.patch_grid_)}"
-        if len(bank) > n_patches:
-            return f"the memory bank ({len(bank)}) is larger than the training patches ({n_patches})"
-        if self.sampler == "identity" and len(bank) != n_patches:
-            return f"sampler identity keeps all {n_patches} patches, the bank has {len(bank)}"
-        if self.sampler != "identity" and len(bank) != max(1, int(n_patches * self.percentage)):
-            return (
-                f"percentage {self.percentage} of {n_patches} patches gives a bank of "
-                f"{max(1, int(n_patches * self.percentage))}, the file holds {len(bank)}"
-            )
-        return None
 
 
 PatchCore.__init__.__signature__ = inspect.Signature(
@@ -661,50 +568,7 @@ def _is_pil(item: Any) -> bool:
     return isinstance(item, Image.Image)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return str(value)
-    if isinstance(value, np.generic):  # numpy scalars would not load with weights_only=True
-        return value.item()
-    return value
-
-
-def _plain_dict(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in values.items()}
-
-
-def _state_digest(state: dict[str, Any]) -> str:
-    """SHA-256 over everything a model file holds but the library versions and the digest itself."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256()
-    record = {k: v for k, v in state.items() if k not in ("memory_bank", "versions", "digest")}
-    digest.update(json.dumps(record, sort_keys=True, default=str).encode())
-    bank = state["memory_bank"].detach().cpu().contiguous()
-    digest.update(f"{tuple(bank.shape)}:{bank.dtype}".encode())
-    digest.update(bank.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _tuple_or_scalar(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(int(v) for v in value)
     return value
-
-
-def _versions() -> dict[str, str]:
-    import faiss
-    import torchvision
-
-    # Plain str: torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses.
-    return {
-        "patchcore": str(__version__),
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "faiss": str(getattr(faiss, "__version__", "unknown")),
-        "numpy": str(np.__version__),
-        "python": str(platform.python_version()),
-    }

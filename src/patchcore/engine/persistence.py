@@ -1,0 +1,197 @@
+"""Model files: what a fitted PatchCore holds on disk (format 2), and the checks before one is trusted.
+
+A model file is a dict of plain types and one float32 tensor (the memory bank), so it loads with
+``torch.load(weights_only=True)``. A SHA-256 digest over the parameters, the bank and the fit's records makes
+an edited file fail to load; the bank is checked against the parameters and records that describe it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._version import __version__
+
+__all__ = [
+    "MODEL_FORMAT",
+    "MODEL_FORMAT_VERSION",
+    "ModelFileError",
+    "bank_problem",
+    "check_state",
+    "library_versions",
+    "model_state",
+    "plain",
+    "plain_dict",
+    "read_state",
+    "restore_fitted",
+    "state_digest",
+]
+
+MODEL_FORMAT = "patchcore-model"
+# 2: a content digest over the parameters, the bank and the fit's records (an edited file is refused).
+MODEL_FORMAT_VERSION = 2
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: truncated, not ours, or of another format version."""
+
+
+def plain(value: Any) -> Any:
+    """A value as plain Python (lists, str, numbers), as a weights_only-loadable file needs it."""
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, np.generic):  # numpy scalars would not load with weights_only=True
+        return value.item()
+    return value
+
+
+def plain_dict(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: plain(v) for k, v in values.items()}
+
+
+def model_state(model: Any) -> dict[str, Any]:
+    """Everything a model file holds for a fitted model: plain types and one float32 tensor."""
+    params = model.get_params()
+    params["layers"] = list(model.layers_)
+    params["device"] = "auto"
+    params["work_dir"] = None
+    state = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "params": params,
+        "weights_id": model.weights_id_,
+        "memory_bank": torch.from_numpy(model.memory_bank_.copy()),
+        "patch_grid": list(model.patch_grid_),
+        "input_size": list(model.input_size_),
+        "stats": plain_dict(model.stats_),
+        "calibration": plain_dict(getattr(model, "calibration_", {})),
+        "evaluation": plain_dict(getattr(model, "evaluation_", {})),
+        "versions": library_versions(),
+    }
+    state["digest"] = state_digest(state)
+    return state
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over everything a model file holds but the library versions and the digest itself."""
+    digest = hashlib.sha256()
+    record = {k: v for k, v in state.items() if k not in ("memory_bank", "versions", "digest")}
+    digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    bank = state["memory_bank"].detach().cpu().contiguous()
+    digest.update(f"{tuple(bank.shape)}:{bank.dtype}".encode())
+    digest.update(bank.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict a model file holds, read with ``weights_only=True`` (nothing in it is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(f"{path} is not a readable patchcore model file (truncated or corrupted?): {exc}") from exc
+
+
+def check_state(state: Any, source: str) -> None:
+    """Refuse what is not a model file of this format version, or was modified after it was saved."""
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{source} is not a patchcore model file")
+    version = state.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{source} has model format version {version}; this patchcore ({__version__}) reads version "
+            f"{MODEL_FORMAT_VERSION}. Re-train the model with this version."
+        )
+    try:
+        expected = state_digest(state)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
+    if state.get("digest") != expected:
+        raise ModelFileError(
+            f"{source} was modified after it was saved (its content digest does not match): its "
+            "parameters may no longer describe its memory bank. Re-train, or use the original file."
+        )
+
+
+def restore_fitted(model: Any, state: dict[str, Any], source: str) -> None:
+    """Set the fitted attributes of ``model`` (built from the state's parameters) from a checked state."""
+    try:
+        model.memory_bank_ = state["memory_bank"].detach().cpu().numpy().astype(np.float32, copy=False)
+        model.patch_grid_ = tuple(state["patch_grid"])
+        model.input_size_ = tuple(state["input_size"])
+        model.stats_ = dict(state["stats"])
+        model.weights_id_ = state["weights_id"]
+        model.layers_ = tuple(state["params"]["layers"])
+        model.versions_ = dict(state.get("versions", {}))
+        model.calibration_ = dict(state.get("calibration", {}))
+        model.evaluation_ = dict(state.get("evaluation", {}))
+        if "map_min" in model.calibration_:
+            # Files from before good-image calibration kept the test-set ranges there: figures only.
+            legacy = model.calibration_
+            model.calibration_ = {}
+            model.evaluation_ = {**legacy, **model.evaluation_}
+            if "image_threshold" in legacy:
+                model.evaluation_["f1_threshold"] = model.evaluation_.pop("image_threshold")
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
+    problem = bank_problem(model)
+    if problem:
+        raise ModelFileError(f"{source}: {problem}; the file is inconsistent, re-train the model")
+
+
+def bank_problem(model: Any) -> str | None:
+    """What disagrees between the stored parameters, records and memory bank (None: all agree)."""
+    bank, stats = model.memory_bank_, model.stats_
+    if bank.ndim != 2 or len(bank) == 0:
+        return f"the memory bank has shape {bank.shape}, not (M >= 1, D)"
+    if not np.isfinite(bank).all():
+        return "the memory bank holds non-finite values (NaN or inf)"
+    if model.target_embed_dimension is not None and bank.shape[1] != model.target_embed_dimension:
+        return (
+            f"target_embed_dimension is {model.target_embed_dimension} but the memory bank has "
+            f"{bank.shape[1]}-dimensional features"
+        )
+    if stats.get("memory_size") != len(bank) or stats.get("feature_dim") != bank.shape[1]:
+        return (
+            f"the records say a {stats.get('memory_size')} x {stats.get('feature_dim')} memory bank, "
+            f"the file holds {bank.shape[0]} x {bank.shape[1]}"
+        )
+    n_patches = stats.get("n_patches")
+    if n_patches != stats.get("n_train_images", 0) * int(np.prod(model.patch_grid_)):
+        return f"n_patches {n_patches} is not n_train_images x the patch grid {list(model.patch_grid_)}"
+    if len(bank) > n_patches:
+        return f"the memory bank ({len(bank)}) is larger than the training patches ({n_patches})"
+    if model.sampler == "identity" and len(bank) != n_patches:
+        return f"sampler identity keeps all {n_patches} patches, the bank has {len(bank)}"
+    if model.sampler != "identity" and len(bank) != max(1, int(n_patches * model.percentage)):
+        return (
+            f"percentage {model.percentage} of {n_patches} patches gives a bank of "
+            f"{max(1, int(n_patches * model.percentage))}, the file holds {len(bank)}"
+        )
+    return None
+
+
+def library_versions() -> dict[str, str]:
+    import faiss
+    import torchvision
+
+    # Plain str: torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses.
+    return {
+        "patchcore": str(__version__),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "faiss": str(getattr(faiss, "__version__", "unknown")),
+        "numpy": str(np.__version__),
+        "python": str(platform.python_version()),
+    }
