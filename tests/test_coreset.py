@@ -34,7 +34,8 @@ def reference_float_distances(z: torch.Tensor, i: int) -> np.ndarray:
 def test_prefix_bound_never_exceeds_the_reference_distance(seed):
     z = clustered(3000, 48, 12, seed)
     bound = prefix_bound_data(z, prefix_dim=8)
-    dequantised = bound["q"].T.astype(np.float64) * bound["scale"].astype(np.float64)
+    levels = np.concatenate([bound["q_head"].T, bound["q_tail"]], axis=1)
+    dequantised = levels.astype(np.float64) * bound["scale"].astype(np.float64)
     for i in np.random.default_rng(seed).choice(len(z), 20, replace=False):
         prefix_distance = np.linalg.norm(dequantised - dequantised[i], axis=1)
         # T >= P - e_j - e_i, and the float formula's square is at least T^2 - (cn_j + cn_i).
@@ -82,3 +83,19 @@ def test_greedy_select_rejects_unknown_methods():
     z = torch.zeros((4, 2))
     with pytest.raises(ValueError, match="unknown greedy method"):
         greedy_select(z, 1, torch.zeros(4), method="fast")
+
+
+def test_pruned_loop_with_a_two_level_prefix_matches_the_reference_loop(monkeypatch):
+    # 96 dims: a 64-dim prefix whose last 32 coordinates are read only where the 32-dim head cannot exclude.
+    import patchcore.engine.coreset as coreset
+
+    z = clustered(3000, 96, 10, seed=11)
+    bound = prefix_bound_data(z)
+    assert bound["q_head"].shape == (coreset.HEAD_DIM, 3000) and bound["q_tail"].shape[1] > 0
+    start = np.random.default_rng(2).choice(len(z), 10, replace=False)
+    stats: dict = {}
+    np.testing.assert_array_equal(
+        greedy_select(z, 300, start_distances(z, start), method="pruned", stats=stats),
+        reference_greedy_select(z, 300, start),
+    )
+    assert stats["exact_fraction"] < 0.5

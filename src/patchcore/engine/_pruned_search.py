@@ -193,7 +193,7 @@ def _search_row(
     count = seeds
     centred = np.empty(query.shape[0], dtype=np.float64)
     for i in range(query.shape[0]):
-        centred[i] = np.float64(query[i]) - np.float64(mean[i])  # exact differences
+        centred[i] = np.float64(query[i]) - np.float64(mean[i])  # exact, or within 2^-53 relative
     # 2. Every vector whose certified lower bound is <= the current k-th distance: screened by a second bound
     # from the bfloat16 copy (half the bytes; most candidates stop there: strictly above the k-th distance,
     # with a margin for float64 rounding, j cannot enter, not even on a tie), then the exact distance.

@@ -89,10 +89,14 @@ def start_distances(z: torch.Tensor, start_points: np.ndarray, chunk_rows: int =
 
 GREEDY_METHODS = ("auto", "pruned", "fused")
 _FLOAT_FORMULA_C = 1e-4  # allowance c of the reference's float32 squared-distance formula (see prefix_bound_data)
-# Principal components in the pruning bound. More cuts exact distances but every pick streams m bytes per
-# point: ELPV, first 12,000 picks, ms per pick for m = 32 / 48 / 64: mono 1.88 / 1.56 / 2.08, poly
-# 6.12 / 5.04 / 4.55 (exact distances mono 1.9 / 0.72 / 0.35 %, poly 6.9 / 2.0 / 0.71 % of N; same picks).
-PREFIX_DIM = 48
+# Principal components in the pruning bound, and how many of them are tested for every point before the
+# rest is read (per point, only where the head cannot exclude it). Every pick streams the head's bytes for
+# all points, so the head sets the cost and the full prefix the number of exact distances. ELPV, first
+# 12,000 picks, ms per pick (exact distances, % of N): one level m = 32: mono 1.88 (1.9), poly 6.12 (6.9);
+# m = 48: mono 1.56, poly 5.04; m = 64, head 16 / 24 / 32: mono 1.62 / 1.23 / 1.13 (0.35), poly - / - /
+# 4.32 (0.71); m = 96, head 32: mono 1.34, poly 4.72. The same picks in every case.
+PREFIX_DIM = 64
+HEAD_DIM = 32
 
 
 def greedy_select(
@@ -165,6 +169,10 @@ def prefix_bound_data(z: torch.Tensor, prefix_dim: int = PREFIX_DIM) -> dict[str
     with slack = e (padded) and cn = c ||z||^2 (rounded up), gives T >= d_j + delta and
     T^2 >= d_j^2 + 2 d_j delta >= d_j^2 + c (||z_j||^2 + ||z_i||^2), hence r >= d_j: the point keeps d_j.
     (Adding sqrt(c) ||z|| to the slack instead, the linear form, would widen the bound about 100-fold.)
+
+    The prefix is split: the first ``HEAD_DIM`` coordinates (``q_head``, one column per point) give a
+    partial distance that is itself a lower bound of P, tested for every point; the rest (``q_tail``, one row
+    per point) is read only for the points the head cannot exclude.
     """
     n = len(z)
     mean, basis = principal_basis(z, prefix_dim, _CHUNK_ROWS)
@@ -177,7 +185,10 @@ def prefix_bound_data(z: torch.Tensor, prefix_dim: int = PREFIX_DIM) -> dict[str
     for start in range(0, n, _CHUNK_ROWS):
         largest = torch.maximum(largest, prefix_rows(start).abs().amax(0))
     scale = (largest / 127.0).clamp(min=1e-30)
-    quantised = np.empty((m, n), dtype=np.int8)
+    head = min(HEAD_DIM, m)
+    quantised_head = np.empty((head, n), dtype=np.int8)  # columns: vectorised across points
+    quantised_tail = np.empty((n, m - head), dtype=np.int8)  # rows: read only for the points that need it
+    head_squared = np.empty(n, dtype=np.float32)
     prefix_squared = np.empty(n, dtype=np.float32)
     slack = np.empty(n, dtype=np.float32)
     cn = np.empty(n, dtype=np.float32)
@@ -187,16 +198,21 @@ def prefix_bound_data(z: torch.Tensor, prefix_dim: int = PREFIX_DIM) -> dict[str
         levels = torch.round(prefix / scale).clamp_(-127, 127)
         dequantised = levels * scale
         stop = start + len(prefix)
-        quantised[:, start:stop] = levels.T.to(torch.int8).numpy()
+        quantised_head[:, start:stop] = levels[:, :head].T.to(torch.int8).numpy()
+        quantised_tail[start:stop] = levels[:, head:].to(torch.int8).numpy()
         error = (dequantised - prefix).norm(dim=1)
         norm = torch.sqrt(squared_norms[start:stop].double())
         slack[start:stop] = (error * (1 + 1e-3) + 1e-6 * (norm + 1)).numpy()
         cn[start:stop] = (_FLOAT_FORMULA_C * (1 + 1e-3) * squared_norms[start:stop].double()).numpy()
         # Minus an allowance for the float32 error of -2 acc + qsq_j + qsq_i in the kernel.
         prefix_squared[start:stop] = ((dequantised * dequantised).sum(1) * (1 - 1e-5) - 1e-6).numpy()
+        head_part = dequantised[:, :head]
+        head_squared[start:stop] = ((head_part * head_part).sum(1) * (1 - 1e-5) - 1e-6).numpy()
     return {
         "sq": squared_norms.numpy(),
-        "q": quantised,
+        "q_head": quantised_head,
+        "q_tail": quantised_tail,
+        "qsq_head": head_squared,
         "scale": scale.float().numpy(),
         "qsq": prefix_squared,
         "slack": slack,
@@ -225,7 +241,8 @@ def _pruned_greedy_select(
         count = min(step, n_select - start)
         pick = int(
             greedy_picks(
-                z_np, bound["sq"], bound["q"], bound["scale"], bound["qsq"], bound["slack"], bound["cn"], d,
+                z_np, bound["sq"], bound["q_head"], bound["q_tail"], bound["scale"], bound["qsq_head"],
+                bound["qsq"], bound["slack"], bound["cn"], d,
                 pick, count, chosen[start : start + count], computed,
             )
         )  # fmt: skip
