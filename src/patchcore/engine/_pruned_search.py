@@ -39,6 +39,7 @@ PREFIX_DIM = 192
 SEEDS = 4  # prefix-nearest candidates whose exact distances seed the upper bound
 QUERY_BLOCK = 512
 QUERY_CHUNKS = 16  # parallel work units per block of queries
+BUILD_ROWS = 16384  # bank rows per chunk when the index is built (bounds the float64 temporaries)
 RELATIVE_MARGIN = 1e-3  # float-error allowance of the float32 prefix bound, relative to the centred norms
 PRECISIONS = ("auto", "bf16", "fp32")
 BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16 keeps 8 significand bits: |fl(x) - x| <= 2^-8 |x|
@@ -274,28 +275,44 @@ class PrunedExactSearch:
         mean, basis = principal_basis(torch.from_numpy(self.bank), prefix_dim)
         self.basis = basis.float().contiguous()
         self.mean32 = mean.float()
-        centred = torch.from_numpy(self.bank).double() - mean
-        prefix = (centred @ basis).float()
-        self.bank_prefix = prefix.contiguous()
-        self.bank_prefix_sq = (prefix.double() ** 2).sum(1).float().numpy()
-        # The float32 prefix of a vector and its float32 squared-distance formula err by far less than
-        # 1e-3 of the centred squared norms (a rotation and a 128-term dot product in float32).
-        self.margin_bank = (RELATIVE_MARGIN * (centred**2).sum(1) + 1e-6).float().numpy()
-        self.dim = prefix.shape[1]
+        n, dim = self.bank.shape
+        prefix = torch.empty((n, basis.shape[1]), dtype=torch.float32)
+        self.margin_bank = np.empty(n, dtype=np.float32)
         # A bfloat16 copy of the centred bank screens the candidates the prefix bound leaves: half the bytes
         # of a float32 row per candidate (the search is bound by memory traffic there). Its residual
         # ||b_c - b~|| is exact in float64 (float32 inputs), rounded up; centring at the float32 mean.
-        centred_exact = torch.from_numpy(self.bank).double() - self.mean32.double()
-        reduced = centred_exact.to(torch.bfloat16)
-        self.reduced_bank = reduced.view(torch.uint16).numpy()
-        self.reduced_residual = (torch.linalg.vector_norm(centred_exact - reduced.double(), dim=1) * (1 + 1e-9)).numpy()
+        self.reduced_bank = np.empty((n, dim), dtype=np.uint16)
+        self.reduced_residual = np.empty(n, dtype=np.float64)
+        mean_of_32 = self.mean32.double()
+        for start in range(0, n, BUILD_ROWS):  # float64 temporaries one chunk at a time
+            rows = torch.from_numpy(self.bank[start : start + BUILD_ROWS]).double()
+            stop = start + len(rows)
+            centred = rows - mean
+            prefix[start:stop] = (centred @ basis).float()
+            # The bank's prefix is computed in float64: its float32 rounding, and the float32 products and sums
+            # of the squared-distance formula, err by far less than 1e-3 of the centred squared norms (the
+            # query's float32 projection has its own worst-case allowance, see search).
+            self.margin_bank[start:stop] = (RELATIVE_MARGIN * (centred**2).sum(1) + 1e-6).float().numpy()
+            centred_exact = rows - mean_of_32
+            reduced = centred_exact.to(torch.bfloat16)
+            self.reduced_bank[start:stop] = reduced.view(torch.uint16).numpy()
+            residual = torch.linalg.vector_norm(centred_exact - reduced.double(), dim=1)
+            self.reduced_residual[start:stop] = (residual * (1 + 1e-9)).numpy()
+        self.bank_prefix = prefix
+        self.bank_prefix_sq = (prefix.double() ** 2).sum(1).float().numpy()
+        self.dim = prefix.shape[1]
         self.mean_np = self.mean32.numpy()
+        unit = FP32_UNIT_ROUNDOFF
+        gamma = dim * unit / (1 - dim * unit)
+        self.projection_error = (np.sqrt(self.dim) * (gamma + unit) + unit) * (1 + 1e-6)
         if self.precision == "bf16":
             self.bank_prefix_bf16 = prefix.to(torch.bfloat16)
             self.cross_bank = _cross_terms(prefix, self.bank_prefix_bf16, self.dim, bank_side=True)
         else:
             self.bank_prefix_bf16 = None
-            self.cross_bank = np.zeros((len(self.bank), 2), dtype=np.float32)
+            # (|p_b|, 0): the per-pair term of the projection allowance; no bf16 rounding in float32.
+            norms = torch.linalg.vector_norm(prefix.double(), dim=1) * (1 + 1e-6)
+            self.cross_bank = torch.stack([norms, torch.zeros_like(norms)], dim=1).float().numpy()
         feature = cpu_bf16_matmul()
         log.info(
             "exact search: %s prefix products (CPU bf16 support: %s%s), float64 re-ranking of what the "
@@ -319,8 +336,15 @@ class PrunedExactSearch:
             block = torch.from_numpy(queries[start : start + QUERY_BLOCK])
             centred = block - self.mean32
             prefix = centred @ self.basis
-            query_sq = (prefix.double() ** 2).sum(1).float().numpy()
-            margin_q = (RELATIVE_MARGIN * (centred.double() ** 2).sum(1) + 1e-6).float().numpy()
+            prefix_sq = (prefix.double() ** 2).sum(1)
+            query_sq = prefix_sq.float().numpy()
+            centred_sq = (centred.double() ** 2).sum(1)
+            # The float32 projection errs by at most E_q = |q_c| (sqrt(m) (gamma_D + u) + u) (the centring,
+            # the basis' float32 rounding and a D-term dot product per coordinate, worst case); the squared
+            # prefix distance then by at most 2 E_q (|p_q| + |p_b|): the |p_q| part joins the query's
+            # allowance, the |p_b| part the per-pair term through cross_q[:, 0] x |p_b| (cross_bank[:, 0]).
+            error = torch.sqrt(centred_sq) * self.projection_error
+            margin_q = (RELATIVE_MARGIN * centred_sq + 1e-6 + 2 * error * torch.sqrt(prefix_sq)).float().numpy()
             if self.precision == "bf16":
                 reduced = prefix.to(torch.bfloat16)
                 dots = (reduced @ self.bank_prefix_bf16.T).view(torch.uint16).numpy()
@@ -328,6 +352,7 @@ class PrunedExactSearch:
             else:
                 dots = (prefix @ self.bank_prefix.T).numpy()
                 cross_q = np.zeros((len(block), 2), dtype=np.float32)
+            cross_q[:, 0] += (error * (1 + 1e-6)).float().numpy()
             stop = start + len(block)
             pruned_knn(
                 block.numpy(), self.bank, dots, query_sq, self.bank_prefix_sq, margin_q, self.margin_bank,
