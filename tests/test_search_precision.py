@@ -177,3 +177,34 @@ def test_bfloat16_screen_spares_most_exact_distances_on_patch_like_data():
     assert_exact(index, bank, queries, 1)
     search = index._pruned
     assert search.last_screened_fraction > search.last_exact_fraction
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("offset", [0.0, 40.0])
+def test_prefix_pass_bound_never_exceeds_the_exact_distance(monkeypatch, precision, offset):
+    # The first-level bound of every (query, bank vector) pair, as the kernel computes it from the products
+    # (bf16 or float32) and the allowances, is at most the float64 squared distance.
+    bank = patch_like(600, 256, seed=12, offset=offset)
+    search = _pruned_search.PrunedExactSearch(bank, precision=precision)
+    rng = np.random.default_rng(5)
+    queries = bank[rng.choice(len(bank), 40)] + rng.normal(0, 0.05, size=(40, 256)).astype(np.float32)
+    captured = {}
+    kernel = _pruned_search.pruned_knn
+
+    def capture(*args):
+        captured["args"] = args
+        return kernel(*args)
+
+    monkeypatch.setattr(_pruned_search, "pruned_knn", capture)
+    search.search(queries, 1)
+    _, _, dots, query_sq, bank_sq, margin_q, margin_b, cross_q, cross_b = captured["args"][:9]
+    if dots.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
+        products = (dots.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        products = dots.astype(np.float64)
+    allowance = margin_q[:, None] + margin_b[None, :]
+    allowance = allowance + 2.0 * (cross_q[:, :1] * cross_b[None, :, 0] + cross_q[:, 1:] * cross_b[None, :, 1])
+    lower = query_sq[:, None].astype(np.float64) + bank_sq[None, :] - 2.0 * products - allowance
+    exact = ((queries.astype(np.float64)[:, None, :] - bank.astype(np.float64)[None, :, :]) ** 2).sum(2)
+    assert np.all(lower <= exact)
+    assert np.mean(lower > 0.5 * exact) > 0.5  # and a useful bound, not a trivial one
