@@ -226,14 +226,14 @@ def _run(args: argparse.Namespace) -> int:
         print(summary.reports["markdown"].read_text())
         return 0
     if args.command == "federated":
-        from .federated import federated
+        from .cmd_federated import federated
 
         overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
         report = federated(load_config(args.config, overrides))
         print(report.read_text())
         return 0
     if args.command == "evaluate":
-        from .evaluate import evaluate_models
+        from .cmd_evaluate import evaluate_models
 
         overrides = list(args.overrides)
         if args.data:
