@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from patchcore.app.config import Config, config_from_dict
 from patchcore.app.cmd_federated import federated
+from patchcore.app.config import Config, config_from_dict
 from patchcore.app.train import SampleImages, build_model, evaluation_settings, load_objects, train
 from patchcore.distributed.ray_runner import RayOptions, run_ray
 from patchcore.distributed.sharded import sharded_fit

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..data import DataError, ObjectData, load_dataset
+from ..data import DataError, ObjectData, dataset_kind, load_dataset
 from ..data.check import check_samples
 from ..data.loading import iterate_batches, make_loader
 from ..engine.model import NonFiniteError, PatchCore
@@ -110,12 +110,8 @@ def run_header(config: Config) -> dict[str, Any]:
 
 
 def load_objects(config: Config) -> list[ObjectData]:
-    options: dict[str, Any] = {}
-    if config.data.kind == "elpv":
-        options = {
-            "train_fraction": config.data.train_fraction,
-            "include_uncertain": config.data.include_uncertain,
-        }
+    """The configured data set's objects; the loader's options are the data keys its kind declares."""
+    options = {key: getattr(config.data, key) for key in dataset_kind(config.data.kind).options}
     return load_dataset(config.data.kind, config.data.root, config.data.objects, **options)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..data import DataError, ObjectData, Sample, load_image, load_mask, saturation_for
 from ..data.autovi import defect_name_for
+from ..data.base import check_mask_size
 from ..data.loading import iterate_batches, make_loader
 from ..engine.model import NonFiniteError, PatchCore
 from ..fileio import atomic_write_text, safe_name
@@ -64,11 +65,7 @@ def _native_channels(obj: ObjectData, sample: Sample, shape: tuple[int, int]) ->
     channels = []
     for path in sample.mask_paths:
         values = load_mask(path)
-        if values.shape != shape:
-            raise DataError(
-                f"mask {path} has size {values.shape[1]}x{values.shape[0]} but its image {sample.image_path} "
-                f"has size {shape[1]}x{shape[0]} (width x height)"
-            )
+        check_mask_size(path, values.shape, sample.image_path, shape)
         present = np.unique(values[values != 0])
         if present.size == 0:
             # The official scripts stop on such a file; here it is left out of sPRO, loudly.
@@ -95,13 +92,13 @@ def _native_evaluation(
 ) -> tuple[dict[str, float | None], dict[str, Any], NativeSproAccumulator]:
     """The official AutoVI / LOCO numbers from the maps as saved (native size, 16-bit levels)."""
     accumulator = NativeSproAccumulator()
-    with_gt = obj.has_masks and obj.mask_format == "autovi"
+    with_gt = obj.has_masks and obj.protocol.mask_kind == "valued"
     for sample, amap, size in zip(obj.test, maps, sizes, strict=True):
         unit = normalize_maps(model.transform.to_original(amap, size), *map_range)
         levels = quantize_unit_map(unit)
         if maps_root is not None:
             target = maps_root / sample.label / sample.image_path.stem
-            if obj.protocol == "mvtec_loco":
+            if obj.protocol.map_format == "tiff":
                 save_map_tiff(target.with_suffix(".tiff"), levels.astype(np.float32) / (MAP_LEVELS - 1))
             else:
                 save_map_png(target.with_suffix(".png"), unit, sixteen_bit=True)
@@ -118,7 +115,7 @@ def _native_evaluation(
     metrics["image_auroc_class_mean"] = float(np.mean(known)) if known else None
     if with_gt:
         per_type = accumulator.per_type_auc_spro(limits)
-        if obj.protocol == "mvtec_loco":
+        if obj.protocol.spro_per_type:
             # LOCO: one curve per anomaly type, the object's value is their mean.
             for limit in limits:
                 values = [v[limit] for v in per_type.values() if v[limit] is not None]
@@ -216,7 +213,7 @@ def evaluate_object(
         if n_annotated < n_defect:
             log.warning("%s: pixel metrics over the %d of %d defect images that have a usable mask",
                         obj.name, n_annotated, n_defect)  # fmt: skip
-        if obj.protocol == "mvtec" and metrics["au_pro"] is not None:
+        if obj.protocol.pro_curve and metrics["au_pro"] is not None:
             pro = pro_curve([masks[i] for i in keep], [maps[i] for i in keep])
 
     # One normalisation for the whole test set (never per map): the reference's min-max over all maps.
@@ -233,7 +230,7 @@ def evaluate_object(
         model.evaluation_["f1_threshold"] = threshold
 
     accumulator = None
-    if obj.protocol in ("autovi", "mvtec_loco"):
+    if obj.protocol.native_spro:
         maps_root = out_dir / "anomaly_maps" / obj.name / "test" if settings.save_autovi_maps else None
         native, per_class, accumulator = _native_evaluation(
             model, obj, maps, original_sizes, (map_min, map_max), maps_root, tuple(settings.spro_fpr_limits)
@@ -241,7 +238,7 @@ def evaluate_object(
         metrics.update(native)
         metrics.pop("au_pro", None)  # sPRO replaces PRO here (its regions are logical, not connected)
         stats["per_class"] = per_class
-        stats["evaluation_protocol"] = obj.protocol
+        stats["evaluation_protocol"] = obj.protocol.name
     elif settings.save_autovi_maps:
         maps_root = out_dir / "anomaly_maps" / obj.name / "test"
         for sample, amap, size in zip(obj.test, maps, original_sizes, strict=True):
