@@ -287,10 +287,15 @@ def test_resume_keeps_finished_objects_and_redoes_damaged_or_changed_ones(data, 
     assert bottle.stat().st_mtime_ns == before[bottle][1]
     assert screw.read_bytes() != before[screw][0][:100] and PatchCore.load(screw).memory_bank_.shape[0] == 21
     assert [r["object"] for r in read_csv(run_dir / "results.csv")] == ["bottle", "screw", "mean"]
-    # Another coreset size is another config: both objects are trained again.
+    # Another coreset size is another config: refused as it is (nothing touched), both objects trained again
+    # with --restart-changed, and the log names the changed key.
     code, _, err = run_cli("train", "--resume", run_dir, "model.percentage=0.05")
+    assert code == 2 and "model.percentage: 0.1 -> 0.05" in err and "--restart-changed" in err
+    assert PatchCore.load(bottle).memory_bank_.shape[0] == 21
+    code, _, err = run_cli("train", "--resume", run_dir, "--restart-changed", "model.percentage=0.05")
     assert code == 0, err
     assert "kept" not in err
+    assert "--restart-changed: model.percentage: 0.1 -> 0.05" in (run_dir / "run.log").read_text()
     assert PatchCore.load(bottle).memory_bank_.shape[0] == int(216 * 0.05)
 
 
