@@ -24,6 +24,7 @@ import pytest
 import torch
 from test_workflow import make_mvtec, read_csv, run_cli, write_config
 
+from patchcore.app.runs import run_state
 from patchcore.distributed.federated import (
     ClientSpec,
     NoiseSpec,
@@ -311,6 +312,8 @@ def test_resume_of_a_missing_run_folder_exits_2(tmp_path):
 
 
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_runs_models(data, tmp_path):
+    """Catches: a resume that loses or refits finished work, or takes a half-written object for finished;
+    asserts that the kill really landed mid-run (not after the run had finished)."""
     config = write_config(tmp_path / "c.yaml", "mvtec", data, tmp_path / "out", evaluation={"heatmaps": 0})
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "patchcore.app.cli", "train", "-c", str(config), "--no-progress"]
@@ -325,6 +328,11 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_runs_models(data, tm
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert record.exists()
+    # The kill landed mid-run (else this test proves nothing about resuming): the process died of it, the
+    # run is still marked incomplete, and an object is unfinished.
+    assert process.returncode == -signal.SIGKILL
+    state = run_state(run_dir)
+    assert not state.complete and state.objects.get("screw") != "done"
     # What a kill leaves is never taken for finished: only recorded objects have model files.
     recorded = {p.stem for p in (run_dir / "completed").glob("*.json")}
     models = {p.stem.removeprefix("patchcore_") for p in (run_dir / "models").glob("*.pt")}
