@@ -287,11 +287,11 @@ def run_new(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
     stats = model.stats_
     result["fit"] = {
         "extract_seconds": result["extract_fp32"]["seconds"],
-        "coreset_seconds": stats["coreset_seconds"],
-        "index_seconds": stats["index_seconds"],
+        "coreset_seconds": stats.coreset_seconds,
+        "index_seconds": stats.index_seconds,
         "seconds": round(result["extract_fp32"]["seconds"] + fit_rest, 3),
-        "bank": stats["memory_size"],
-        "patches": stats["n_patches"],
+        "bank": stats.memory_size,
+        "patches": stats.n_patches,
     }
     model_file = shared / "model.pt"
     model.save(model_file)
@@ -311,9 +311,9 @@ def run_new_reused(args, shared: Path, reuse: Path, result: dict, train: list, t
     shutil.copy(reuse / "model.pt", shared / "model.pt")
     model = PatchCore.load(shared / "model.pt", device="cpu")
     stats = model.stats_
-    result["fit"] = {"reused": str(reuse), "coreset_seconds": stats.get("coreset_seconds"),
-                     "index_seconds": stats.get("index_seconds"), "bank": stats.get("memory_size"),
-                     "patches": stats.get("n_patches")}  # fmt: skip
+    result["fit"] = {"reused": str(reuse), "coreset_seconds": stats.coreset_seconds,
+                     "index_seconds": stats.index_seconds, "bank": stats.memory_size,
+                     "patches": stats.n_patches}  # fmt: skip
     features_file = reuse / "test_features.npy"
     per_image = int(np.prod(model.patch_grid_))
     if features_file.is_file() and np.load(features_file, mmap_mode="r").shape[0] >= per_image * len(test):
