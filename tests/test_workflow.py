@@ -651,3 +651,64 @@ def test_train_reuses_cached_features_when_only_the_coreset_changes(tmp_path):
         o["stats"]["memory_size"] > p["stats"]["memory_size"]
         for o, p in zip(second["objects"], first["objects"], strict=True)
     )
+
+
+# ----------------------------------------------------------------------------- VisA end to end
+
+
+def make_visa(root: Path, size: int = 48) -> Path:
+    """VisA layout (split_csv/1cls.csv, Data/Images/{Normal,Anomaly}, class-id masks): one object, 6 train
+    normal, 3 test normal, 3 anomalous with a bright box, the last one without a mask."""
+    box = (16, 8, 26, 40)
+    rows = ["object,split,label,image,mask"]
+    images = root / "candle" / "Data" / "Images"
+    for i in range(9):
+        save(images / "Normal" / f"{i:03d}.png", texture(size, size, i))
+        rows.append(f"candle,{'train' if i < 6 else 'test'},normal,candle/Data/Images/Normal/{i:03d}.png,")
+    for i in range(3):
+        save(images / "Anomaly" / f"{i:03d}.png", with_square(texture(size, size, 20 + i), box))
+        mask = ""
+        if i < 2:
+            save(
+                root / "candle" / "Data" / "Masks" / "Anomaly" / f"{i:03d}.png", box_mask(size, size, box, 3)
+            )
+            mask = f"candle/Data/Masks/Anomaly/{i:03d}.png"
+        rows.append(f"candle,test,anomaly,candle/Data/Images/Anomaly/{i:03d}.png,{mask}")
+    (root / "split_csv").mkdir(parents=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_train_end_to_end_on_the_shipped_visa_config_with_small_settings(tmp_path):
+    """`patchcore train -c configs/visa.yaml` on a tiny VisA tree: catches a VisA run that loses the CSV's
+    split (Normal/ test images trained on), reads class-id masks (value 3) as good pixels, or counts the
+    defect without a mask in the pixel metrics."""
+    from sklearn.metrics import roc_auc_score
+
+    data = make_visa(tmp_path / "visa")
+    config = Path(__file__).resolve().parents[1] / "configs" / "visa.yaml"
+    code, _, err = run_cli(
+        "train", "-c", config, f"data.root={data}", f"output_dir={tmp_path / 'out'}", "data.num_workers=0",
+        "model.backbone=resnet18", "model.weights=random", "model.resize=48", "model.imagesize=48",
+        "model.batch_size=4", "evaluation.heatmaps=0", "evaluation.save_autovi_maps=true", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    run_dir = tmp_path / "out" / "visa" / "wrn50_l23_p3_c10"
+    row = read_csv(run_dir / "results.csv")[0]
+    assert row["object"] == "candle" and int(row["n_train_images"]) == 6 and int(row["n_test_images"]) == 6
+    summary = json.loads((run_dir / "summary.json").read_text())["objects"][0]["stats"]
+    assert (summary["pixel_metric_defect_images"], summary["defect_images"]) == (2, 3)
+    maps_dir = run_dir / "anomaly_maps" / "candle" / "test"
+    pairs = []
+    for label, count in (("good", 3), ("anomaly", 2)):
+        for path in sorted((maps_dir / label).glob("*.png"))[:count]:
+            score_map = np.asarray(Image.open(path), dtype=np.float64)
+            truth = np.zeros(score_map.shape, bool)
+            if label == "anomaly":
+                truth = np.asarray(Image.open(data / "candle" / "Data" / "Masks" / "Anomaly" / path.name)) > 0
+            pairs.append((score_map, truth))
+    expected = roc_auc_score(
+        np.concatenate([t.ravel() for _, t in pairs]), np.concatenate([m.ravel() for m, _ in pairs])
+    )
+    assert float(row["pixel_auroc"]) == pytest.approx(expected, abs=1e-3)
+    assert float(row["image_auroc"]) >= 0.9
