@@ -94,8 +94,10 @@ def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -
     if address is not None and address.startswith("ray://"):  # Ray Client: host:port after the scheme
         target: str | None = address.removeprefix("ray://")
     else:
-        from ray._private.services import canonicalize_bootstrap_address
-
+        try:  # Ray's own reading of the address (RAY_ADDRESS, "auto": the cluster started on this machine)
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # pragma: no cover - a Ray without it: its own connect decides
+            return
         try:
             target = canonicalize_bootstrap_address(address)
         except (ConnectionError, ValueError, OSError) as exc:
