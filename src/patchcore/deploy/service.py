@@ -47,15 +47,22 @@ from .errors import DeployError
 try:
     from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
     from starlette.routing import Match
 except ImportError as exc:  # pragma: no cover - the extra is installed in CI
     raise DeployError("patchcore serve needs the 'serve' extra: pip install 'patchcore[serve]'") from exc
 
 from ..heatmaps import overlay
-from .batching import DynamicBatcher
+from .batching import DynamicBatcher, PixelBudget
 from .inference import ImagePrediction, Predictor
-from .settings import ServiceSettings
+from .settings import RENDER_COST, ServiceSettings
 from .uploads import UploadError, declared_pixels, decode_upload
 from .webpage import PAGE
 
@@ -85,8 +92,6 @@ PUBLIC_PATHS = frozenset({"/healthz", "/"})
 BATCH_PATHS = frozenset({"/predict/batch"})
 #: The metrics label of a path that matches no route (a fixed label: unknown paths add no series).
 UNKNOWN_ROUTE = "other"
-#: Decoded pixels an image costs against ``max_request_pixels`` when a heatmap or mask is drawn for it.
-RENDER_COST = 2
 #: Seconds a stopping server (SIGTERM, Ctrl-C) waits for requests in flight before cancelling them.
 SHUTDOWN_GRACE_S = 5.0
 #: The status of a request whose client went away before its answer (nginx's convention; never sent).
@@ -304,6 +309,10 @@ class _Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )  # fmt: skip
         self.images = Counter("patchcore_images", "images scored", ["model"], registry=self.registry)
+        self.pixels_in_flight = Gauge(
+            "patchcore_pixels_in_flight", "decoded pixels of the requests at work (a heatmap counts more)",
+            registry=self.registry,
+        )  # fmt: skip
         self.dropped = Counter(
             "patchcore_dropped_requests", "requests whose client went away before the answer", ["endpoint"],
             registry=self.registry,
@@ -325,6 +334,8 @@ class ServiceState:
         self.batchers: dict[str, DynamicBatcher] = {}
         self.info: dict[str, dict[str, Any]] = {}
         self.metrics = _Metrics()
+        self.pixels = PixelBudget(settings.max_pixels_in_flight)
+        self.metrics.pixels_in_flight.set_function(lambda: self.pixels.used)
         self.listeners = list(listeners)
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -579,19 +590,19 @@ async def _read(upload: UploadFile, settings: ServiceSettings) -> bytes:
     return data
 
 
-def _check_request_pixels(
-    uploads: Sequence[tuple[str, bytes]], render: bool, settings: ServiceSettings
-) -> None:
-    """Refuse (413) a request whose images would decode to more pixels than its budget, before any is decoded."""
-    cost = RENDER_COST if render else 1
+def _request_pixels(uploads: Sequence[tuple[str, bytes]], heatmap: bool, settings: ServiceSettings) -> int:
+    """The pixels a request costs (its images' headers; a heatmap counts :data:`RENDER_COST` times), or
+    413 if over its budget: refused before any image is decoded."""
+    cost = RENDER_COST if heatmap else 1
     total = sum((declared_pixels(data) or 0) * cost for _, data in uploads)
     if total > settings.max_request_pixels:
         raise HTTPException(
             413,
-            f"{len(uploads)} image(s) decode to {total} pixels"
-            f"{' (x' + str(RENDER_COST) + ' with a heatmap or mask)' if render else ''}, over the limit of "
+            f"{len(uploads)} image(s) cost {total} pixels"
+            f"{f' (x{RENDER_COST} with a heatmap)' if heatmap else ''}, over the limit of "
             f"{settings.max_request_pixels} per request: send fewer or smaller images",
         )
+    return total
 
 
 async def _decode_all(
@@ -660,15 +671,17 @@ async def _score_uploads(
 ) -> list[dict[str, Any]]:  # fmt: skip
     state = get_state(request)
     name = state.pick_model(model)
-    _check_request_pixels(uploads, heatmap or mask, state.settings)
-    # Every file is checked before any is scored: a bad one refuses the request, naming it.
-    images = await _decode_all(uploads, state.settings)
-    scored = await asyncio.gather(*(state.score(name, im) for im in images))
+    pixels = _request_pixels(uploads, heatmap, state.settings)
     records = []
-    for (filename, _), image, result in zip(uploads, images, scored, strict=True):
-        record = await asyncio.to_thread(_record, name, result, image, filename, t0, heatmap, mask)
-        state.notify(ScoreEvent(name, filename, image, result, record, principal))
-        records.append(record)
+    # The request's pixels are held server-wide from decoding to its last heatmap (it waits its turn).
+    async with state.pixels.hold(pixels):
+        # Every file is checked before any is scored: a bad one refuses the request, naming it.
+        images = await _decode_all(uploads, state.settings)
+        scored = await asyncio.gather(*(state.score(name, im) for im in images))
+        for (filename, _), image, result in zip(uploads, images, scored, strict=True):
+            record = await asyncio.to_thread(_record, name, result, image, filename, t0, heatmap, mask)
+            state.notify(ScoreEvent(name, filename, image, result, record, principal))
+            records.append(record)
     return records
 
 
