@@ -523,13 +523,13 @@ class RequestGuard:
 
             try:
                 await self.app(scope, bounded_receive, guarded_send)
-            except Exception:  # noqa: BLE001 - one failing request answers 500, the rest go on
+            except Exception as exc:  # noqa: BLE001 - one failing request answers 500, the rest go on
                 if answered:
                     return
                 log.exception("request failed")
                 if started:
                     raise
-                await answer(500, "internal error")
+                await answer(500, f"internal error: {type(exc).__name__}")
         finally:
             metrics.body_bytes.labels(label).inc(read)
             code = str(status or CLIENT_GONE)
