@@ -21,18 +21,23 @@ import zlib
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import numpy as np
 import pytest
-from _deploy import as_array, make_images, png_size, running_server, tiny_model, wait_ready
-from fastapi import APIRouter, Depends
-from PIL import Image
-from test_workflow import run_cli
 
-from patchcore.deploy.batching import DynamicBatcher, PixelBudget
-from patchcore.deploy.calibration import calibrate, normalize_score
-from patchcore.deploy.inference import Predictor
-from patchcore.deploy.service import (
+for _module in ("fastapi", "httpx", "prometheus_client", "uvicorn"):
+    pytest.importorskip(_module, reason="the service tests need the 'serve' extra (pip install '.[serve]')")
+
+import httpx  # noqa: E402
+from _deploy import as_array, make_images, png_size, running_server, tiny_model, wait_ready  # noqa: E402
+from fastapi import APIRouter, Depends  # noqa: E402
+from PIL import Image  # noqa: E402
+from test_workflow import run_cli  # noqa: E402
+
+from patchcore.deploy.batching import DynamicBatcher, PixelBudget  # noqa: E402
+from patchcore.deploy.calibration import calibrate, normalize_score  # noqa: E402
+from patchcore.deploy.errors import DeployError  # noqa: E402
+from patchcore.deploy.inference import Predictor  # noqa: E402
+from patchcore.deploy.service import (  # noqa: E402
     SHUTDOWN_GRACE_S,
     Principal,
     ScoreEvent,
@@ -42,7 +47,7 @@ from patchcore.deploy.service import (
     create_app,
     require_operator,
 )
-from patchcore.deploy.uploads import UploadError, decode_upload
+from patchcore.deploy.uploads import UploadError, decode_upload  # noqa: E402
 
 MAX_BYTES = 40_000
 MAX_PIXELS = 200_000
@@ -802,3 +807,24 @@ def test_an_export_folder_with_a_garbage_graph_exits_2_naming_it(setup, tmp_path
     (folder / "patchcore.onnx").write_bytes(b"this is no onnx graph" * 10)
     code, _, err = run_cli("serve", "--model", folder, "--runtime", "onnx", "--port", 0)
     assert code == 2 and str(folder) in err and len(err.strip().splitlines()) == 1
+
+
+class _Tagged(Predictor):
+    """A Predictor subclass an extension loads the models with (as the station's versioned one)."""
+
+    def result_fields(self, prediction):
+        return {**super().result_fields(prediction), "model_version": 7}
+
+
+def test_an_extension_chooses_the_class_that_loads_the_models_and_every_answer_comes_from_it(setup):
+    app = create_app({"tiny": setup["tiny"]}, extensions=[ServiceExtension(predictor_class=_Tagged)])
+    state = app.state.patchcore
+    assert state.model_paths == {"tiny": Path(setup["tiny"])}
+    with running_server(app) as url:
+        wait_ready(url)
+        assert isinstance(state.predictors["tiny"], _Tagged)
+        image = setup["images"]["good"][0].read_bytes()
+        body = httpx.post(f"{url}/predict", files={"file": ("a.png", image)}, timeout=60).json()
+        assert body["model_version"] == 7
+    with pytest.raises(DeployError, match="several extensions"):
+        create_app({"tiny": setup["tiny"]}, extensions=[ServiceExtension(predictor_class=_Tagged)] * 2)

@@ -153,12 +153,21 @@ class ServiceExtension:
     ``router``: included behind the guard (add ``Depends(require_operator)`` to operator-only routes);
     ``on_result``: called on the event loop after every image scored by a route (keep it quick);
     ``lifespan``: an async context manager factory entered at start-up with the :class:`ServiceState`
-    (start background tasks) and left at shutdown.
+    (start background tasks) and left at shutdown; ``predictor_class``: the :class:`Predictor` subclass
+    that loads the served model files (its ``load`` has Predictor's signature; at most one extension sets it).
     """
 
     router: APIRouter | None = None
     on_result: Callable[[ScoreEvent], None] | None = None
     lifespan: Callable[[ServiceState], contextlib.AbstractAsyncContextManager[Any]] | None = None
+    predictor_class: type[Predictor] | None = None
+
+
+def _predictor_class(extensions: Sequence[ServiceExtension]) -> type[Predictor]:
+    classes = [e.predictor_class for e in extensions if e.predictor_class is not None]
+    if len(classes) > 1:
+        raise DeployError(f"several extensions set the predictor class: {[c.__name__ for c in classes]}")
+    return classes[0] if classes else Predictor
 
 
 # --------------------------------------------------------------------------- helpers
@@ -263,10 +272,12 @@ def _model_info(predictor: Predictor, path: Path | None) -> dict[str, Any]:
     return info
 
 
-def load_model(name: str, path: Path, settings: ServiceSettings) -> LoadedModel:
+def load_model(
+    name: str, path: Path, settings: ServiceSettings, predictor_class: type[Predictor] = Predictor
+) -> LoadedModel:
     """Load and warm up one model; any failure is a one-line :class:`DeployError` naming the file."""
     try:
-        predictor = Predictor.load(
+        predictor = predictor_class.load(
             path, device=settings.device, runtime=settings.runtime, per_call_range=False,
             threads=settings.threads,
         )  # fmt: skip
@@ -323,13 +334,15 @@ class ServiceState:
     """Everything one app serves: its models, batchers, keys, metrics and extensions' listeners."""
 
     def __init__(
-        self, settings: ServiceSettings, keys: dict[bytes, Principal], paths: dict[str, Path],
-        listeners: Sequence[Callable[[ScoreEvent], None]] = (),
+        self, settings: ServiceSettings, keys: dict[bytes, Principal], to_load: dict[str, Path],
+        listeners: Sequence[Callable[[ScoreEvent], None]] = (), predictor_class: type[Predictor] = Predictor,
     ):  # fmt: skip
         self.settings = settings
         self.keys = keys
-        self.paths = paths  # models still to load in the background
+        self._to_load = to_load  # models still to load in the background
+        self.predictor_class = predictor_class
         self.names: list[str] = []  # every served model, in the order given
+        self.model_paths: dict[str, Path] = dict(to_load)  # name -> the file or folder it was loaded from
         self.predictors: dict[str, Predictor] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.info: dict[str, dict[str, Any]] = {}
@@ -382,9 +395,9 @@ class ServiceState:
 
     def _load_in_background(self) -> None:
         try:
-            for name, path in self.paths.items():
+            for name, path in self._to_load.items():
                 t0 = time.perf_counter()
-                loaded = load_model(name, path, self.settings)
+                loaded = load_model(name, path, self.settings, self.predictor_class)
                 self.info[name] = _model_info(loaded.predictor, path)
                 self.predictors[name] = loaded.predictor
                 log.info("model %s ready (%s, %.1f s): %s", name, self.settings.runtime,
@@ -803,11 +816,13 @@ def create_app(
     settings = settings or ServiceSettings()
     keys = read_keys(settings)
     paths = {n: Path(m) for n, m in models.items() if not isinstance(m, (Predictor, LoadedModel))}
-    state = ServiceState(settings, keys, paths, [e.on_result for e in extensions if e.on_result is not None])
+    listeners = [e.on_result for e in extensions if e.on_result is not None]
+    state = ServiceState(settings, keys, paths, listeners, _predictor_class(extensions))
     state.names = list(models)
     for name, m in models.items():
         if isinstance(m, LoadedModel):
             state.predictors[name], state.info[name] = m.predictor, _model_info(m.predictor, m.path)
+            state.model_paths[name] = m.path
         elif isinstance(m, Predictor):
             state.predictors[name], state.info[name] = m, _model_info(m, None)
 
@@ -876,6 +891,7 @@ def run_service(
         raise DeployError("patchcore serve needs the 'serve' extra: pip install 'patchcore[serve]'") from exc
     specs = parse_model_specs(model_specs)
     keys = read_keys(settings)
+    predictor_class = _predictor_class(extensions)
     if settings.host.strip("[]").lower() not in _LOOPBACK:
         log.warning("listening on %s: reachable from other machines%s", settings.host,
                     "" if keys else " WITHOUT an API key (--api-key-file)")  # fmt: skip
@@ -890,7 +906,7 @@ def run_service(
         loaded: dict[str, LoadedModel] = {}
         for name, path in specs.items():
             t0 = time.perf_counter()
-            loaded[name] = load_model(name, path, settings)
+            loaded[name] = load_model(name, path, settings, predictor_class)
             log.info("model %s ready (%s, %.1f s): %s", name, settings.runtime, time.perf_counter() - t0,
                      loaded[name].predictor.describe())  # fmt: skip
         app = create_app(loaded, settings, extensions)
