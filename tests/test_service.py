@@ -438,6 +438,15 @@ def guarded(setup, tmp_path_factory):
     async def careless() -> dict:
         return {"secret": 42}
 
+    # And a router included the usual FastAPI way after the app was built.
+    late = APIRouter()
+
+    @late.get("/late/{thing}")
+    async def late_route(thing: str) -> dict:
+        return {"thing": thing}
+
+    app.include_router(late)
+
     with running_server(app) as url:
         wait_ready(url, OPERATOR)
         yield {"url": url, "app": app, "heard": heard, "port": int(url.rsplit(":", 1)[1])}
@@ -466,6 +475,9 @@ def test_every_route_but_healthz_and_the_page_shell_answers_401_without_the_key(
                     assert response.headers["www-authenticate"] == "Bearer"
             assert httpx.request(method, f"{url}{path}", headers=OPERATOR, timeout=30).status_code != 401
     assert public == {"/healthz", "/"}
+    # A router included after the app was built (FastAPI may keep it as one lazy route): guarded too.
+    assert httpx.get(f"{url}/late/x").status_code == 401
+    assert httpx.get(f"{url}/late/x", headers=OPERATOR).json() == {"thing": "x"}
     # An unknown path says 401 too (no route discovery without the key), and 404 with it.
     assert httpx.get(f"{url}/no/such/route").status_code == 401
     assert httpx.get(f"{url}/no/such/route", headers=OPERATOR).status_code == 404

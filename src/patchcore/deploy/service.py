@@ -56,6 +56,7 @@ try:
         generate_latest,
     )
     from starlette.routing import Match
+    from starlette.types import Message, Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover - the extra is installed in CI
     raise DeployError("patchcore serve needs the 'serve' extra: pip install 'patchcore[serve]'") from exc
 
@@ -422,15 +423,18 @@ class ServiceState:
                 found = principal
         return found if scheme.lower() == "bearer" else None
 
-    def route_label(self, scope: dict[str, Any]) -> str:
+    def route_label(self, scope: Scope) -> str:
         """The route template a request matches (``/items/{id}``), or :data:`UNKNOWN_ROUTE`."""
         partial = None
         for route in self.routes:
-            match, _ = route.matches(scope)
+            match, child = route.matches(scope)
+            if match == Match.NONE:
+                continue
+            # A router included with ``app.include_router`` may be one lazy route without a template.
+            template = getattr(route, "path", None) or getattr(child.get("route"), "path", None) or UNKNOWN_ROUTE
             if match == Match.FULL:
-                return str(route.path)
-            if match == Match.PARTIAL and partial is None:
-                partial = str(route.path)  # the path exists, not for this method
+                return str(template)
+            partial = partial or str(template)  # the path exists, not for this method
         return partial or UNKNOWN_ROUTE
 
     def body_limit(self, label: str) -> int:
@@ -484,7 +488,7 @@ class RequestGuard:
         self.app = app
         self.state = state
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
@@ -500,7 +504,7 @@ class RequestGuard:
         answered = False  # the guard answered (413 mid-body): the app's own answer is dropped
         read = 0
 
-        async def guarded_send(message: dict[str, Any]) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started, status
             if answered:
                 return
@@ -521,7 +525,7 @@ class RequestGuard:
                 return
             limit = state.body_limit(label)
 
-            async def bounded_receive() -> dict[str, Any]:
+            async def bounded_receive() -> Message:
                 nonlocal read, answered
                 message = await receive()
                 if message["type"] == "http.request":
@@ -551,7 +555,7 @@ class RequestGuard:
                 metrics.errors.labels(label, code).inc()
             metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
-    def _refusal(self, scope: dict[str, Any], label: str) -> tuple[int, str, dict[str, str] | None] | None:
+    def _refusal(self, scope: Scope, label: str) -> tuple[int, str, dict[str, str] | None] | None:
         """Why a request is refused from its headers alone (status, detail, headers), or None."""
         state = self.state
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -831,7 +835,7 @@ def create_app(
         for name in models:
             batcher = DynamicBatcher(
                 state._run_batch(name), settings.max_batch, settings.max_wait_ms / 1000.0,
-                on_batch=lambda n, name=name: state.metrics.batch_size.labels(name).observe(n), name=name,
+                on_batch=state.metrics.batch_size.labels(name).observe, name=name,
             )  # fmt: skip
             batcher.start()
             state.batchers[name] = batcher
