@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -840,3 +841,31 @@ def test_an_extension_chooses_the_class_that_loads_the_models_and_every_answer_c
         assert body["model_version"] == 7
     with pytest.raises(DeployError, match="several extensions"):
         create_app({"tiny": setup["tiny"]}, extensions=[ServiceExtension(predictor_class=_Tagged)] * 2)
+
+
+def test_a_cancelled_request_keeps_its_pixels_counted_until_its_thread_ends():
+    from patchcore.deploy.service import _on_thread
+
+    async def main():
+        budget = PixelBudget(10)
+        finished = threading.Event()
+
+        def decode() -> None:  # a decode or heatmap that cannot be stopped once started
+            time.sleep(0.6)
+            finished.set()
+
+        async def request() -> None:
+            async with budget.hold(8):
+                await _on_thread(decode)
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.sleep(0.2)
+        # The client is gone, the thread still works: its pixels still count, a large request still waits.
+        assert not finished.is_set() and budget.used == 8
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished.is_set() and budget.used == 0
+
+    asyncio.run(main())

@@ -622,6 +622,19 @@ def _request_pixels(uploads: Sequence[tuple[str, bytes]], heatmap: bool, setting
     return total
 
 
+async def _on_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` on a worker thread. If the caller is cancelled (its client went away) the
+    cancellation waits for the thread to finish: a thread cannot be stopped, and the memory it holds stays
+    counted in the pixel budget until it ends."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await work
+        raise
+
+
 async def _decode_all(
     uploads: Sequence[tuple[str, bytes]], settings: ServiceSettings
 ) -> list[PIL.Image.Image]:
@@ -629,7 +642,7 @@ async def _decode_all(
     for name, data in uploads:
         try:
             # Decoding is CPU work: off the event loop.
-            images.append(await asyncio.to_thread(_decode, data, name, settings))
+            images.append(await _on_thread(_decode, data, name, settings))
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
     return images
@@ -696,7 +709,7 @@ async def _score_uploads(
         images = await _decode_all(uploads, state.settings)
         scored = await asyncio.gather(*(state.score(name, im) for im in images))
         for (filename, _), image, result in zip(uploads, images, scored, strict=True):
-            record = await asyncio.to_thread(_record, name, result, image, filename, t0, heatmap, mask)
+            record = await _on_thread(_record, name, result, image, filename, t0, heatmap, mask)
             state.notify(ScoreEvent(name, filename, image, result, record, principal))
             records.append(record)
     return records
