@@ -617,7 +617,7 @@ def _request_pixels(uploads: Sequence[tuple[str, bytes]], heatmap: bool, setting
             413,
             f"{len(uploads)} image(s) cost {total} pixels"
             f"{f' (x{RENDER_COST} with a heatmap)' if heatmap else ''}, over the limit of "
-            f"{settings.max_request_pixels} per request: send fewer or smaller images",
+            f"{settings.max_request_pixels} per request (--max-request-pixels): send fewer or smaller images",
         )
     return total
 
