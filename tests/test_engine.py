@@ -6,8 +6,10 @@ weights are downloaded. Agreement with the reference implementation's numbers is
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from patchcore.engine.coreset import (
     start_distances,
 )
 from patchcore.engine.features import patch_features
+from patchcore.engine.params import PARAMS
 from patchcore.engine.scoring import anomaly_maps
 from patchcore.engine.store import FeatureStore
 from patchcore.fileio import atomic_write
@@ -265,6 +268,39 @@ def test_get_params_round_trips_and_unknown_params_are_rejected(fitted):
         make_model().set_params(coreset_size=3)
     with pytest.raises(RuntimeError, match="not fitted"):
         make_model().predict(random_images(1))
+
+
+def test_constructor_signature_matches_the_param_declarations():
+    # The explicit keyword-only signature (what help() and the type checker see) and the class's attribute
+    # annotations repeat engine/params.py's declarations: same names in the same order, same defaults (and
+    # their types: 4 is not 4.0), same types. A parameter added in one place only fails here.
+    signature = inspect.signature(PatchCore.__init__)
+    parameters = [p for p in signature.parameters.values() if p.name != "self"]
+    assert [p.name for p in parameters] == [p.name for p in PARAMS]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    hints = typing.get_type_hints(PatchCore.__init__)
+    attribute_hints = typing.get_type_hints(PatchCore)
+    for declared, parameter in zip(PARAMS, parameters, strict=True):
+        assert parameter.default == declared.default, declared.name
+        assert type(parameter.default) is type(declared.default), declared.name
+        assert hints[declared.name] == declared.type, declared.name
+        assert attribute_hints[declared.name] == declared.type, declared.name
+    assert hints["return"] is type(None)
+
+
+def test_constructor_copies_default_lists_and_keeps_given_values():
+    first, second = PatchCore(), PatchCore()
+    first.mean[0] = 0.5
+    assert second.mean == [0.485, 0.456, 0.406] == PatchCore().mean  # no list shared between estimators
+    assert PatchCore().get_params() == {p.name: p.default for p in PARAMS}
+    layers = ["layer2", "layer3"]
+    assert PatchCore(layers=layers).layers is layers  # a given value is kept as given (scikit-learn)
+    with pytest.raises(TypeError, match="coreset_size"):
+        PatchCore(coreset_size=3)  # type: ignore[call-arg]  # the unknown name is the point
+    with pytest.raises(TypeError):
+        PatchCore("resnet18")  # type: ignore[misc]  # keyword-only
+    with pytest.raises(ValueError, match="percentage"):
+        PatchCore(percentage=1.5)  # still checked against the declaration
 
 
 # --------------------------------------------------------------------------- 4: model file

@@ -8,7 +8,6 @@ feature extractor, and loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 import os
 import shutil
@@ -97,15 +96,79 @@ class PatchCore:
     when it is set; the parameters that shaped the memory bank cannot change once the model is fitted.
     """
 
-    def __init__(self, **params: Any):
-        # The signature, defaults and checks come from the declarations in engine/params.py.
-        unknown = sorted(set(params) - set(_PARAM_NAMES))
-        if unknown:
-            raise TypeError(
-                f"unknown PatchCore parameter(s): {', '.join(unknown)}; known: {', '.join(_PARAM_NAMES)}"
-            )
-        for p in PARAMS:
-            setattr(self, p.name, params[p.name] if p.name in params else copy.deepcopy(p.default))
+    # The parameters as typed attributes. Each is declared once, with its constraint and help, in
+    # engine/params.py; the signature below repeats the names and defaults (scikit-learn style, visible to
+    # the type checker and to help()), and tests/test_engine.py checks that the three agree.
+    backbone: str
+    layers: list[str] | None
+    weights: str | None
+    resize: int | list[int] | None
+    imagesize: int | list[int] | None
+    mean: list[float]
+    std: list[float]
+    patchsize: int
+    patchstride: int
+    pretrain_embed_dimension: int | None
+    target_embed_dimension: int | None
+    sampler: str
+    percentage: float
+    projection_dim: int | None
+    num_starting_points: int
+    num_neighbors: int
+    distance: str
+    reweight: bool
+    reweight_neighbors: int
+    smoothing_sigma: float
+    device: str
+    precision: str
+    batch_size: int
+    seed: int
+    work_dir: str | None
+    index_kind: str
+    nprobe: int
+    ef_search: int
+    search_threads: int | None
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "wideresnet50",
+        layers: list[str] | None = None,
+        weights: str | None = None,
+        resize: int | list[int] | None = 256,
+        imagesize: int | list[int] | None = 224,
+        mean: list[float] = [0.485, 0.456, 0.406],  # noqa: B006 (copied for each estimator below)
+        std: list[float] = [0.229, 0.224, 0.225],  # noqa: B006 (copied for each estimator below)
+        patchsize: int = 3,
+        patchstride: int = 1,
+        pretrain_embed_dimension: int | None = 1024,
+        target_embed_dimension: int | None = 1024,
+        sampler: str = "approx_greedy_coreset",
+        percentage: float = 0.1,
+        projection_dim: int | None = 128,
+        num_starting_points: int = 10,
+        num_neighbors: int = 1,
+        distance: str = "euclidean",
+        reweight: bool = False,
+        reweight_neighbors: int = 3,
+        smoothing_sigma: float = 4.0,
+        device: str = "auto",
+        precision: str = "fp32",
+        batch_size: int = 32,
+        seed: int = 0,
+        work_dir: str | None = None,
+        index_kind: str = "flat",
+        nprobe: int = 8,
+        ef_search: int = 64,
+        search_threads: int | None = None,
+    ) -> None:
+        arguments = locals()  # first statement: exactly the parameters (and self)
+        defaults = PatchCore.__init__.__kwdefaults__ or {}
+        for p in PARAMS:  # in declaration order; __setattr__ checks each value against its declaration
+            value = arguments[p.name]
+            # A value is kept as given; a default list is the signature's one object, so each estimator
+            # gets its own copy.
+            setattr(self, p.name, copy.deepcopy(value) if value is defaults.get(p.name) else value)
         self._features: PatchFeatures | None = None
         self._index: MemoryBankIndex | None = None
         # Guards the lazy construction of the extractor and the index: predict() may be called from many
@@ -521,12 +584,6 @@ class PatchCore:
             raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
         restore_fitted(model, state, source)
         return model
-
-
-PatchCore.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    + [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=p.type) for p in PARAMS]
-)
 
 
 PatchCore.__doc__ = (PatchCore.__doc__ or "") + "\n    Parameters\n    ----------\n" + "\n".join(
