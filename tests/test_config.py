@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,13 @@ import yaml
 from patchcore.app.config import (
     Config,
     ConfigError,
+    ModelConfig,
     apply_overrides,
     config_from_dict,
     config_to_dict,
     load_config,
 )
+from patchcore.engine.params import PARAMS, param
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -61,6 +65,25 @@ def test_elpv_config_runs_offline_with_efficientnet_lite0():
 def test_no_file_gives_the_defaults():
     config = load_config(None)
     assert config == Config(source="<defaults>")
+
+
+
+def test_model_section_declares_every_config_parameter_with_its_type_and_default():
+    # ModelConfig writes the in_config parameters' names and types out for the type checker; their
+    # defaults, help and constraints come from engine/params.py. A parameter added on one side only (or
+    # a type changed on one side) fails here.
+    fields = dataclasses.fields(ModelConfig)
+    hints = typing.get_type_hints(ModelConfig)
+    declared = [p for p in PARAMS if p.in_config]
+    assert [f.name for f in fields] == [p.name for p in declared] + ["feature_cache"]
+    by_name = {f.name: f for f in fields}
+    for p in declared:
+        assert hints[p.name] == p.type, p.name
+        assert dict(by_name[p.name].metadata) == {"help": p.help, "constraint": p.constraint}, p.name
+    first, second = ModelConfig(), ModelConfig()
+    assert [getattr(first, p.name) for p in declared] == [p.default for p in declared]
+    first.mean.append(1.0)
+    assert second.mean == param("mean").default == [0.485, 0.456, 0.406]  # each config has its own copy
 
 
 # ----------------------------------------------------------------------------- validation on load

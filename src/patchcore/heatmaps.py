@@ -58,7 +58,7 @@ def overlay(image: Image.Image, unit_map: np.ndarray, alpha: float = 0.5) -> Ima
     image = image.convert("RGB")
     heat = Image.fromarray(colorize(unit_map))
     if heat.size != image.size:
-        heat = heat.resize(image.size, Image.BILINEAR)
+        heat = heat.resize(image.size, Image.Resampling.BILINEAR)
     return Image.blend(image, heat, alpha)
 
 

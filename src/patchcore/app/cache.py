@@ -60,11 +60,11 @@ def data_fingerprint(images: Any) -> str | None:
         array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
         array = np.ascontiguousarray(array)
         digest.update(f"array:{array.dtype}:{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.data.cast("B"))
         return digest.hexdigest()
     dataset = getattr(images, "dataset", None)  # a DataLoader
     samples = getattr(dataset, "samples", None)
-    if samples is not None and hasattr(dataset, "transform"):
+    if samples is not None and dataset is not None and hasattr(dataset, "transform"):
         records = [_file_record(Path(s.image_path)) for s in samples]
         transform = (
             dataset.transform.to_dict() if hasattr(dataset.transform, "to_dict") else repr(dataset.transform)
@@ -102,7 +102,7 @@ class _HashingStore(FeatureStore):
     def append(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         super().append(rows)
-        self.sha256.update(memoryview(rows).cast("B"))
+        self.sha256.update(rows.data.cast("B"))
 
 
 def _file_sha256(path: Path) -> str:

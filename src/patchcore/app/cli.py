@@ -305,12 +305,12 @@ def _run(args: argparse.Namespace) -> int:
         from ..deploy.calibration import describe_calibration
         from .calibrate import calibrate_model_file
 
-        path, record = calibrate_model_file(
+        path, calibration = calibrate_model_file(
             args.model, args.images, args.false_alarm_rate, args.out, device=args.device,
             weights=args.weights, batch_size=args.batch_size,
         )  # fmt: skip
-        print(json.dumps(record.to_dict(), indent=2))
-        print(f"{path}: {describe_calibration(record)}", file=sys.stderr)
+        print(json.dumps(calibration.to_dict(), indent=2))
+        print(f"{path}: {describe_calibration(calibration)}", file=sys.stderr)
         return 0
     if args.command == "serve":
         from ..deploy.service import run_service

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.reports import ObjectResult
-from ..fileio import atomic_write, atomic_write_json, safe_name
+from ..fileio import atomic_write, atomic_write_bytes, atomic_write_json, safe_name
 from .config import Config, ConfigError, config_from_dict, config_to_dict
 from .runs import mark_object
 
@@ -163,7 +163,7 @@ def write_object(run_dir: Path, output: ObjectOutput, digest: str) -> ObjectResu
 
     paths = object_paths(run_dir, output.name)
     for relative, content in output.files.items():
-        atomic_write(run_dir / relative, lambda handle, c=content: handle.write(c))
+        atomic_write_bytes(run_dir / relative, content)
     buffer = io.BytesIO()
     torch.save(output.state, buffer)
     atomic_write(paths["model"], lambda handle: handle.write(buffer.getbuffer()))

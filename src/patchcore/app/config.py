@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ import yaml
 
 from ..data import DATASETS, dataset_kind
 from ..engine.params import (
-    PARAMS,
     Constraint,
     ParamError,
     at_least,
@@ -28,6 +28,7 @@ from ..engine.params import (
     choice,
     describe_type,
     in_range,
+    param,
 )
 
 __all__ = [
@@ -86,25 +87,52 @@ class DataConfig:
     )
 
 
-def _model_section() -> type:
-    """The ``model`` section: every estimator parameter declared with ``in_config`` (engine/params.py),
-    plus the application's feature cache folder."""
-    fields: list[tuple[str, Any, Any]] = [
-        (p.name, p.type, field(
-            default_factory=lambda p=p: copy.deepcopy(p.default),
-            metadata={"help": p.help, "constraint": p.constraint},
-        ))
-        for p in PARAMS if p.in_config
-    ]  # fmt: skip
-    fields.append(
-        ("feature_cache", str | None, key(None, "folder: reuse training features when data and feature settings match"))
+def _model_key(name: str) -> Any:
+    """A ``model`` section key declared by the estimator parameter ``name`` (engine/params.py): its
+    default (a fresh copy for each configuration), help and constraint."""
+    p = param(name)
+    if not p.in_config:
+        raise ValueError(f"PatchCore parameter {name!r} is not a configuration key")
+    return field(
+        default_factory=functools.partial(copy.deepcopy, p.default),
+        metadata={"help": p.help, "constraint": p.constraint},
     )
-    cls = make_dataclass("ModelConfig", fields)
-    cls.__module__ = __name__
-    return cls
 
 
-ModelConfig = _model_section()
+@dataclass
+class ModelConfig:
+    """The ``model`` section: every estimator parameter declared with ``in_config`` (engine/params.py,
+    which gives each its default, help and constraint; names and types are written here for the type
+    checker, and tests/test_config.py keeps them equal), plus the application's feature cache folder."""
+
+    backbone: str = _model_key("backbone")
+    layers: list[str] | None = _model_key("layers")
+    weights: str | None = _model_key("weights")
+    resize: int | list[int] | None = _model_key("resize")
+    imagesize: int | list[int] | None = _model_key("imagesize")
+    mean: list[float] = _model_key("mean")
+    std: list[float] = _model_key("std")
+    patchsize: int = _model_key("patchsize")
+    patchstride: int = _model_key("patchstride")
+    pretrain_embed_dimension: int | None = _model_key("pretrain_embed_dimension")
+    target_embed_dimension: int | None = _model_key("target_embed_dimension")
+    sampler: str = _model_key("sampler")
+    percentage: float = _model_key("percentage")
+    projection_dim: int | None = _model_key("projection_dim")
+    num_starting_points: int = _model_key("num_starting_points")
+    num_neighbors: int = _model_key("num_neighbors")
+    distance: str = _model_key("distance")
+    reweight: bool = _model_key("reweight")
+    reweight_neighbors: int = _model_key("reweight_neighbors")
+    smoothing_sigma: float = _model_key("smoothing_sigma")
+    device: str = _model_key("device")
+    precision: str = _model_key("precision")
+    batch_size: int = _model_key("batch_size")
+    index_kind: str = _model_key("index_kind")
+    nprobe: int = _model_key("nprobe")
+    ef_search: int = _model_key("ef_search")
+    search_threads: int | None = _model_key("search_threads")
+    feature_cache: str | None = key(None, "folder: reuse training features when data and feature settings match")
 
 
 @dataclass
@@ -177,7 +205,7 @@ class Config:
     seed: int = key(0, "every random choice of a fit", at_least(0))
     output_dir: str = key("results", "where run folders are created", _NAME)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    model: ModelConfig = field(default_factory=ModelConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
@@ -202,7 +230,8 @@ def keys_table() -> str:
     """Every configuration key with its type, default, constraint and help (``patchcore params``)."""
     lines = []
     for name, f, annotation in _sections():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        # Every key has a default or a default factory (key() and _model_key() give one or the other).
+        default = f.default_factory() if callable(f.default_factory) else f.default
         rule = f"; {f.metadata['constraint']}" if f.metadata.get("constraint") else ""
         lines.append(f"{name:<36} {describe_type(annotation)}{rule}; default {default!r}\n    {f.metadata.get('help', '')}")
     return "\n".join(lines)
@@ -226,7 +255,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     for name, value in data.items():
         key_name = f"{prefix}.{name}" if prefix else name
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             values[name] = _build(annotation, value, key_name, source)
         else:
             try:

@@ -14,12 +14,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..fileio import atomic_write_json, atomic_write_text, safe_name
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
 
 __all__ = [
     "INCOMPLETE_MARKER",
@@ -318,7 +321,7 @@ class Progress:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self._progress = None
+        self._progress: RichProgress | None = None
         self._tasks: dict[str, Any] = {}
         self._totals: dict[str, int | None] = {}
         self._prefix = ""

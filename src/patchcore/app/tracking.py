@@ -45,7 +45,10 @@ class WandbTracker(Tracker):
 
         mode = os.environ.get("WANDB_MODE", "offline")
         self._wandb = wandb
-        self._run = wandb.init(project=project, group=group, config=config, dir=str(run_dir), mode=mode)
+        # Passed on as set: wandb.init's annotation omits the legacy modes (dryrun, run) its settings accept.
+        self._run = wandb.init(
+            project=project, group=group, config=config, dir=str(run_dir), mode=mode  # type: ignore[arg-type]
+        )
 
     def log_object(self, name: str, metrics: dict[str, Any]) -> None:
         self._run.log({f"{name}/{k}": v for k, v in _numeric(metrics).items()})

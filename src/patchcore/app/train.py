@@ -244,7 +244,7 @@ def train_object(
         if progress is not None:
             progress.start(obj.name, {"predict": len(obj.test)})
         temporary = out_dir is None
-        target = Path(tempfile.mkdtemp(prefix="patchcore-eval-")) if temporary else out_dir
+        target = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="patchcore-eval-"))
         try:
             metrics, eval_stats, model.evaluation_ = evaluate_object(
                 model, obj, target, evaluation_settings(config), progress

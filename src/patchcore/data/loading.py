@@ -7,6 +7,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import DataLoader
 
@@ -38,9 +39,9 @@ class LoaderBatches:
     def __init__(self, loader: DataLoader):
         self.loader = loader
         self.dataset = loader.dataset
-        self._iterator = None
+        self._iterator: Iterator[Any] | None = None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         self._iterator = iter(self.loader)
         return self._iterator
 

@@ -70,6 +70,14 @@ def _symmetric_index(size: int, radius: int) -> torch.Tensor:
 class ExportableGraph(nn.Module):
     """The fitted PatchCore as one traceable module (float32)."""
 
+    # Buffers (registered in __init__; kernel_* and pad_* only when smoothing_sigma > 0).
+    bank_t: torch.Tensor
+    bank_sq: torch.Tensor
+    kernel_h: torch.Tensor
+    kernel_w: torch.Tensor
+    pad_h: torch.Tensor
+    pad_w: torch.Tensor
+
     def __init__(self, model: PatchCore, chunk: int = 4096):
         super().__init__()
         model._check_fitted()
@@ -160,6 +168,7 @@ class ExportableGraph(nn.Module):
             elif part.shape[-2:] != grid:
                 part = F.interpolate(part, size=grid, mode="bilinear", align_corners=False)
             out = part if out is None else out + part
+        assert out is not None  # a model has at least one layer
         return out
 
     def nearest(self, rows: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,7 @@ class TorchBackend:
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         prediction = self.model.predict(batch)
+        assert prediction.anomaly_maps is not None  # predict's default return_maps=True
         return prediction.image_scores, prediction.anomaly_maps
 
     def info(self) -> dict[str, Any]:

@@ -99,7 +99,8 @@ def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -
         except ImportError:  # pragma: no cover - a Ray without it: its own connect decides
             return
         try:
-            target = canonicalize_bootstrap_address(address)
+            # Ray's annotation says str, but None (read RAY_ADDRESS) is its documented input too.
+            target = canonicalize_bootstrap_address(address)  # type: ignore[arg-type]
         except (ConnectionError, ValueError, OSError) as exc:
             raise DistributedError(f"Ray address {shown}: {' '.join(str(exc).split())}") from None
         if target is None:  # "local": a cluster is started here

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .backbones import FeatureExtractor
 
 __all__ = ["AGGREGATIONS", "LinearPatchAggregator", "PatchFeatures", "patchify", "patch_features"]
 
@@ -191,7 +195,7 @@ class PatchFeatures:
 
     def __init__(
         self,
-        extractor: torch.nn.Module,
+        extractor: FeatureExtractor,
         patchsize: int = 3,
         stride: int = 1,
         pretrain_embed_dimension: int | None = 1024,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -22,7 +23,7 @@ class FeatureStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "wb")
+        self._handle: BinaryIO | None = open(self.path, "wb")
         self.n_rows = 0
         self.dim: int | None = None
 
@@ -86,7 +87,7 @@ class FeatureFile:
 
     def _read(self, fd: int, start: int, count: int) -> np.ndarray:
         out = np.empty((count, self.shape[1]), dtype=np.float32)
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         offset, done = start * self._row_bytes, 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)

@@ -126,7 +126,7 @@ def _native_evaluation(
         if obj.protocol.spro_per_type:
             # LOCO: one curve per anomaly type, the object's value is their mean.
             for limit in limits:
-                values = [v[limit] for v in per_type.values() if v[limit] is not None]
+                values = [x for x in (v[limit] for v in per_type.values()) if x is not None]
                 metrics[f"au_spro@{limit:g}"] = float(np.mean(values)) if values else None
         else:
             pooled = accumulator.auc_spro(limits)  # AutoVI: one curve over every test image
@@ -189,7 +189,10 @@ def score_test_split(
     """Image scores and maps of every test image (masks too, when the data set has pixel ground truth)."""
     with_masks = obj.has_masks
     loader = make_loader(obj.test, model.transform, settings.batch_size, settings.num_workers, with_masks)
-    labels, scores, maps, masks = [], [], [], []
+    labels: list[int] = []
+    scores: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     # Only good images and defect images with a usable mask enter the pixel metrics: a defect without
     # ground truth (folder data sets annotate some only) would otherwise count as all-good pixels.
     pixel_usable: list[bool] = []
@@ -205,8 +208,9 @@ def score_test_split(
                 raise NonFiniteError(exc.what, exc.positions, names) from None
             scores.append(prediction.image_scores)
             labels.extend(int(v) for v in batch["label"])
+            assert prediction.anomaly_maps is not None  # predict's default return_maps=True
             maps.extend(prediction.anomaly_maps)
-            original_sizes.extend(tuple(int(v) for v in s) for s in batch["original_size"])
+            original_sizes.extend((int(s[0]), int(s[1])) for s in batch["original_size"])
             if with_masks:
                 for index, mask in zip(batch["index"], batch["mask"], strict=True):
                     sample = obj.test[int(index)]

@@ -101,16 +101,16 @@ def write_plot_data(
         sample = obj.test[int(i)]
         size = _thumbnail_size(sizes[i])
         unit = normalize_maps(model.transform.to_original(maps[i], sizes[i]), *map_range)
-        heat = np.asarray(Image.fromarray(unit).resize(size, Image.BILINEAR), dtype=np.float32)
+        heat = np.asarray(Image.fromarray(unit).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
         truth = np.zeros(sizes[i], dtype=bool)
         for mask_path in sample.mask_paths:
             values = load_mask(mask_path)
             check_mask_size(mask_path, values.shape, sample.image_path, truth.shape)
             truth |= values != 0
         truth_small = (
-            np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+            np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
         )
-        picture = np.asarray(load_image(sample.image_path).resize(size, Image.BILINEAR), dtype=np.uint8)
+        picture = np.asarray(load_image(sample.image_path).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
         arrays[f"gallery_{rank}_image"] = picture
         arrays[f"gallery_{rank}_map"] = heat
         arrays[f"gallery_{rank}_truth"] = truth_small

@@ -66,7 +66,7 @@ def metric_columns(results: list[ObjectResult]) -> list[str]:
 def mean_metrics(results: list[ObjectResult]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for key in metric_columns(results):
-        values = [r.metrics.get(key) for r in results]
-        values = [v for v in values if v is not None and not math.isnan(v)]
+        found = (r.metrics.get(key) for r in results)
+        values = [v for v in found if v is not None and not math.isnan(v)]
         out[key] = sum(values) / len(values) if values else None
     return out

@@ -145,7 +145,10 @@ def _reduced_lower_bound(centred_query: np.ndarray, reduced_row: np.ndarray, res
     total = 0.0
     for i in range(centred_query.shape[0]):
         # bfloat16 is the high half of a float32: widening is exact.
-        d = centred_query[i] - np.float64(_float32_from_bits(np.uint32(reduced_row[i]) << np.uint32(16)))
+        # numba's stub of an @intrinsic asks for the typing context too, which numba supplies itself.
+        d = centred_query[i] - np.float64(
+            _float32_from_bits(np.uint32(reduced_row[i]) << np.uint32(16))  # type: ignore[call-arg]
+        )
         total += d * d
     # (1 - 1e-12) covers the float64 error of the sum and the root; the subtraction is exact where it cancels.
     lower = np.sqrt(total) * (1.0 - 1e-12) - residual
@@ -160,7 +163,8 @@ def _product(row, j):  # pragma: no cover - compiled through the overload below
 def _product_overload(row, j):
     """row[j] as float32: float32 products as they are, uint16 bfloat16 bits widened exactly."""
     if row.dtype == types.uint16:
-        return lambda row, j: _float32_from_bits(np.uint32(row[j]) << np.uint32(16))
+        # (numba passes the typing context an @intrinsic's stub asks for)
+        return lambda row, j: _float32_from_bits(np.uint32(row[j]) << np.uint32(16))  # type: ignore[call-arg]
     return lambda row, j: row[j]
 
 
