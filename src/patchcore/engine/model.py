@@ -243,8 +243,8 @@ class PatchCore:
         return ImageTransform(
             resize=_tuple_or_scalar(self.resize),
             imagesize=_tuple_or_scalar(self.imagesize),
-            mean=tuple(self.mean),
-            std=tuple(self.std),
+            mean=_rgb(self.mean),
+            std=_rgb(self.std),
         )
 
     @property
@@ -259,6 +259,7 @@ class PatchCore:
         with self._build_lock:
             if self._features is None:
                 self._build_features(refitting)
+            assert self._features is not None  # built just now
             return self._features
 
     def _build_features(self, refitting: bool) -> None:
@@ -428,21 +429,22 @@ class PatchCore:
         """Run the backbone over all images, appending patch features to ``store``."""
         device = self.torch_device
         n_images = 0
-        grid = input_size = None
+        grid: tuple[int, ...] | None = None
+        input_size: tuple[int, ...] | None = None
         for batch in self._batches(images):
-            rows, batch_grid = features(batch.to(device, non_blocking=True))
+            batch_rows, batch_grid = features(batch.to(device, non_blocking=True))
             if grid is not None and (tuple(batch_grid) != grid or tuple(batch.shape[-2:]) != input_size):
                 raise ValueError(
                     f"training images must all have one size: got {tuple(batch.shape[-2:])} after {input_size}"
                 )
             grid, input_size = tuple(batch_grid), tuple(batch.shape[-2:])
-            rows = rows.cpu().numpy()
+            rows = batch_rows.cpu().numpy()
             _check_finite(rows, len(batch), n_images, "patch features")
             store.append(rows)
             n_images += len(batch)
             if progress is not None:
                 progress("extract", n_images, None)
-        if n_images == 0:
+        if n_images == 0 or grid is None or input_size is None:
             raise ValueError("fit() got no images")
         return {"n_images": n_images, "patch_grid": list(grid), "input_size": list(input_size)}
 
@@ -466,6 +468,7 @@ class PatchCore:
         with self._build_lock:
             if self._index is None:
                 self._build_index()
+            assert self._index is not None  # built just now
             return self._index
 
     def _build_index(self) -> None:
@@ -503,8 +506,8 @@ class PatchCore:
         done = 0
         for batch in self._batches(images):
             t0 = time.perf_counter()
-            rows, grid = features(batch.to(device, non_blocking=True))
-            rows = rows.cpu().numpy()
+            batch_rows, grid = features(batch.to(device, non_blocking=True))
+            rows = batch_rows.cpu().numpy()
             _check_finite(rows, len(batch), done, "patch features")
             t1 = time.perf_counter()
             squared, nearest = index.search(rows, k)
@@ -520,7 +523,8 @@ class PatchCore:
             all_image_scores.append(image)
             all_patch_scores.append(grids)
             if return_maps:
-                all_maps.append(anomaly_maps(grids, tuple(batch.shape[-2:]), self.smoothing_sigma))
+                size = (int(batch.shape[-2]), int(batch.shape[-1]))
+                all_maps.append(anomaly_maps(grids, size, self.smoothing_sigma))
             t3 = time.perf_counter()
             timings["extract_seconds"] += t1 - t0
             timings["search_seconds"] += t2 - t1
@@ -624,6 +628,11 @@ def _is_pil(item: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(item, Image.Image)
+
+
+def _rgb(values: list[float]) -> tuple[float, float, float]:
+    red, green, blue = values  # three values: the parameters' declarations check it
+    return red, green, blue
 
 
 def _tuple_or_scalar(value: Any) -> Any:
