@@ -23,6 +23,7 @@ from .._version import __version__
 from ..data import DataError, ObjectData, load_dataset
 from ..data.check import check_samples
 from ..data.loading import iterate_batches, make_loader
+from ..engine.backbones import ensure_weights
 from ..engine.model import NonFiniteError, PatchCore
 from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
@@ -288,6 +289,8 @@ def train(config: Config, online: str | None = None, resume: str | Path | None =
     objects = load_objects(config)
     check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
     check_objects(objects, build_model(config), train=True, test=config.evaluation.enabled)
+    # The backbone's weights are on this machine (downloaded now on first use) before the run folder exists.
+    ensure_weights(config.model.backbone, config.model.weights, progress=config.logging.progress)
     check_tracker(online or config.logging.online)
     if config.execution.engine == "ray":
         from ..distributed.ray_runner import import_ray
