@@ -127,8 +127,12 @@ def check_objects(objects: list[ObjectData], model: PatchCore, train: bool, test
             if not obj.train:
                 raise DataError(f"{obj.name}: no training images")
             check_samples(obj.train, model.transform, f"{obj.name} train")
+            if obj.validation:  # held-out goods (calibration; MVTec AD 2's segmentation threshold)
+                check_samples(obj.validation, model.transform, f"{obj.name} validation")
         if test:
             check_samples(obj.test, model.transform, f"{obj.name} test")
+            for split, samples in obj.unlabelled.items():  # scored for a benchmark server only
+                check_samples(samples, model.transform, f"{obj.name} {split}")
 
 
 def name_bad_images(exc: NonFiniteError, samples: list[Any]) -> NonFiniteError:

@@ -1,4 +1,4 @@
-"""Data sets (MVTec AD, AutoVI, MVTec LOCO, VisA, own folders, ELPV) and the image/mask transforms."""
+"""Data sets (MVTec AD, AutoVI, MVTec LOCO, VisA, MVTec AD 2, own folders, ELPV) and the image/mask transforms."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .dataset import ImageDataset, collate_samples
 from .elpv import ELPV_OBJECTS, load_elpv
 from .folder import load_folder
 from .mvtec import MVTEC_CLASSES, load_mvtec
+from .mvtec_ad2 import MVTEC_AD2_OBJECTS, load_mvtec_ad2
 from .mvtec_loco import LOCO_OBJECTS, load_mvtec_loco
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image, load_mask
 from .visa import VISA_OBJECTS, load_visa
@@ -24,6 +25,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "LOCO_OBJECTS",
+    "MVTEC_AD2_OBJECTS",
     "MVTEC_CLASSES",
     "VISA_OBJECTS",
     "DataError",
@@ -39,6 +41,7 @@ __all__ = [
     "load_image",
     "load_mask",
     "load_mvtec",
+    "load_mvtec_ad2",
     "load_mvtec_loco",
     "load_visa",
     "saturation_for",
@@ -51,6 +54,7 @@ DATASETS: dict[str, Callable[..., list[ObjectData]]] = {
     "elpv": load_elpv,
     "mvtec_loco": load_mvtec_loco,
     "visa": load_visa,
+    "mvtec_ad2": load_mvtec_ad2,
 }
 
 

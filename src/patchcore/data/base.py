@@ -60,6 +60,9 @@ class ObjectData:
     # (official AutoVI script: sPRO over all test images at native size) or "mvtec_loco" (sPRO per anomaly
     # type, mean of logical and structural).
     protocol: str = "mvtec"
+    # Test sets without ground truth, by name (MVTec AD 2's test_private, test_private_mixed): maps are
+    # written for a benchmark server, never scored here.
+    unlabelled: dict[str, list[Sample]] = field(default_factory=dict)
 
 
 def is_image_file(path: Path) -> bool:

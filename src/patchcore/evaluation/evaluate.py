@@ -242,6 +242,23 @@ def evaluate_object(
         metrics.pop("au_pro", None)  # sPRO replaces PRO here (its regions are logical, not connected)
         stats["per_class"] = per_class
         stats["evaluation_protocol"] = obj.protocol
+    elif obj.protocol == "mvtec_ad2":
+        # MVTec AD 2's public definitions from float16 native maps (evaluation/mvtec_ad2.py); with
+        # save_autovi_maps also the test_public TIFFs and the private sets' submission files.
+        from .mvtec_ad2 import evaluate_mvtec_ad2, write_submission
+
+        maps_root = out_dir / "anomaly_maps" / obj.name / "test_public" if settings.save_autovi_maps else None
+        native, ad2_stats = evaluate_mvtec_ad2(
+            model, obj, maps, original_sizes, maps_root, settings.batch_size, settings.num_workers
+        )
+        metrics.update(native)
+        metrics.pop("au_pro", None)  # AU-PRO up to 0.05 at native size replaces the one at model resolution
+        stats.update(ad2_stats)
+        if settings.save_autovi_maps and obj.unlabelled:
+            stats["submission_images"] = write_submission(
+                model, obj, out_dir / "mvtec_ad2_submission", ad2_stats["segmentation_threshold"],
+                settings.batch_size, settings.num_workers,
+            )  # fmt: skip
     elif settings.save_autovi_maps:
         maps_root = out_dir / "anomaly_maps" / obj.name / "test"
         for sample, amap, size in zip(obj.test, maps, original_sizes, strict=True):
