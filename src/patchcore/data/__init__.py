@@ -1,4 +1,4 @@
-"""Data sets (MVTec AD, AutoVI, MVTec LOCO, VisA, MVTec AD 2, own folders, ELPV) and the image/mask transforms."""
+"""Data sets (MVTec AD, AutoVI, MVTec LOCO, VisA, MVTec AD 2, Real-IAD, own folders, ELPV) and the image/mask transforms."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .folder import load_folder
 from .mvtec import MVTEC_CLASSES, load_mvtec
 from .mvtec_ad2 import MVTEC_AD2_OBJECTS, load_mvtec_ad2
 from .mvtec_loco import LOCO_OBJECTS, load_mvtec_loco
+from .real_iad import REAL_IAD_OBJECTS, load_real_iad
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image, load_mask
 from .visa import VISA_OBJECTS, load_visa
 
@@ -27,6 +28,7 @@ __all__ = [
     "LOCO_OBJECTS",
     "MVTEC_AD2_OBJECTS",
     "MVTEC_CLASSES",
+    "REAL_IAD_OBJECTS",
     "VISA_OBJECTS",
     "DataError",
     "ImageDataset",
@@ -43,6 +45,7 @@ __all__ = [
     "load_mvtec",
     "load_mvtec_ad2",
     "load_mvtec_loco",
+    "load_real_iad",
     "load_visa",
     "saturation_for",
 ]
@@ -55,6 +58,7 @@ DATASETS: dict[str, Callable[..., list[ObjectData]]] = {
     "mvtec_loco": load_mvtec_loco,
     "visa": load_visa,
     "mvtec_ad2": load_mvtec_ad2,
+    "real_iad": load_real_iad,
 }
 
 

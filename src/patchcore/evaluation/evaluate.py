@@ -196,6 +196,12 @@ def evaluate_object(
 
     metrics = compute_metrics(label_array, image_scores)
     stats: dict[str, Any] = {"n_test_images": len(obj.test), "predict_seconds": round(predict_seconds, 3)}
+    if obj.protocol == "real_iad":  # a sample = its camera views; defective if any view is
+        from .real_iad import sample_level_metrics
+
+        sample_metrics, sample_stats = sample_level_metrics(obj.test, label_array, image_scores)
+        metrics.update(sample_metrics)
+        stats.update(sample_stats)
     pro = None
     if with_masks:
         keep = np.flatnonzero(pixel_usable)
