@@ -127,11 +127,12 @@ def _files(folder: Path) -> list[str]:
 
 
 def test_first_use_downloads_into_the_hub_cache_checks_the_hash_and_is_not_repeated(
-    online, server, tiny_backbone
+    online, server, tiny_backbone, capsys
 ):
     name, served, state = tiny_backbone
     network, wid, _ = load_backbone(name)
     assert wid == "test:tinynet"
+    assert f"downloading {served.name}" in capsys.readouterr().err  # the progress bar, on stderr
     assert _files(online) == [served.name]  # no temporary file left beside it
     assert (online / served.name).read_bytes() == served.read_bytes()
     for key, value in state.items():

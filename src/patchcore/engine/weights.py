@@ -19,6 +19,7 @@ published prefix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..fileio import _UMASK
@@ -162,35 +164,26 @@ def _download(url: str, target: Path, prefix: str | None, progress: bool) -> Non
         temp_path.unlink(missing_ok=True)
 
 
-class _progress_bar:  # noqa: N801 - used as a context manager like a function
-    """A rich progress bar on stderr (nothing when disabled or stderr is not a terminal-capable stream)."""
+@contextlib.contextmanager
+def _progress_bar(name: str, total: int | None, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr while the body runs; yields ``advance(bytes)`` (a no-op when disabled)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
-    def __init__(self, name: str, total: int | None, enabled: bool):
-        self.name, self.total, self.enabled = name, total, enabled
-        self._bar = None
-        self._task = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(),
-                TransferSpeedColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=False,
-            )  # fmt: skip
-            self._bar.start()
-            self._task = self._bar.add_task(self.name, total=self.total)
-            return lambda n: self._bar.advance(self._task, n)
-        return lambda n: None
-
-    def __exit__(self, *exc_info) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+    bar = Progress(
+        TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=Console(file=sys.stderr),
+    )  # fmt: skip
+    with bar:
+        task = bar.add_task(name, total=total)
+        yield lambda n: bar.advance(task, n)
