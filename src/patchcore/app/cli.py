@@ -122,8 +122,12 @@ def _serve_settings(args: argparse.Namespace) -> typing.Any:
     """The :class:`ServiceSettings` of a ``serve`` command line (flags not given keep the dataclass default)."""
     from ..deploy.settings import ServiceSettings, serve_options
 
-    given = {name: getattr(args, f"serve_{name}") for name, _, _ in serve_options()}
-    return ServiceSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
+    given: dict[str, typing.Any] = {}
+    for name, _, _ in serve_options():
+        value = getattr(args, f"serve_{name}")
+        if value is not None:
+            given[name] = tuple(value) if isinstance(value, list) else value  # a repeated flag: a tuple
+    return ServiceSettings(**given)
 
 
 def _parser() -> argparse.ArgumentParser:
