@@ -97,7 +97,7 @@ def test_the_loader_reads_the_public_layout(tmp_path):
         "test_private": ["000_regular.png", "001_regular.png"],
         "test_private_mixed": ["000_mixed.png", "001_mixed.png"],
     }
-    assert obj.protocol == "mvtec_ad2" and obj.has_masks
+    assert obj.protocol.name == "mvtec_ad2" and obj.has_masks
 
 
 def test_a_defect_image_without_its_mask_is_an_error_naming_it(tmp_path):

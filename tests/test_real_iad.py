@@ -62,7 +62,7 @@ def _real_iad(root: Path, name: str = "plastic_nut", n_train: int = 2) -> Path:
 def test_the_split_comes_from_the_json_file_and_views_keep_their_sample(tmp_path):
     _real_iad(tmp_path)
     (obj,) = load_dataset("real_iad", tmp_path)
-    assert obj.name == "plastic_nut" and obj.protocol == "real_iad"
+    assert obj.name == "plastic_nut" and obj.protocol.name == "real_iad"
     assert len(obj.train) == 2 * VIEWS and not any(s.is_anomalous for s in obj.train)
     assert len(obj.test) == 4 * VIEWS
     assert sorted({s.label for s in obj.test}) == ["AK", "HS", "good"]

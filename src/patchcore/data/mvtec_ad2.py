@@ -23,11 +23,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import DataError, ObjectData, Sample, require_dir, resolve_root, sample_name
+from .base import DataError, EvaluationProtocol, ObjectData, Sample, require_dir, resolve_root, sample_name
 
 __all__ = [
     "MVTEC_AD2_OBJECTS",
     "MVTEC_AD2_PRIVATE_SETS",
+    "MVTEC_AD2_PROTOCOL",
     "load_mvtec_ad2",
     "load_mvtec_ad2_object",
 ]
@@ -43,6 +44,9 @@ MVTEC_AD2_OBJECTS: tuple[str, ...] = (
     "walnuts",
 )
 MVTEC_AD2_PRIVATE_SETS: tuple[str, ...] = ("test_private", "test_private_mixed")
+# The public code's figures from float16 native maps (evaluation/mvtec_ad2.py); AU-PRO at 0.05 replaces the
+# model-resolution AU-PRO, whose curve is therefore not drawn.
+MVTEC_AD2_PROTOCOL = EvaluationProtocol("mvtec_ad2", pro_curve=False, native_pro_limit=0.05)
 
 _IMAGE_NAME = re.compile(r"^[0-9]{3}.*\.png$")  # the public dataset class's glob: [0-9][0-9][0-9]*.png
 _TEST_LABELS = ("good", "bad")
@@ -85,10 +89,9 @@ def load_mvtec_ad2_object(obj_dir: Path, name: str | None = None) -> ObjectData:
         train=train,
         test=test,
         has_masks=any(s.mask_paths for s in test),
-        mask_format="binary",
         root=obj_dir,
         validation=validation,
-        protocol="mvtec_ad2",
+        protocol=MVTEC_AD2_PROTOCOL,
         unlabelled={k: v for k, v in unlabelled.items() if v},
     )
 

@@ -24,9 +24,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import DataError, ObjectData, Sample, require_dir, resolve_root
+from .base import DataError, EvaluationProtocol, ObjectData, Sample, require_dir, resolve_root
 
-__all__ = ["REAL_IAD_OBJECTS", "load_real_iad", "load_real_iad_object", "real_iad_folders"]
+__all__ = ["REAL_IAD_OBJECTS", "REAL_IAD_PROTOCOL", "load_real_iad", "load_real_iad_object", "real_iad_folders"]
+
+# MVTec AD's per-view metrics, plus AUROC / F1 over samples (a sample = the views in one folder).
+REAL_IAD_PROTOCOL = EvaluationProtocol("real_iad", sample_level=True)
 
 REAL_IAD_OBJECTS: tuple[str, ...] = (
     "audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",
@@ -105,9 +108,8 @@ def load_real_iad_object(image_dir: Path, json_path: Path, name: str) -> ObjectD
         train=train,
         test=test,
         has_masks=any(s.mask_paths for s in test),
-        mask_format="binary",
         root=base,
-        protocol="real_iad",
+        protocol=REAL_IAD_PROTOCOL,
     )
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..data import ObjectData, Sample, load_mask
+from ..data.base import check_mask_size
 from ..data.loading import iterate_batches, make_loader
 from ..engine.model import PatchCore
 from ..fileio import atomic_write
@@ -41,11 +42,12 @@ __all__ = [
     "NativeProAccumulator",
     "SegF1Counts",
     "ValidationStats",
-    "evaluate_mvtec_ad2",
     "float16_tiff_bytes",
+    "mvtec_ad2_metrics",
     "native_maps",
     "save_float16_tiff",
     "write_submission",
+    "write_test_public_maps",
 ]
 
 MVTEC_AD2_PRO_LIMIT = 0.05
@@ -233,19 +235,17 @@ def native_maps(
                 yield samples[int(index)], native.astype(np.float16)
 
 
-def evaluate_mvtec_ad2(
+def mvtec_ad2_metrics(
     model: PatchCore,
     obj: ObjectData,
     maps: Sequence[np.ndarray],
     sizes: Sequence[tuple[int, int]],
-    maps_root: Path | None,
     batch_size: int,
     num_workers: int = 0,
     pro_limit: float = MVTEC_AD2_PRO_LIMIT,
 ) -> tuple[dict[str, float | None], dict[str, object]]:
     """The public-code figures of one object from its ``test_public`` maps (model resolution, in
-    ``obj.test`` order) and its validation images; ``maps_root``: also write the maps (float16 TIFF,
-    ``<maps_root>/<label>/<stem>.tiff``, the evaluation script's layout)."""
+    ``obj.test`` order) and its validation images (the segmentation threshold)."""
     validation = ValidationStats()
     for _, amap in native_maps(model, obj.validation, batch_size, num_workers):
         validation.add(amap)
@@ -253,18 +253,15 @@ def evaluate_mvtec_ad2(
     pro = NativeProAccumulator()
     counts = SegF1Counts()
     labels, peaks = [], []
-    for sample, amap, size in zip(obj.test, maps, sizes, strict=True):
-        native = model.transform.to_original(np.asarray(amap), size).astype(np.float16)
+    for sample, native in _native_test_maps(model, obj, maps, sizes):
         mask = load_mask(sample.mask_paths[0]) != 0 if sample.mask_paths else None
-        if mask is not None and mask.shape != native.shape:
-            raise ValueError(f"mask {sample.mask_paths[0]} does not have the size of {sample.image_path}")
+        if mask is not None:
+            check_mask_size(sample.mask_paths[0], mask.shape, sample.image_path, native.shape)
         pro.add(native, mask)
         if threshold is not None:
             counts.add(_binarise(native, threshold), mask)
         labels.append(int(sample.is_anomalous))
         peaks.append(float(native.max()))
-        if maps_root is not None:
-            save_float16_tiff(maps_root / sample.label / f"{sample.image_path.stem}.tiff", native)
     from .metrics import image_auroc
 
     metrics: dict[str, float | None] = {
@@ -273,11 +270,30 @@ def evaluate_mvtec_ad2(
         "seg_f1": counts.f1() if threshold is not None else None,
     }
     stats: dict[str, object] = {
-        "evaluation_protocol": "mvtec_ad2",
+        "evaluation_protocol": obj.protocol.name,
         "segmentation_threshold": threshold,
         "n_validation_images": len(obj.validation),
     }
     return metrics, stats
+
+
+def _native_test_maps(
+    model: PatchCore, obj: ObjectData, maps: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]
+) -> Iterator[tuple[Sample, np.ndarray]]:
+    for sample, amap, size in zip(obj.test, maps, sizes, strict=True):
+        yield sample, model.transform.to_original(np.asarray(amap), size).astype(np.float16)
+
+
+def write_test_public_maps(
+    model: PatchCore,
+    obj: ObjectData,
+    maps: Sequence[np.ndarray],
+    sizes: Sequence[tuple[int, int]],
+    maps_root: Path,
+) -> None:
+    """The test_public maps as the evaluation script reads them: ``<maps_root>/<label>/<stem>.tiff``."""
+    for sample, native in _native_test_maps(model, obj, maps, sizes):
+        save_float16_tiff(maps_root / sample.label / f"{sample.image_path.stem}.tiff", native)
 
 
 def write_submission(
