@@ -772,7 +772,7 @@ def test_flat_and_pruned_indexes_give_the_float64_nearest_distances_within_their
     the probabilistic form of that bound (Higham & Mary 2019), lambda sqrt(D + 3) eps with lambda = 10,
     which a sum of D independently rounded terms exceeds with probability below 2 exp(-lambda^2 / 2), about
     4e-22 per distance, and is about 30x tighter than the worst case.
-    The pruned index's exact distances are float64: the same bound with eps64. A euclidean score sqrt(d2) then moves by at most that error / (sqrt(d2) + ...),
+    The pruned and torch indexes' exact distances are float64: the same bound with eps64. A euclidean score sqrt(d2) then moves by at most that error / (sqrt(d2) + ...),
     bounded here by err / max(sqrt(d2), sqrt(err)). (Comparing the two indexes to each other with rtol 1e-5
     failed on some machines: float32 cancellation reaches 1e-5 relative on near-zero distances.)
     """
@@ -787,7 +787,7 @@ def test_flat_and_pruned_indexes_give_the_float64_nearest_distances_within_their
     # by at most the largest error over the candidates: bound with the largest bank norm.
     scale = np.maximum(scale, (np.linalg.norm(rows, axis=1) + np.linalg.norm(bank, axis=1).max()) ** 2)
     dim = bank.shape[1]
-    for kind, eps in (("flat", np.finfo(np.float32).eps), ("pruned", np.finfo(np.float64).eps)):
+    for kind, eps in (("flat", np.finfo(np.float32).eps), ("pruned", np.finfo(np.float64).eps), ("torch", np.finfo(np.float64).eps)):
         model = PatchCore.from_state_dict(fitted.state_dict(), device="cpu")
         model.set_params(index_kind=kind)
         got = model.predict(query_images).patch_scores.reshape(-1).astype(np.float64)
