@@ -145,7 +145,8 @@ def _reduced_lower_bound(centred_query: np.ndarray, reduced_row: np.ndarray, res
     total = 0.0
     for i in range(centred_query.shape[0]):
         # bfloat16 is the high half of a float32: widening is exact.
-        d = centred_query[i] - np.float64(_float32_from_bits(np.uint32(reduced_row[i]) << np.uint32(16)))
+        bits = np.uint32(reduced_row[i]) << np.uint32(16)
+        d = centred_query[i] - np.float64(_float32_from_bits(bits))  # type: ignore[call-arg]  # numba intrinsic
         total += d * d
     # (1 - 1e-12) covers the float64 error of the sum and the root; the subtraction is exact where it cancels.
     lower = np.sqrt(total) * (1.0 - 1e-12) - residual
