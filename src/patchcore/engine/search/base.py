@@ -151,7 +151,7 @@ class SearchKind(ABC):
 
     @abstractmethod
     def __init__(self, bank: np.ndarray, settings: SearchSettings, device: str = "cpu") -> None:
-        """Every kind is built as ``Kind(bank, settings, device)`` (what :func:`make_search` calls)."""
+        """Build over ``bank`` (float32 (M, D), M >= 1) on ``device`` (``cpu`` or ``cuda``)."""
 
     @classmethod
     def place(cls, use_gpu: bool, devices: Devices) -> Placement:
