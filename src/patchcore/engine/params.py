@@ -2,7 +2,10 @@
 
 ``PatchCore.__init__`` / ``get_params`` / ``set_params`` and its validation, the configuration's ``model``
 section (``patchcore.app.config``), the CLI's ``patchcore params`` listing and the model file's ``params``
-all read :data:`PARAMS`. Adding a parameter is one :class:`Param` line here (and its use in the code).
+all read :data:`PARAMS`. Adding a parameter is one :class:`Param` line here, its use in the code, and its
+name, type and default written where the type checker reads them: ``PatchCore.__init__``'s keyword-only
+signature and the class's attribute annotations, and (``in_config``) ``ModelConfig``'s fields;
+tests/test_engine.py and tests/test_config.py fail until all agree with this declaration.
 
 The type checker and the constraints are also what the configuration uses for its other sections.
 """
