@@ -139,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-heatmaps", action="store_true")
 
     predict.add_argument("--masks", action="store_true", help="also write binary mask PNGs (calibrated)")
+    predict.add_argument(
+        "--skip-bad", action="store_true",
+        help="skip unreadable images (each named on stderr) instead of refusing the whole call",
+    )  # fmt: skip
+    predict.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown on stderr when it is a terminal)"
+    )
 
     calibrate = sub.add_parser(
         "calibrate", help="set a model's decision threshold from good images only (no defects needed)"
@@ -247,12 +254,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from .predict import predict_images
 
-        records = predict_images(
+        predict_images(
             args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,
             heatmaps=not args.no_heatmaps, weights=args.weights, overwrite=args.overwrite, masks=args.masks,
+            skip_bad=args.skip_bad, progress=not args.no_progress and sys.stderr.isatty(),
+            emit=lambda record: print(json.dumps(record), flush=True),
         )  # fmt: skip
-        for record in records:
-            print(json.dumps(record))
         return 0
     if args.command == "calibrate":
         from ..deploy.calibration import describe_calibration

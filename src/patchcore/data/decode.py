@@ -16,9 +16,11 @@ Errors are :class:`~patchcore.data.base.DataError` subclasses naming the image: 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -32,6 +34,7 @@ __all__ = [
     "CorruptImageError",
     "ImageTooLargeError",
     "NotAnImageError",
+    "check_image",
     "container_bits",
     "decode_image",
     "open_upright",
@@ -114,6 +117,40 @@ def to_rgb(image: PIL.Image.Image, bits: int | None = None) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
+@contextlib.contextmanager
+def _opened(
+    source: str | os.PathLike | IO[bytes], label: str, max_pixels: int | None
+) -> Iterator[PIL.Image.Image]:
+    """The opened (not yet decoded) image after its header checks; every decoder error becomes a
+    DataError naming ``label``."""
+    try:
+        with warnings.catch_warnings():
+            # Our own budget decides; PIL's bomb warning/error is process-wide state.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(source) as image:
+                width, height = image.size
+                if width < 1 or height < 1:
+                    raise CorruptImageError(f"image {label} is empty ({width}x{height})")
+                frames = max(int(getattr(image, "n_frames", 1) or 1), 1)
+                if max_pixels is not None and width * height * frames > max_pixels:
+                    raise ImageTooLargeError(
+                        f"{label}: {width}x{height} image ({frames} frame(s)) exceeds the limit of "
+                        f"{max_pixels} pixels"
+                    )
+                yield image
+    except DataError:
+        raise
+    except PIL.Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{label}: image too large to decode ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise DataError(f"cannot read image {label}: no such file") from exc
+    except PIL.UnidentifiedImageError as exc:
+        raise NotAnImageError(f"cannot read image {label}: not an image file (cannot be decoded)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Truncated or corrupt data surfaces as one of these from the decoders.
+        raise CorruptImageError(f"cannot read image {label}: truncated or corrupt ({exc})") from exc
+
+
 def open_upright(
     source: str | os.PathLike | bytes | IO[bytes], name: str | None = None, max_pixels: int | None = None
 ) -> tuple[PIL.Image.Image, int | None]:
@@ -128,36 +165,12 @@ def open_upright(
     else:
         label = name or "image"
         opener = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-    try:
-        with warnings.catch_warnings():
-            # Our own budget decides; PIL's bomb warning/error is process-wide state.
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(opener) as image:
-                width, height = image.size
-                if width < 1 or height < 1:
-                    raise CorruptImageError(f"image {label} is empty ({width}x{height})")
-                frames = max(int(getattr(image, "n_frames", 1) or 1), 1)
-                if max_pixels is not None and width * height * frames > max_pixels:
-                    raise ImageTooLargeError(
-                        f"{label}: {width}x{height} image ({frames} frame(s)) exceeds the limit of "
-                        f"{max_pixels} pixels"
-                    )
-                bits = container_bits(image)
-                image.load()  # decode now, so a truncated file fails here, naming it
-                if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                    return PIL.ImageOps.exif_transpose(image), bits
-                return image, bits  # decoded: closing the file keeps the pixels
-    except DataError:
-        raise
-    except PIL.Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{label}: image too large to decode ({exc})") from exc
-    except FileNotFoundError as exc:
-        raise DataError(f"cannot read image {label}: no such file") from exc
-    except PIL.UnidentifiedImageError as exc:
-        raise NotAnImageError(f"cannot read image {label}: not an image file (cannot be decoded)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Truncated or corrupt data surfaces as one of these from the decoders.
-        raise CorruptImageError(f"cannot read image {label}: truncated or corrupt ({exc})") from exc
+    with _opened(opener, label, max_pixels) as image:
+        bits = container_bits(image)
+        image.load()  # decode now, so a truncated file fails here, naming it
+        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            return PIL.ImageOps.exif_transpose(image), bits
+        return image, bits  # decoded: closing the file keeps the pixels
 
 
 def decode_image(
@@ -166,3 +179,18 @@ def decode_image(
     """The 8-bit RGB image every caller scores (see the module's rules); DataError naming it otherwise."""
     image, bits = open_upright(source, name, max_pixels)
     return to_rgb(image, bits)
+
+
+def check_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """Decode ``path`` as a check, without keeping it: (height, width) upright, or DataError naming it.
+
+    JPEGs are decoded at reduced scale (``draft``: every entropy-coded byte is still read, so a truncated
+    file still fails), other formats in full.
+    """
+    with _opened(Path(path), str(path), max_pixels) as image:
+        width, height = image.size
+        if image.format == "JPEG":
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+        image.load()
+        swapped = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return (width, height) if swapped else (height, width)
