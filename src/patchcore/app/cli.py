@@ -181,7 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
     export.add_argument("--out", "-o", required=True, help="output folder (model + patchcore_export.json)")
     export.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    export.add_argument("--chunk", type=int, default=4096, help="memory-bank rows per distance block")
+    export.add_argument(
+        "--chunk", type=_positive_int, default=4096, help="memory-bank rows per distance block (>= 1)"
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export in a non-empty --out folder"
+    )
 
     sub.add_parser("backbones", help="list the registered backbones")
     sub.add_parser(
@@ -286,7 +291,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from ..deploy.export import export_model
 
-        files = export_model(args.model, args.format, args.out, weights=args.weights, chunk=args.chunk)
+        files = export_model(
+            args.model, args.format, args.out, weights=args.weights, chunk=args.chunk, overwrite=args.overwrite
+        )
         for f in files:
             print(f)
         return 0

@@ -29,6 +29,7 @@ from ..data import load_image
 from ..data.transforms import ImageTransform, to_rgb
 from ..engine.model import NonFiniteError, PatchCore
 from ..heatmaps import normalize_maps
+from .artifacts import model_info
 from .calibration import describe_calibration, normalize_score, unit_map_range
 
 __all__ = ["Backend", "DisplayRanges", "ImagePrediction", "Predictor", "TorchBackend", "model_info"]
@@ -106,21 +107,6 @@ class TorchBackend:
 
     def info(self) -> dict[str, Any]:
         return model_info(self.model)
-
-
-def model_info(model: PatchCore) -> dict[str, Any]:
-    """Plain metadata of a fitted model (what ``GET /models`` and the export JSON show)."""
-    params = model.get_params()
-    return {
-        "backbone": model.backbone,
-        "layers": list(getattr(model, "layers_", None) or params["layers"] or []),
-        "input_size": list(model.input_size_),
-        "transform": model.transform.to_dict(),
-        "params": params,
-        "weights_id": getattr(model, "weights_id_", None),
-        "stats": dict(model.stats_),
-        "evaluation": dict(getattr(model, "evaluation_", {})),
-    }
 
 
 class Predictor:
