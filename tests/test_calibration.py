@@ -144,7 +144,9 @@ def test_calibrate_command_stores_the_threshold_in_the_model_and_predict_uses_it
 
 def test_calibrate_refuses_a_bad_rate_and_a_missing_folder_in_one_line(model, images, tmp_path, capsys):
     path = model.save(tmp_path / "patchcore_tiny.pt")
-    assert run_cli("calibrate", "-m", path, images["calib"][0].parent, "--false-alarm-rate", "1.5")[0] == 2
+    with pytest.raises(SystemExit) as refused:  # an argparse type error: exit 2 while parsing
+        run_cli("calibrate", "-m", path, images["calib"][0].parent, "--false-alarm-rate", "1.5")
+    assert refused.value.code == 2
     code, _, err = run_cli("calibrate", "-m", path, tmp_path / "nowhere")
     assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
     assert torch.load(path, map_location="cpu", weights_only=True)["calibration"] == {}

@@ -14,7 +14,9 @@ patchcore federated -c configs/federated.yaml              (clients' local banks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -77,6 +79,22 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+# --false-alarm-rate: below 1e-6 no realistic set of good images certifies it (a million of them); at 0.5 or
+# above the "threshold" flags most good parts, which is not a false-alarm rate anyone means.
+RATE_RANGE = (1e-6, 0.5)
+
+
+def _false_alarm_rate(text: str) -> float:
+    low, high = RATE_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [{low:g}, {high:g}), got {text!r}") from None
+    if not low <= value < high:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}), got {text}")
     return value
 
 
@@ -153,12 +171,13 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
     calibrate.add_argument("images", nargs="+", help="good image files or folders (not used in training)")
     calibrate.add_argument(
-        "--false-alarm-rate", type=float, default=0.01, help="share of good parts flagged (default 0.01)"
+        "--false-alarm-rate", type=_false_alarm_rate, default=0.01,
+        help="share of good parts flagged, in [1e-6, 0.5) (default 0.01)",
     )
     calibrate.add_argument("--out", "-o", help="write the calibrated model here (default: in place)")
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    calibrate.add_argument("--batch-size", type=int, default=None)
+    calibrate.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
 
     serve = sub.add_parser("serve", help="REST service + web page (FastAPI, uvicorn; extra: serve)")
     serve.add_argument(
@@ -202,7 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides.append(args.ray)
         args.ray = ""
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # `patchcore params | head`: the reader left; say nothing more (and no traceback at exit's flush).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _user_errors() as exc:
         print(f"patchcore {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
