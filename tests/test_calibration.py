@@ -51,8 +51,37 @@ def test_false_alarm_rate_interval_is_the_beta_law_of_the_order_statistic():
     assert low == pytest.approx(stats.beta.ppf(0.025, n + 1 - k, k))
     assert high == pytest.approx(stats.beta.ppf(0.975, n + 1 - k, k))
     assert low < 0.05 < high
-    lo_t, hi_t = record["image_threshold_ci95"]
-    assert lo_t <= record["image_threshold"] <= hi_t
+
+
+def test_both_intervals_have_their_95_percent_coverage_and_no_more_width_than_needed():
+    """The two 95 % intervals, checked against oracles computed here: the threshold interval's order
+    statistics from the binomial law's cumulative sums (scipy), and both intervals' coverage by simulation
+    on uniform scores (where the true 0.95-quantile is 0.95 and the achieved false-alarm rate at a threshold
+    t is 1 - t). Catches: an unbounded interval ((-inf, inf) passes `lo <= t <= hi`), an off-by-one order
+    statistic, a one-sided or mis-centred interval, and the rate interval taken from the wrong Beta law."""
+    n, rate = 100, 0.05
+    q = 1 - rate
+    cdf = stats.binom.cdf(np.arange(n + 1), n, q)  # cdf[j] = P(B <= j), B ~ Binomial(n, q)
+    # Lower order statistic l: the largest with P(B < l) <= 2.5 %; upper u: the smallest with P(B >= u) <= 2.5 %.
+    lower = max(j for j in range(1, n + 1) if cdf[j - 1] <= 0.025)
+    upper = min(j for j in range(1, n + 1) if 1 - cdf[j - 1] <= 0.025)
+    values = np.sort(np.random.default_rng(3).random(n))
+    record = _record(values, rate)
+    assert record["image_threshold_ci95"] == [values[lower - 1], values[upper - 1]]
+    assert cdf[upper - 1] - cdf[lower - 1] >= 0.95  # P(l <= B < u): the coverage it promises
+
+    rng = np.random.default_rng(4)
+    rounds = 4000
+    threshold_hits = rate_hits = 0
+    for _ in range(rounds):
+        record = _record(rng.random(n), rate)
+        lo_t, hi_t = record["image_threshold_ci95"]
+        threshold_hits += lo_t <= q <= hi_t
+        lo_r, hi_r = record["false_alarm_rate_ci95"]
+        rate_hits += lo_r <= 1 - record["image_threshold"] <= hi_r
+    # Binomial standard error at 95 % over 4000 rounds: 0.0034; 4 of them either side.
+    assert 0.95 - 0.014 <= rate_hits / rounds <= 0.95 + 0.014  # exact law: coverage 95 %
+    assert 0.95 - 0.014 <= threshold_hits / rounds <= 0.985  # conservative (discrete), never far above
 
 
 def test_new_good_images_exceed_the_threshold_at_most_at_the_chosen_rate_on_average():
