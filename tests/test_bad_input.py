@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_workflow import make_folder, make_mvtec, read_csv, save, texture, write_config
+from test_workflow import make_folder, make_mvtec, read_csv, save, texture, with_square, write_config
 from test_workflow import run_cli as workflow_cli
 
 from patchcore import PatchCore
@@ -1022,3 +1022,33 @@ def test_weights_that_are_a_text_file_give_one_clear_line(model_file, tmp_path):
     assert error_line(err, "predict") == (
         f"patchcore predict: error: weights file {notes} is not a PyTorch weights file: it is a text file"
     )
+
+
+# ------------------------------------------------------------- row 4: defects among the "good" images
+
+
+def test_calibration_on_goods_half_full_of_defects_names_them_and_a_clean_set_raises_nothing(tmp_path, caplog):
+    """Row 4. Catches: a calibration that certifies a defect's score as the threshold without a word."""
+    from _deploy import make_images
+    from _deploy import tiny_model as textured_model
+
+    images = make_images(tmp_path / "images")
+    model = textured_model(images).save(tmp_path / "m.pt")
+    defects = [
+        save(tmp_path / "mixed" / f"defect_{i}.png", with_square(texture(48, 48, 400 + i), (10 + i, 10, 26 + i, 26)))
+        for i in range(10)
+    ]
+    for path in images["calib"][:10]:
+        (tmp_path / "mixed" / path.name).write_bytes(path.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="patchcore"):
+        assert run_cli("calibrate", "-m", model, images["calib"][0].parent, "--out", tmp_path / "clean.pt")[0] == 0
+    assert "outliers" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="patchcore"):
+        code, out, err = run_cli("calibrate", "-m", model, tmp_path / "mixed", "--out", tmp_path / "mixed.pt")
+    assert code == 0, err
+    (warning,) = [r.getMessage() for r in caplog.records if "outliers" in r.getMessage()]
+    assert warning.startswith("10 of 20 'good' images score as obvious outliers")
+    assert sum(str(p) in warning for p in defects) == 5 and "and 5 more" in warning  # the 5 highest shown
+    assert "so defects scoring like them would pass as good" in warning
+    assert not any(p.name in warning for p in images["calib"][:10])

@@ -238,3 +238,22 @@ def test_train_refuses_bad_calibration_settings_before_creating_a_run_folder(tmp
         code, _, err = run_cli("train", "--config", config)
         assert code == 2 and key in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_outlier_fence_flags_exactly_the_injected_defects_up_to_half_of_the_images():
+    """The rule of deploy/calibration.py (densest half of the scores, then 6 + sqrt(2 ln n) spreads).
+    Catches: a mean/standard-deviation rule (10 defects out of 20 inflate both, nothing is flagged), a
+    median/MAD rule (breaks at half), and a fence that flags the goods' own right tail."""
+    from patchcore.deploy.calibration import outlier_fence, outlier_report
+
+    rng = np.random.default_rng(7)
+    for n_defects in (1, 5, 10):
+        goods = rng.gumbel(2.4, 0.03, 20 - n_defects)
+        defects = goods[:n_defects] + rng.uniform(0.5, 20.0, n_defects)
+        scores = np.concatenate([goods, defects])
+        fence = outlier_fence(scores)
+        assert set(np.flatnonzero(scores > fence)) == set(range(len(goods), 20)), n_defects
+    clean_flags = sum(bool((draw > outlier_fence(draw)).any()) for draw in rng.gumbel(2.4, 0.03, (200, 50)))
+    assert clean_flags <= 10  # measured 0.3-5 % for this law; a fence on the goods' tail flags most draws
+    assert outlier_fence(rng.gumbel(2.4, 0.03, 7)) is None  # too few images to judge
+    assert outlier_report([1.0] * 10, [f"{i}" for i in range(10)], 1.0) is None
