@@ -25,12 +25,16 @@ from .index import DISTANCES
 __all__ = ["AnomalyMapHead", "NearestBankDistance", "gaussian_kernel", "reflect_index", "squared_distances"]
 
 
-def squared_distances(queries: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
+def squared_distances(
+    queries: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tensor, query_sq: torch.Tensor | None = None
+) -> torch.Tensor:
     """(R, D) queries and a (D, M) bank, both centred on the bank mean (small norms: small rounding), with
     the bank's squared norms (M,) -> (R, M) squared Euclidean distances (float32 estimate, may dip below 0
-    by rounding)."""
-    query_sq = (queries * queries).sum(1, keepdim=True)
-    return torch.addmm(bank_sq.unsqueeze(0), queries, bank_t, beta=1, alpha=-2) + query_sq
+    by rounding). ``query_sq`` (R,): the queries' squared norms if already known (e.g. summed in float64)."""
+    if query_sq is None:
+        query_sq = (queries * queries).sum(1)
+    estimate = torch.addmm(bank_sq.unsqueeze(0), queries, bank_t, beta=1, alpha=-2)
+    return estimate + query_sq.to(estimate.dtype).unsqueeze(1)
 
 
 class NearestBankDistance(nn.Module):
