@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -21,6 +19,7 @@ from ..data.loading import expand_images
 from ..deploy.calibration import CalibrationError, calibrate, describe_calibration
 from ..deploy.inference import Predictor
 from ..engine.model import PatchCore
+from ..engine.records import Calibration, file_sha256
 
 __all__ = [
     "calibrate_fitted",
@@ -67,7 +66,7 @@ def split_calibration(obj: ObjectData, fraction: float, seed: int) -> tuple[list
 
 def calibrate_fitted(
     model: PatchCore, samples: Sequence[Sample], false_alarm_rate: float, source: str
-) -> dict[str, Any]:
+) -> Calibration:
     """Calibrate a fitted model on good samples; sets and returns ``model.calibration_``."""
     predictor = Predictor(model)
     model.calibration_ = calibrate(
@@ -121,13 +120,7 @@ def distinct_images(paths: Sequence[Path]) -> list[Path]:
 
 
 def _content_digest(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path) if path.exists() else None
 
 
 @contextlib.contextmanager
@@ -149,7 +142,7 @@ def calibrate_model_file(
     device: str = "auto",
     weights: str | os.PathLike | None = None,
     batch_size: int | None = None,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, Calibration]:
     """Calibrate a saved model on good images; write it back (or to ``out``). Returns (path, record).
 
     Refused before any scoring: a rate outside (0, 1), a batch size below 1, a model file that cannot be

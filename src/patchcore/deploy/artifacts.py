@@ -18,7 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..engine.records import file_sha256
 from .errors import DeployError
+from .settings import EXPORTED_RUNTIMES
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -32,7 +34,7 @@ __all__ = [
     "read_verified_meta",
 ]
 
-EXPORT_FORMATS = ("onnx", "openvino")
+EXPORT_FORMATS: tuple[str, ...] = tuple(runtime.value for runtime in EXPORTED_RUNTIMES)  # the one list
 EXPORT_META = "patchcore_export.json"
 ONNX_FILE = "patchcore.onnx"
 OPENVINO_FILE = "patchcore.xml"
@@ -49,17 +51,9 @@ def model_info(model: Any) -> dict[str, Any]:
         "transform": model.transform.to_dict(),
         "params": params,
         "weights_id": getattr(model, "weights_id_", None),
-        "stats": dict(model.stats_),
-        "evaluation": dict(getattr(model, "evaluation_", {})),
+        "stats": model.stats_.to_dict(),
+        "evaluation": {} if model.evaluation_ is None else model.evaluation_.to_dict(),
     }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def meta_digest(meta: dict[str, Any]) -> str:

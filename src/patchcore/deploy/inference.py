@@ -28,6 +28,7 @@ import torch
 from ..data import load_image
 from ..data.transforms import ImageTransform, to_rgb
 from ..engine.model import NonFiniteError, PatchCore
+from ..engine.records import Calibration, TestRanges
 from ..heatmaps import normalize_maps
 from .artifacts import model_info
 from .calibration import describe_calibration, normalize_score, unit_map_range
@@ -73,8 +74,8 @@ class Backend(Protocol):
     """What the predictor needs from a model: its transform, stored calibration and a scoring call."""
 
     transform: ImageTransform
-    calibration: dict[str, Any]
-    evaluation: dict[str, Any]
+    calibration: Calibration | None  # None: no decision threshold
+    evaluation: TestRanges | None  # None: never evaluated on a test set
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3, H, W) normalised images -> image scores (N,) and anomaly maps (N, H, W)."""
@@ -94,8 +95,8 @@ class TorchBackend:
         model._check_fitted()
         self.model = model
         self.transform = model.transform
-        self.calibration = dict(getattr(model, "calibration_", {}))
-        self.evaluation = dict(getattr(model, "evaluation_", {}))
+        self.calibration: Calibration | None = model.calibration_
+        self.evaluation: TestRanges | None = model.evaluation_
 
     def prepare(self) -> None:
         """Load the backbone now: weights other than the fitted ones are refused before any image is read."""
@@ -155,17 +156,17 @@ class Predictor:
         return cls(load_exported(path, runtime, threads), per_call_range)
 
     @property
-    def calibration(self) -> dict[str, Any]:
-        return dict(self.backend.calibration)
+    def calibration(self) -> Calibration | None:
+        return self.backend.calibration
 
     @property
     def calibrated(self) -> bool:
-        return "image_threshold" in self.backend.calibration
+        return self.backend.calibration is not None
 
     @property
     def threshold(self) -> float | None:
-        value = self.backend.calibration.get("image_threshold")
-        return None if value is None else float(value)
+        calibration = self.backend.calibration
+        return None if calibration is None else calibration.image_threshold
 
     def describe(self) -> str:
         """How decisions are made, in one line (every output carries it)."""
@@ -191,7 +192,7 @@ class Predictor:
             "calibrated": self.calibrated,
             "threshold": self.threshold,
             "threshold_set_by": self.describe(),
-            "calibration": self.calibration,
+            "calibration": {} if self.calibration is None else self.calibration.to_dict(),
         }
 
     def to_tensors(self, images: Sequence[PIL.Image.Image]) -> list[torch.Tensor]:
@@ -247,40 +248,36 @@ class Predictor:
         """The ranges known before any image is scored (calibration, evaluation, or none at all), or None
         when this call's own images decide them (an uncalibrated, never evaluated model, ``per_call_range``)."""
         calibration, evaluation = self.backend.calibration, self.backend.evaluation
-        if self.threshold is not None:
+        if calibration is not None:
             return DisplayRanges(unit_map_range(calibration), None)
-        map_range = (evaluation["map_min"], evaluation["map_max"]) if "map_min" in evaluation else None
-        score_range = (evaluation["score_min"], evaluation["score_max"]) if "score_min" in evaluation else None
-        if self.per_call_range and (map_range is None or score_range is None):
+        if evaluation is not None:
+            return DisplayRanges(
+                (evaluation.map_min, evaluation.map_max), (evaluation.score_min, evaluation.score_max)
+            )
+        if self.per_call_range:
             return None
-        return DisplayRanges(map_range, score_range)
+        return DisplayRanges(None, None)
 
     def call_ranges(self, scores: tuple[float, float], maps: tuple[float, float]) -> DisplayRanges:
         """The ranges of one call whose images span ``scores`` (low, high) and whose maps (at the model's
         input resolution) span ``maps``; recorded ranges (calibration, evaluation) take precedence."""
-        fixed = self.fixed_ranges()
-        if fixed is not None:
-            return fixed
-        evaluation = self.backend.evaluation
-        map_range = (evaluation["map_min"], evaluation["map_max"]) if "map_min" in evaluation else maps
-        score_range = (evaluation["score_min"], evaluation["score_max"]) if "score_min" in evaluation else scores
-        return DisplayRanges(map_range, score_range)
+        return self.fixed_ranges() or DisplayRanges(maps, scores)
 
     def record(
         self, name: str, score: float, amap: np.ndarray, size: tuple[int, int], ranges: DisplayRanges
     ) -> ImagePrediction:
         """The record of one scored image (``amap`` at the model's input resolution, ``size`` the image's)."""
-        threshold = self.threshold
         calibration = self.backend.calibration
-        pixel_threshold = calibration.get("pixel_threshold") if threshold is not None else None
+        threshold = None if calibration is None else calibration.image_threshold
         native = self.transform.to_original(amap, size)
         if ranges.map_range is None:
             # No reference range at all: the map scaled by itself, for display only.
             unit = normalize_maps(native, float(native.min()), float(native.max()))
         else:
             unit = normalize_maps(native, *ranges.map_range)
-        if threshold is not None:
-            normalized = normalize_score(score, calibration["score_low"], calibration["image_threshold"])
+        normalized: float | None
+        if calibration is not None:
+            normalized = float(normalize_score(score, calibration.score_low, calibration.image_threshold))
         elif ranges.score_range is not None:
             low, high = ranges.score_range
             normalized = float(np.clip((score - low) / ((high - low) or 1.0), 0.0, None))
@@ -295,7 +292,7 @@ class Predictor:
             anomaly_map=amap,
             unit_map=unit,
             original_size=size,
-            mask=None if pixel_threshold is None else native > pixel_threshold,
+            mask=None if calibration is None else native > calibration.pixel_threshold,
         )
 
     def stream(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import PIL.Image
 
 from ..data.base import DataError
 from ..data.decode import ImageTooLargeError, NotAnImageError, decode_image
 
-__all__ = ["UploadError", "decode_upload"]
+__all__ = ["UploadError", "decode_upload", "declared_pixels"]
 
 
 class UploadError(ValueError):
@@ -37,3 +40,16 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, name: str = "upl
         raise UploadError(400, f"{name}: not an image file (cannot be decoded)") from exc
     except DataError as exc:
         raise UploadError(400, f"{name}: cannot decode the image (truncated or corrupt): {exc.__cause__ or exc}") from exc
+
+
+def declared_pixels(data: bytes) -> int | None:
+    """The pixel count an image's header announces (width x height x frames), read without decoding any
+    pixel; None if the data is no image PIL can open (decoding will say why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                return width * height * max(int(getattr(image, "n_frames", 1)), 1)
+    except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
+        return None

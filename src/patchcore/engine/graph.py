@@ -1,12 +1,12 @@
 """The scoring steps after the patch features as torch modules built from ops every graph runtime has, so that
 ``patchcore export`` composes the engine's own arithmetic instead of re-deriving it (SPEC section 5):
 
-- :func:`squared_distances`: ``||q||^2 + ||b||^2 - 2 q.b`` of bank-centred vectors by one matrix product,
-  the estimate the torch exact search (:class:`~patchcore.engine._torch_search.TorchExactSearch`) ranks its
-  candidates with;
 - :class:`NearestBankDistance`: patch score = mean over the k nearest bank vectors of the distance
   (Euclidean or squared L2), exact in float32, by blocks of ``chunk`` bank rows (minimum, or top-k, per
-  block, then over blocks), as :func:`~patchcore.engine.scoring.patch_scores` computes from the index;
+  block, then over blocks), as :func:`~patchcore.engine.scoring.patch_scores` computes from the index. The
+  distances are the torch exact search's own estimate (:func:`~patchcore.engine.search.torch_exact.squared_distances`
+  on vectors centred like its bank); that search re-ranks in float64, which a graph cannot, so the graph
+  keeps the float32 values (parity 1e-4 with the estimator, tested);
 - :class:`AnomalyMapHead`: patch scores (N, 1, gh, gw) -> image scores (max) and maps: bilinear upsampling
   (align_corners=False), then scipy's gaussian filter (radius round(4 sigma), 'reflect' border) as two 1-D
   convolutions over an index-gathered padding, as :func:`~patchcore.engine.scoring.anomaly_maps` computes
@@ -21,20 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .index import DISTANCES
+from .search.torch_exact import squared_distances
 
-__all__ = ["AnomalyMapHead", "NearestBankDistance", "gaussian_kernel", "reflect_index", "squared_distances"]
-
-
-def squared_distances(
-    queries: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tensor, query_sq: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(R, D) queries and a (D, M) bank, both centred on the bank mean (small norms: small rounding), with
-    the bank's squared norms (M,) -> (R, M) squared Euclidean distances (float32 estimate, may dip below 0
-    by rounding). ``query_sq`` (R,): the queries' squared norms if already known (e.g. summed in float64)."""
-    if query_sq is None:
-        query_sq = (queries * queries).sum(1)
-    estimate = torch.addmm(bank_sq.unsqueeze(0), queries, bank_t, beta=1, alpha=-2)
-    return estimate + query_sq.to(estimate.dtype).unsqueeze(1)
+__all__ = ["AnomalyMapHead", "NearestBankDistance", "gaussian_kernel", "reflect_index"]
 
 
 class NearestBankDistance(nn.Module):
@@ -51,15 +40,15 @@ class NearestBankDistance(nn.Module):
         if chunk < 1 or num_neighbors < 1:
             raise ValueError(f"chunk and num_neighbors must be >= 1, got {chunk} and {num_neighbors}")
         values = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
-        mean = values.double().mean(0)
-        centred = values.double() - mean
+        mean = values.double().mean(0).float()  # centred as TorchExactSearch centres its bank
+        centred = values - mean
         self.k = int(num_neighbors)
         self.euclidean = distance == "euclidean"
         self.chunk = int(chunk)
         self.n_bank = len(values)
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("bank_t", centred.float().t().contiguous())  # (D, M): the product's layout
-        self.register_buffer("bank_sq", (centred**2).sum(1).float())
+        self.register_buffer("mean", mean)
+        self.register_buffer("bank_t", centred.t().contiguous())  # (D, M): the product's layout
+        self.register_buffer("bank_sq", (centred.double() ** 2).sum(1).float())
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         queries = rows - self.mean
