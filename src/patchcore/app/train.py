@@ -27,6 +27,7 @@ from ..engine.model import NonFiniteError, PatchCore
 from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from ..fileio import atomic_write_text
+from .audit import training_audit_files
 from .cache import fit_cached
 from .calibrate import calibrate_fitted, check_calibration_settings, split_calibration
 from .completion import ObjectOutput, completed_result, config_hash, forget_object, object_paths, write_object
@@ -228,6 +229,7 @@ def train_object(
     work_dir = run_temp_dir(out_dir) if out_dir is not None else None
     model = fit_object(config, obj, progress, train_samples, work_dir)
     model.stats_["object"] = obj.name
+    audit_outputs = training_audit_files(model, train_samples, obj.name)  # app/audit.py (issue 21)
     if calibration_samples:
         calibrate_fitted(
             model, calibration_samples, config.evaluation.false_alarm_rate,
@@ -256,6 +258,7 @@ def train_object(
             if temporary:
                 shutil.rmtree(target, ignore_errors=True)
         stats.update(eval_stats)
+    files.update(audit_outputs)
     metadata = model_record(model, obj.name, stats, metrics)
     return ObjectOutput(obj.name, model.state_dict(), metadata, metrics, stats, files)
 

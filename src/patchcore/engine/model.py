@@ -365,7 +365,8 @@ class PatchCore:
             "feature_cache": "off",
             "device": str(device),
         }
-        self.audit_ = audit
+        self.audit_ = audit  # engine/audit.py: TrainingAudit, None for a merged (sharded) fit
+        self.denoise_plan_ = plan  # None unless denoise
         self.stats_.update(audit_stats(audit, plan))
         return self
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_json, atomic_write_text
+from .audit_report import audit_markdown, read_audits
 
 __all__ = ["ObjectResult", "mean_metrics", "write_reports"]
 
@@ -146,6 +147,8 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| **mean** | " + " | ".join(_fmt(means[k], True) for k in metric_keys) + " | | | |")
+    audits = read_audits(run_dir, [r.name for r in results])  # the training-set audit (issue 21)
+    lines += audit_markdown(audits)
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
 
     atomic_write_json(
@@ -157,6 +160,7 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
                 for r in results
             ],
             "mean": means,
+            "training_audit": audits,
         },
     )
     from .html_report import write_html_report  # imports this module: import here, not at the top
