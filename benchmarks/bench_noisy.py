@@ -11,7 +11,8 @@ search of each fit's bank. For each rate: the fit without and with ``denoise``; 
 precision at k = the number of injected cells (share of them among the k most suspicious training images),
 and of its warning rule (flagged images).
 
-    .venv/bin/python benchmarks/bench_noisy.py --objects mono              # the real run (224 px)
+    .venv/bin/python benchmarks/bench_noisy.py --objects mono --clean-denoise --rates 0 0.1 0.05 0.2
+                                                                            # the real run (224 px)
     .venv/bin/python benchmarks/bench_noisy.py --objects mono --imagesize 112 --train-limit 60 \\
         --test-limit 60 --rates 0 0.1                                       # a check that it runs
 
@@ -70,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2],
                         help="shares of the training goods replaced by defective cells")  # fmt: skip
     parser.add_argument("--train-limit", type=int, default=None, help="first N training goods only")
-    parser.add_argument("--test-limit", type=int, default=None, help="N test images (after the draw), evenly spread")
+    parser.add_argument(
+        "--test-limit", type=int, default=None, help="N test images (after the draw), evenly spread"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the draw and every fit")
     parser.add_argument("--clean-denoise", action="store_true", help="also fit the clean set with denoise")
     parser.add_argument("--check-full", action="store_true",
@@ -155,7 +158,9 @@ def audit_quality(audit: Any, injected: np.ndarray) -> dict[str, Any]:
     }
 
 
-def run_object(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_object(
+    name: str, args: argparse.Namespace, work: Path, progress_path: Path | None = None
+) -> dict[str, Any]:
     (obj,) = load_elpv(objects=[name])
     goods = list(obj.train)[: args.train_limit] if args.train_limit else list(obj.train)
     pool = [s for s in obj.test if s.label == "defective"]
@@ -178,7 +183,7 @@ def run_object(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     per_image = goods_meta["n_rows"] // goods_meta["n_images"]
 
     rows: list[dict[str, Any]] = []
-    for rate in sorted(set(args.rates)):
+    for rate in dict.fromkeys(args.rates):  # in the order given: the most wanted settings first
         n_inj = round(rate * len(goods))
         kept = np.sort(replaced_order[n_inj:])
         path = work / f"{name}_train_{rate:g}.f32"
@@ -212,6 +217,8 @@ def run_object(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                 row.update(audit_quality(model.audit_, injected))
             rows.append(row)
             print("  " + json.dumps(row), flush=True)
+            if progress_path is not None:  # what a stopped run has measured is kept
+                atomic_write_json(progress_path, {"object": name, "partial": True, "rows": rows})
         if args.check_full and rate == max(args.rates):
             rows[-1]["full_space_check"] = full_space_check(train_f, meta, model, args.seed, injected)
             print("  full-space check: " + json.dumps(rows[-1]["full_space_check"]), flush=True)
@@ -275,17 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-noisy-"))
     work.mkdir(parents=True, exist_ok=True)
     results = []
+    stamp = started.strftime("%Y-%m-%dT%H%M")
+    out = Path(args.out) if args.out else ROOT / "results" / f"noisy_{'_'.join(args.objects)}_{stamp}.json"
     try:
         for name in args.objects:
-            results.append(run_object(name, args, work))
+            results.append(run_object(name, args, work, out.with_suffix(f".{name}.partial.json")))
     finally:
         if not args.keep_features:
             shutil.rmtree(work, ignore_errors=True)
     header["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = table(results)
     print(text)
-    stamp = started.strftime("%Y-%m-%dT%H%M")
-    out = Path(args.out) if args.out else ROOT / "results" / f"noisy_{'_'.join(args.objects)}_{stamp}.json"
     atomic_write_json(out, {**header, "results": results, "table": text})
     atomic_write_text(out.with_suffix(".md"), text + "\n")
     print(f"wrote {out}")
