@@ -200,16 +200,16 @@ def run_object(
             row = {
                 "object": name, "rate": rate, "injected": n_inj, "denoise": denoise,
                 "image_auroc": round(100 * float(auroc), 2), "fit_seconds": round(fit_seconds, 1),
-                "audit_seconds": model.stats_.get("audit_seconds"),
-                "audit_exact_fraction": model.stats_.get("audit_exact_fraction"),
-                "memory_size": model.stats_["memory_size"], "n_patches": model.stats_["n_patches"],
+                "audit_seconds": model.stats_.audit_seconds,
+                "audit_exact_fraction": model.stats_.audit_exact_fraction,
+                "memory_size": model.stats_.memory_size, "n_patches": model.stats_.n_patches,
                 "load_average": [round(x, 2) for x in os.getloadavg()],
             }  # fmt: skip
             if denoise:
-                dropped = model.stats_.get("denoise_dropped_images", [])
+                dropped = model.stats_.denoise_dropped_images or ()
                 row.update(
-                    denoise_outlier_patches=model.stats_.get("denoise_outlier_patches"),
-                    denoise_kept_patches=model.stats_.get("denoise_kept_patches"),
+                    denoise_outlier_patches=model.stats_.denoise_outlier_patches,
+                    denoise_kept_patches=model.stats_.denoise_kept_patches,
                     denoise_dropped_images=len(dropped),
                     denoise_dropped_injected=len(set(dropped) & set(injected.tolist())),
                 )

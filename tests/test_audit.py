@@ -132,7 +132,7 @@ def test_fit_audits_the_training_images_and_the_defective_one_ranks_first():
     model = PatchCore(**FAST_MODEL).fit(tiny_images(12, defect=7))
     assert int(model.audit_.ranking[0]) == 7
     assert 7 in model.audit_.suspects
-    assert model.stats_["audit_suspects"] == len(model.audit_.suspects)
+    assert model.stats_.audit_suspects == len(model.audit_.suspects)
 
 
 def test_fit_of_clean_images_flags_none():
@@ -173,7 +173,7 @@ def test_denoise_leaves_the_outlier_patch_and_the_outlier_image_out_of_the_bank(
     assert any("position(s) 9" in w for w in info["warnings"])
     np.testing.assert_array_equal(model.memory_bank_, features[model.coreset_indices_])
     plan = model.denoise_plan_
-    assert model.stats_["denoise_kept_patches"] == len(plan.keep)
+    assert model.stats_.denoise_kept_patches == len(plan.keep)
     # Besides image 9, only the few most unusual patches of the other images are left out.
     assert len(features) - 16 - len(plan.keep) <= 0.1 * len(features)
 

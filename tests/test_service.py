@@ -71,7 +71,7 @@ def test_predict_gives_the_scores_of_patchcore_predict_and_decides_with_the_cali
     assert code == 0
     expected = [json.loads(line) for line in out.splitlines()]
     calibration = Predictor.load(setup["tiny"], device="cpu").calibration
-    low, threshold = calibration["score_low"], calibration["image_threshold"]
+    low, threshold = calibration.score_low, calibration.image_threshold
     for path, want in zip(images, expected, strict=True):
         body = _post(server, path, model="tiny").json()
         # Same float32 arithmetic; only the batch composition (BLAS blocking) may differ.
@@ -281,10 +281,13 @@ def test_cli_serve_with_an_api_key_guards_every_endpoint_but_healthz(setup, tmp_
             time.sleep(0.2)
         auth = {"Authorization": f"Bearer {key}"}
         wait_ready(url, auth)
-        for path in ("/models", "/readyz", "/metrics", "/"):
+        for path in ("/models", "/readyz", "/metrics", "/openapi.json"):
             assert httpx.get(f"{url}{path}").status_code == 401
             assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert httpx.get(f"{url}{path}", headers=auth).status_code == 200
+        # The page shell loads without the key (a browser cannot send one) and holds no data.
+        shell = httpx.get(f"{url}/")
+        assert shell.status_code == 200 and "line1" not in shell.text and "resnet18" not in shell.text
         image = setup["images"]["bad"][0].read_bytes()
         response = httpx.post(f"{url}/predict", files={"file": ("a.png", image)})
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"

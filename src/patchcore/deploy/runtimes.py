@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from ..data.transforms import ImageTransform
+from ..engine.records import Calibration, TestRanges
 from .errors import DeployError
 from .export import EXPORT_META, ONNX_FILE, OPENVINO_FILE
+from .settings import EXPORTED_RUNTIMES, Runtime
 
 __all__ = ["ExportedBackend", "RUNTIMES", "load_exported"]
 
-RUNTIMES = ("onnx", "openvino")
+RUNTIMES: tuple[str, ...] = tuple(r.value for r in EXPORTED_RUNTIMES)
 
 
 class ExportedBackend:
@@ -31,13 +33,15 @@ class ExportedBackend:
         try:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text())
             self.transform = ImageTransform.from_dict(self.meta["preprocessing"])
-        except (ValueError, KeyError, TypeError) as exc:
+            calibration = self.meta.get("calibration") or {}
+            evaluation = self.meta.get("evaluation") or {}
+            self.calibration: Calibration | None = Calibration.from_dict(calibration) if calibration else None
+            self.evaluation: TestRanges | None = TestRanges.from_dict(evaluation) if evaluation else None
+        except (ValueError, KeyError, TypeError) as exc:  # RecordError is a ValueError
             raise DeployError(f"{meta_path} is unreadable or incomplete: {exc}") from exc
-        self.calibration: dict[str, Any] = dict(self.meta.get("calibration") or {})
-        self.evaluation: dict[str, Any] = dict(self.meta.get("evaluation") or {})
         self.runtime = runtime
         onnx_path, xml_path = folder / ONNX_FILE, folder / OPENVINO_FILE
-        if runtime == "onnx":
+        if runtime == Runtime.ONNX:
             if not onnx_path.is_file():
                 raise DeployError(f"{folder} holds no {ONNX_FILE} (export with --format onnx)")
             try:
@@ -49,7 +53,7 @@ class ExportedBackend:
                 options.intra_op_num_threads = threads
             self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             self._run = lambda x: self._session.run(None, {"images": x})
-        elif runtime == "openvino":
+        elif runtime == Runtime.OPENVINO:
             source = xml_path if xml_path.is_file() else onnx_path
             if not source.is_file():
                 raise DeployError(f"{folder} holds neither {OPENVINO_FILE} nor {ONNX_FILE}")
@@ -70,7 +74,7 @@ class ExportedBackend:
 
             self._run = run
         else:
-            raise DeployError(f"unknown runtime {runtime!r}; known: torch, {', '.join(RUNTIMES)}")
+            raise DeployError(f"unknown runtime {runtime!r}; known: {', '.join(r.value for r in Runtime)}")
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         outputs = self._run(np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32))

@@ -430,6 +430,6 @@ def audit_stats(audit: TrainingAudit | None, plan: DenoisePlan | None) -> dict[s
         out.update(
             denoise_kept_patches=int(len(plan.keep)),
             denoise_outlier_patches=plan.outlier_patches,
-            denoise_dropped_images=list(plan.dropped_images),
+            denoise_dropped_images=tuple(plan.dropped_images),
         )
     return out
