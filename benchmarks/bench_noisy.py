@@ -36,7 +36,7 @@ import numpy as np
 
 from patchcore import PatchCore
 from patchcore.data import load_elpv
-from patchcore.engine.audit import LeaveOneImageOut, audit_training_set, image_ids_for
+from patchcore.engine.audit import LeaveOneImageOut, audit_features, audit_training_set, image_ids_for
 from patchcore.engine.index import MemoryBankIndex
 from patchcore.engine.scoring import patch_scores
 from patchcore.engine.store import FeatureStore, open_features
@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-full", action="store_true",
                         help="also run the audit in the full feature space (no projection) at the largest rate "
                              "and compare the rankings")  # fmt: skip
+    parser.add_argument("--draw-rate", type=float, default=None,
+                        help="draw (and leave out of the test set) this share, not max(rates): runs of some "
+                             "rates then share one test set")  # fmt: skip
+    parser.add_argument(
+        "--audit-only", action="store_true", help="no fits: the audit's recall / precision only"
+    )
     parser.add_argument("--work-dir", default=None, help="feature files (kept with --keep-features)")
     parser.add_argument("--keep-features", action="store_true", help="reuse / keep the extracted features")
     parser.add_argument(
@@ -165,7 +171,7 @@ def run_object(
     goods = list(obj.train)[: args.train_limit] if args.train_limit else list(obj.train)
     pool = [s for s in obj.test if s.label == "defective"]
     rng = np.random.default_rng(args.seed)
-    n_max = round(max(args.rates) * len(goods))
+    n_max = round(max([*args.rates, args.draw_rate or 0.0]) * len(goods))
     drawn = [pool[i] for i in rng.choice(len(pool), n_max, replace=False)]
     replaced_order = rng.permutation(len(goods))  # goods replaced at rate r: the first round(r * n) of these
     drawn_ids = {id(s) for s in drawn}
@@ -186,11 +192,23 @@ def run_object(
     for rate in dict.fromkeys(args.rates):  # in the order given: the most wanted settings first
         n_inj = round(rate * len(goods))
         kept = np.sort(replaced_order[n_inj:])
-        path = work / f"{name}_train_{rate:g}.f32"
+        path = work / f"{name}_train_{rate:g}_{os.getpid()}.f32"  # private: runs may share the work dir
         train_f = gather([(goods_f, kept, per_image), (drawn_f, np.arange(n_inj), per_image)], path)
         meta = {"n_images": len(kept) + n_inj, "n_rows": len(train_f), "dim": train_f.shape[1],
                 "patch_grid": goods_meta["patch_grid"], "input_size": goods_meta["input_size"]}  # fmt: skip
         injected = np.arange(len(kept), len(kept) + n_inj)  # positions of the defective cells in the fit
+        if args.audit_only:  # the audit alone (what a fit runs before its coreset): recall and precision
+            t0 = time.perf_counter()
+            audit = audit_features(
+                train_f, image_ids_for(meta["n_images"], len(train_f)), seed=args.seed, n_maps=0
+            )
+            row = {"object": name, "rate": rate, "injected": n_inj, "audit_only": True,
+                   "audit_seconds": round(time.perf_counter() - t0, 1),
+                   "load_average": [round(x, 2) for x in os.getloadavg()], **audit_quality(audit, injected)}  # fmt: skip
+            rows.append(row)
+            print("  " + json.dumps(row), flush=True)
+            path.unlink(missing_ok=True)
+            continue
         for denoise in (False, True) if (rate > 0 or args.clean_denoise) else (False,):
             t0 = time.perf_counter()
             model = model_for(args.imagesize, args.seed, denoise).fit_features(train_f, meta)
@@ -257,6 +275,8 @@ def table(results: list[dict[str, Any]]) -> str:
     for result in results:
         by_rate: dict[float, dict[bool, dict[str, Any]]] = {}
         for row in result["rows"]:
+            if row.get("audit_only"):
+                continue
             by_rate.setdefault(row["rate"], {})[row["denoise"]] = row
         for rate, pair in by_rate.items():
             plain, robust = pair[False], pair.get(True)
@@ -269,6 +289,22 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"| {result['object']} | {plain['injected']} ({100 * rate:g} %) | {plain['image_auroc']:.2f} | "
                 f"{robust['image_auroc'] if robust else 'n/a'} | {at_k} | {flagged} | "
                 f"{plain['fit_seconds']} ({plain['audit_seconds']}) |"
+            )
+    return "\n".join(lines)
+
+
+def audit_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| object | defective in train | audit recall@k = precision@k | flagged (of them injected) | audit s |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for result in results:
+        for row in result["rows"]:
+            recall = row.get("recall_at_k")
+            flagged = f"{row['flagged']}" + (
+                f" ({round(row['flagged_recall'] * row['k'])})" if row.get("k") else ""
+            )
+            lines.append(
+                f"| {result['object']} | {row['injected']} ({100 * row['rate']:g} %) | "
+                f"{'n/a' if recall is None else f'{recall:.2f}'} | {flagged} | {row['audit_seconds']} |"
             )
     return "\n".join(lines)
 
@@ -291,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep_features:
             shutil.rmtree(work, ignore_errors=True)
     header["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = table(results)
+    text = audit_table(results) if args.audit_only else table(results)
     print(text)
     atomic_write_json(out, {**header, "results": results, "table": text})
     atomic_write_text(out.with_suffix(".md"), text + "\n")
