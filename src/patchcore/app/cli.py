@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,8 +109,12 @@ def _serve_settings(args: argparse.Namespace) -> typing.Any:
     """The :class:`ServiceSettings` of a ``serve`` command line (flags not given keep the dataclass default)."""
     from ..deploy.settings import ServiceSettings, serve_options
 
-    given = {name: getattr(args, f"serve_{name}") for name, _, _ in serve_options()}
-    return ServiceSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
+    given: dict[str, typing.Any] = {}
+    for name, _, _ in serve_options():
+        value = getattr(args, f"serve_{name}")
+        if value is not None:
+            given[name] = tuple(value) if isinstance(value, list) else value  # a repeated flag: a tuple
+    return ServiceSettings(**given)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,11 +142,17 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR",
         help="continue an interrupted run in RUN_DIR: finished objects with the same config are kept",
     )  # fmt: skip
+    train.add_argument(
+        "--restart-changed", action="store_true",
+        help="with --resume: accept a configuration that differs from the run's (each changed key is logged)",
+    )  # fmt: skip
 
     federated = sub.add_parser(
         "federated", help="clients build local banks on their images; the server merges them into one model"
     )
-    federated.add_argument("--config", "-c", required=True, help="YAML configuration with a federated section")
+    federated.add_argument(
+        "--config", "-c", required=True, help="YAML configuration with a federated section"
+    )
     federated.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     federated.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="clients as Ray actors")
     federated.add_argument("--no-progress", action="store_true")
@@ -165,7 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--device", default="auto")
     predict.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    predict.add_argument("--overwrite", action="store_true", help="replace earlier results in a non-empty --out")
+    predict.add_argument(
+        "--overwrite", action="store_true", help="replace earlier results in a non-empty --out"
+    )
     predict.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
     predict.add_argument("--no-heatmaps", action="store_true")
 
@@ -223,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `--ray key=value`: the optional ADDRESS took an override (a Ray address has no "=").
         args.overrides.append(args.ray)
         args.ray = ""
+    if (
+        args.command in ("train", "federated", "evaluate")
+        and threading.current_thread() is threading.main_thread()
+    ):
+        # A run ends on SIGTERM: cleanup runs (finally blocks), the run folder keeps its `incomplete` marker.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     except _user_errors() as exc:
@@ -231,10 +251,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished objects and their reports are kept", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated (SIGTERM); finished objects and their reports are kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt (a BaseException: no ``except Exception`` stops it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
 
     if args.command == "backbones":
         from ..engine.backbones import available_backbones
@@ -246,7 +277,10 @@ def _run(args: argparse.Namespace) -> int:
         from .config import keys_table
 
         print("# configuration keys (YAML or KEY=VALUE)\n" + keys_table())
-        print("\n# PatchCore(...) parameters (the model section above, plus seed and work_dir)\n" + params_table())
+        print(
+            "\n# PatchCore(...) parameters (the model section above, plus seed and work_dir)\n"
+            + params_table()
+        )
         return 0
     if args.command == "train":
         from .train import train
@@ -256,18 +290,22 @@ def _run(args: argparse.Namespace) -> int:
             config_path = str(Path(args.resume) / "config.yaml")  # the run's own configuration
         overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
         config = load_config(config_path, overrides)
-        summary = train(config, online=args.log_online, resume=args.resume)
+        if args.restart_changed and not args.resume:
+            raise ConfigError("--restart-changed needs --resume RUN_DIR")
+        summary = train(
+            config, online=args.log_online, resume=args.resume, restart_changed=args.restart_changed
+        )
         print(summary.reports["markdown"].read_text())
         return 0
     if args.command == "federated":
-        from .federated import federated
+        from .cmd_federated import federated
 
         overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
         report = federated(load_config(args.config, overrides))
         print(report.read_text())
         return 0
     if args.command == "evaluate":
-        from .evaluate import evaluate_models
+        from .cmd_evaluate import evaluate_models
 
         overrides = list(args.overrides)
         if args.data:
@@ -300,11 +338,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{path}: {describe_calibration(record)}", file=sys.stderr)
         return 0
     if args.command == "audit":
-        from .audit import run_audit_command
+        from .cmd_audit import run_audit_command
+        from .train import build_model
 
         overrides = [i for i in args.items if "=" in i and not Path(i).exists()]
         inputs = [i for i in args.items if i not in overrides]
-        print(run_audit_command(load_config(args.config, overrides), inputs, args.top, args.json, args.out))
+        model = build_model(load_config(args.config, overrides))
+        print(run_audit_command(model, inputs, args.top, args.json, args.out))
         return 0
     if args.command == "serve":
         from ..deploy.service import run_service

@@ -1,5 +1,5 @@
 """The training-set audit in a run's reports: ``audit/<object>.json`` (written after each fit, see
-``app/audit.py``) becomes a section of summary.md, a key of summary.json and a section of report.html."""
+``app/cmd_audit.py``) becomes a section of summary.md, a key of summary.json and a section of report.html."""
 
 from __future__ import annotations
 

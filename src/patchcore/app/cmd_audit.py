@@ -202,16 +202,14 @@ def training_audit_files(model: PatchCore, samples: Sequence[Any], object_name: 
 
 
 def run_audit_command(
-    config: Any, inputs: Sequence[str], top: int, as_json: bool, out: str | os.PathLike | None
+    model: PatchCore, inputs: Sequence[str], top: int, as_json: bool, out: str | os.PathLike | None
 ) -> str:
-    """``patchcore audit``: the audit of ``inputs`` with the configuration's model settings; returns the
-    text to print (a ranked table, or JSON) and writes the files into ``out`` when given."""
+    """``patchcore audit``: the audit of ``inputs`` with ``model``'s settings (unfitted: its backbone only);
+    returns the text to print (a ranked table, or JSON) and writes the files into ``out`` when given."""
     from ..fileio import atomic_write
-    from .train import build_model
 
     if not inputs:
         raise DataError("patchcore audit: no image files or folders given")
-    model = build_model(config)
     paths = expand_images(inputs)  # bad input fails here, before the backbone runs
     audit, paths = audit_folder(paths, model)
     names = [str(p) for p in paths]
