@@ -150,9 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     federated = sub.add_parser(
         "federated", help="clients build local banks on their images; the server merges them into one model"
     )
-    federated.add_argument(
-        "--config", "-c", required=True, help="YAML configuration with a federated section"
-    )
+    federated.add_argument("--config", "-c", required=True, help="YAML configuration with a federated section")
     federated.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     federated.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="clients as Ray actors")
     federated.add_argument("--no-progress", action="store_true")
@@ -177,9 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--device", default="auto")
     predict.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    predict.add_argument(
-        "--overwrite", action="store_true", help="replace earlier results in a non-empty --out"
-    )
+    predict.add_argument("--overwrite", action="store_true", help="replace earlier results in a non-empty --out")
     predict.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
     predict.add_argument("--no-heatmaps", action="store_true")
 
@@ -237,10 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `--ray key=value`: the optional ADDRESS took an override (a Ray address has no "=").
         args.overrides.append(args.ray)
         args.ray = ""
-    if (
-        args.command in ("train", "federated", "evaluate")
-        and threading.current_thread() is threading.main_thread()
-    ):
+    if args.command in ("train", "federated", "evaluate") and threading.current_thread() is threading.main_thread():
         # A run ends on SIGTERM: cleanup runs (finally blocks), the run folder keeps its `incomplete` marker.
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -277,10 +270,7 @@ def _run(args: argparse.Namespace) -> int:
         from .config import keys_table
 
         print("# configuration keys (YAML or KEY=VALUE)\n" + keys_table())
-        print(
-            "\n# PatchCore(...) parameters (the model section above, plus seed and work_dir)\n"
-            + params_table()
-        )
+        print("\n# PatchCore(...) parameters (the model section above, plus seed and work_dir)\n" + params_table())
         return 0
     if args.command == "train":
         from .train import train
@@ -292,9 +282,7 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(config_path, overrides)
         if args.restart_changed and not args.resume:
             raise ConfigError("--restart-changed needs --resume RUN_DIR")
-        summary = train(
-            config, online=args.log_online, resume=args.resume, restart_changed=args.restart_changed
-        )
+        summary = train(config, online=args.log_online, resume=args.resume, restart_changed=args.restart_changed)
         print(summary.reports["markdown"].read_text())
         return 0
     if args.command == "federated":
