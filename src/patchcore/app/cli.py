@@ -15,7 +15,9 @@ patchcore audit -c configs/elpv.yaml good_parts/           (which "good" images 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -67,10 +69,25 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block): ``patchcore train: error: ...``, exit status 2."""
+    """argparse with a one-line error (no usage block): ``patchcore train: error: ...``, exit status 2.
+
+    ``epilog_fn`` (optional): the epilog, computed when help is shown (the data kinds need an import).
+    """
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        epilog_fn = getattr(self, "epilog_fn", None)
+        if epilog_fn is not None:
+            self.epilog = epilog_fn()
+        return super().format_help()
+
+
+def _data_kinds_epilog() -> str:
+    from .starter import data_kinds_help
+
+    return data_kinds_help()
 
 
 def _positive_int(text: str) -> int:
@@ -80,6 +97,22 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+# --false-alarm-rate: below 1e-6 no realistic set of good images certifies it (a million of them); at 0.5 or
+# above the "threshold" flags most good parts, which is not a false-alarm rate anyone means.
+RATE_RANGE = (1e-6, 0.5)
+
+
+def _false_alarm_rate(text: str) -> float:
+    low, high = RATE_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [{low:g}, {high:g}), got {text!r}") from None
+    if not low <= value < high:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}), got {text}")
     return value
 
 
@@ -122,13 +155,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="fit, save and evaluate one model per object of a data set")
+    train = sub.add_parser(
+        "train", help="fit, save and evaluate one model per object of a data set",
+        usage="%(prog)s [-c CONFIG | FOLDER] [KEY=VALUE ...] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    train.epilog_fn = _data_kinds_epilog  # type: ignore[attr-defined]
     train.add_argument(
-        "--config", "-c", help="YAML configuration (configs/elpv.yaml, mvtec.yaml, autovi.yaml)"
+        "--config", "-c", help="YAML configuration (configs/elpv.yaml, mvtec.yaml, autovi.yaml; patchcore init)"
     )
     train.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="override any key, e.g. model.percentage=0.01 (every key: patchcore params)",
+        "overrides", nargs="*", metavar="FOLDER | KEY=VALUE",
+        help="a folder of your images instead of a config (kind folder, the paper's settings), and/or "
+        "overrides of any key, e.g. model.percentage=0.01 (every key: patchcore params)",
     )  # fmt: skip
     train.add_argument(
         "--log-online", choices=["wandb", "mlflow"], help="send metrics to W&B or MLflow (extras)"
@@ -180,6 +219,13 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-heatmaps", action="store_true")
 
     predict.add_argument("--masks", action="store_true", help="also write binary mask PNGs (calibrated)")
+    predict.add_argument(
+        "--skip-bad", action="store_true",
+        help="skip unreadable images (each named on stderr) instead of refusing the whole call",
+    )  # fmt: skip
+    predict.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown on stderr when it is a terminal)"
+    )
 
     calibrate = sub.add_parser(
         "calibrate", help="set a model's decision threshold from good images only (no defects needed)"
@@ -187,12 +233,13 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
     calibrate.add_argument("images", nargs="+", help="good image files or folders (not used in training)")
     calibrate.add_argument(
-        "--false-alarm-rate", type=float, default=0.01, help="share of good parts flagged (default 0.01)"
+        "--false-alarm-rate", type=_false_alarm_rate, default=0.01,
+        help="share of good parts flagged, in [1e-6, 0.5) (default 0.01)",
     )
     calibrate.add_argument("--out", "-o", help="write the calibrated model here (default: in place)")
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    calibrate.add_argument("--batch-size", type=int, default=None)
+    calibrate.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
 
     serve = sub.add_parser("serve", help="REST service + web page (FastAPI, uvicorn; extra: serve)")
     serve.add_argument(
@@ -203,10 +250,32 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a model to one ONNX / OpenVINO graph (extra: export)")
     export.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
-    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    from ..deploy.artifacts import EXPORT_FORMATS
+
+    export.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0])
     export.add_argument("--out", "-o", required=True, help="output folder (model + patchcore_export.json)")
     export.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    export.add_argument("--chunk", type=int, default=4096, help="memory-bank rows per distance block")
+    export.add_argument(
+        "--chunk", type=_positive_int, default=4096, help="memory-bank rows per distance block (>= 1)"
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export in a non-empty --out folder"
+    )
+
+    for command in (train, federated, evaluate, predict, calibrate, serve, export):
+        command.add_argument(
+            "--offline", action="store_true",
+            help="never download backbone weights (as PATCHCORE_OFFLINE=1): a missing file is an error",
+        )  # fmt: skip
+
+    init = sub.add_parser(
+        "init", help="write a commented YAML configuration to start from",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    init.epilog_fn = _data_kinds_epilog  # type: ignore[attr-defined]
+    init.add_argument("kind", nargs="?", default="folder", help="data set kind (default folder; list below)")
+    init.add_argument("--out", "-o", default="patchcore.yaml", help="file to write (default patchcore.yaml; - = stdout)")
+    init.add_argument("--force", action="store_true", help="replace an existing file")
 
     audit = sub.add_parser(
         "audit", help="rank a folder of 'good' images by how unlike the others they look (no training)"
@@ -233,11 +302,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `--ray key=value`: the optional ADDRESS took an override (a Ray address has no "=").
         args.overrides.append(args.ray)
         args.ray = ""
+    if getattr(args, "offline", False):
+        from ..engine.weights import OFFLINE_ENV
+
+        os.environ[OFFLINE_ENV] = "1"  # read where the weights are resolved, here and in worker processes
     if args.command in ("train", "federated", "evaluate") and threading.current_thread() is threading.main_thread():
         # A run ends on SIGTERM: cleanup runs (finally blocks), the run folder keeps its `incomplete` marker.
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # `patchcore params | head`: the reader left; say nothing more (and no traceback at exit's flush).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _user_errors() as exc:
         print(f"patchcore {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -272,13 +352,23 @@ def _run(args: argparse.Namespace) -> int:
         print("# configuration keys (YAML or KEY=VALUE)\n" + keys_table())
         print("\n# PatchCore(...) parameters (the model section above, plus seed and work_dir)\n" + params_table())
         return 0
+    if args.command == "init":
+        from .starter import write_starter
+
+        target = write_starter(args.kind, args.out, force=args.force)
+        if target is not None:
+            print(f"wrote {target}: edit data.root, then `patchcore train -c {target}`", file=sys.stderr)
+        return 0
     if args.command == "train":
+        from .starter import folder_overrides
         from .train import train
 
         config_path = args.config
         if args.resume and config_path is None:
             config_path = str(Path(args.resume) / "config.yaml")  # the run's own configuration
-        overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
+        # `patchcore train parts/`: a folder instead of a config (app/starter.py).
+        overrides = folder_overrides(args.overrides, config_path)
+        overrides = _with_ray(_with_progress(overrides, args.no_progress), args.ray)
         config = load_config(config_path, overrides)
         if args.restart_changed and not args.resume:
             raise ConfigError("--restart-changed needs --resume RUN_DIR")
@@ -307,12 +397,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from .predict import predict_images
 
-        records = predict_images(
+        predict_images(
             args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,
             heatmaps=not args.no_heatmaps, weights=args.weights, overwrite=args.overwrite, masks=args.masks,
+            skip_bad=args.skip_bad, progress=not args.no_progress and sys.stderr.isatty(),
+            emit=lambda record: print(json.dumps(record), flush=True),
         )  # fmt: skip
-        for record in records:
-            print(json.dumps(record))
         return 0
     if args.command == "calibrate":
         from ..deploy.calibration import describe_calibration
@@ -342,7 +432,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from ..deploy.export import export_model
 
-        files = export_model(args.model, args.format, args.out, weights=args.weights, chunk=args.chunk)
+        files = export_model(
+            args.model, args.format, args.out, weights=args.weights, chunk=args.chunk, overwrite=args.overwrite
+        )
         for f in files:
             print(f)
         return 0
