@@ -164,7 +164,7 @@ def test_cpus_per_object_no_node_has_is_refused_in_one_line_instead_of_waiting_f
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: ") and "asks for 3 CPUs" in error and "2 CPUs" in error, result.stderr
+    assert error.startswith("patchcore train: error: ") and "asks for 3 CPUs" in error and "2 CPUs" in error, result.stderr
 
 
 # ----------------------------------------------------------------------------- federated
