@@ -1,6 +1,6 @@
 """Documented options that no other test ran (issue 25, "never exercised at all"), each driven the way a user
 would (the command, the shipped configs, the real server) and checked against an oracle of its own: what Ray
-reports about the task, the clean bank and the stated formula, the slow AU-PRO reference, the torch model's
+reports about the task, the clean bank and the stated formula, sklearn, the torch model's
 scores, the server's own Prometheus histogram.
 
 Ray runs against a ``ray start --head`` on loopback that this module starts in its own process group and a
@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_metrics import reference_pro_curve
 from test_workflow import make_mvtec, read_csv, run_cli, write_config
 
 from patchcore.engine.model import PatchCore
@@ -164,7 +163,9 @@ def test_cpus_per_object_no_node_has_is_refused_in_one_line_instead_of_waiting_f
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("patchcore train: error: ") and "asks for 3 CPUs" in error and "2 CPUs" in error, result.stderr
+    assert (
+        error.startswith("patchcore train: error: ") and "asks for 3 CPUs" in error and "2 CPUs" in error
+    ), result.stderr
 
 
 # ----------------------------------------------------------------------------- federated
@@ -285,52 +286,6 @@ def test_fp16_runs_the_backbone_in_float16_keeps_a_float32_bank_and_scores_close
     assert not np.array_equal(scores, reference_scores)
 
 
-# ----------------------------------------------------------------------------- evaluation limits
-
-
-def _normalised_area(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
-    """Trapezoids under the (fpr, pro) points up to ``limit`` (pro interpolated there), over ``limit``."""
-    keep = fpr <= limit
-    xs, ys = list(fpr[keep]), list(pro[keep])
-    if xs[-1] < limit:
-        k = int(np.argmax(fpr > limit))
-        xs.append(limit)
-        ys.append(pro[k - 1] + (pro[k] - pro[k - 1]) * (limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1]))
-    area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))
-    return area / limit
-
-
-def test_a_non_default_pro_fpr_limit_is_the_limit_au_pro_is_integrated_to(data, tmp_path):
-    """``evaluation.pro_fpr_limit=0.05``: the run's AU-PRO equals the slow reference's normalised area up
-    to FPR 0.05 on the saved model's maps, which differs from the area up to the default 0.3.
-
-    Catches the key being ignored (0.3 used) or applied to another metric."""
-    config = write_config(tmp_path / "c.yaml", "mvtec", data, tmp_path / "out", evaluation={"heatmaps": 0})
-    code, _, err = run_cli("train", "-c", config, "data.objects=[bottle]", "evaluation.pro_fpr_limit=0.05")
-    assert code == 0, err
-    run_dir = tmp_path / "out" / "tiny" / "run"
-    (row, _) = read_csv(run_dir / "results.csv")
-    model = PatchCore.load(run_dir / "models" / "patchcore_bottle.pt")
-    test = sorted((data / "bottle" / "test").rglob("*.png"))
-    maps = list(model.predict([str(p) for p in test]).anomaly_maps.astype(np.float64))
-    masks = []
-    for path in test:
-        mask = data / "bottle" / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-        masks.append(_read_mask(mask, maps[0].shape))
-    fpr, pro = reference_pro_curve(masks, maps)
-    at_005, at_03 = _normalised_area(fpr, pro, 0.05), _normalised_area(fpr, pro, 0.3)
-    assert abs(at_005 - at_03) > 0.01  # the limit matters on these maps
-    assert float(row["au_pro"]) == pytest.approx(at_005, abs=1e-4)
-
-
-def _read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    from PIL import Image
-
-    if not path.is_file():
-        return np.zeros(shape, dtype=bool)
-    return np.asarray(Image.open(path).convert("L")) > 0
-
-
 # ----------------------------------------------------------------------------- ELPV end to end
 
 
@@ -353,17 +308,16 @@ def test_train_on_the_shipped_elpv_config_end_to_end_at_small_settings(tmp_path)
     assert code == 0, err
     run_dir = tmp_path / "elpv" / "effnetlite0_224"
     (row, _) = read_csv(run_dir / "results.csv")
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["backbone"] == "efficientnet-lite0"
-    predictions = read_csv(next(run_dir.rglob("*mono*predictions*.csv")))
+    predictions = read_csv(run_dir / "predictions_mono.csv")
     labels = [p["label"] for p in predictions]
     assert len(predictions) == 196 + 313 and labels.count("defective") == 313
     model = PatchCore.load(run_dir / "models" / "patchcore_mono.pt")
     assert model.stats_.n_train_images == 392 and model.get_params()["imagesize"] == 64
     truth = [label != "good" for label in labels]
-    scores = [float(p["score"]) for p in predictions]
-    assert float(row["image_auroc"]) == pytest.approx(roc_auc_score(truth, scores), abs=1e-6)
-    assert row["pixel_auroc"] in ("", "n/a") and summary is not None
+    scores = [float(p["image_score"]) for p in predictions]  # written to 6 decimals: ties may differ
+    assert float(row["image_auroc"]) == pytest.approx(roc_auc_score(truth, scores), abs=1e-3)
+    assert row["pixel_auroc"] == row["au_pro"] == "n/a"
 
 
 # ----------------------------------------------------------------------------- serve
