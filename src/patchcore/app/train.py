@@ -455,7 +455,11 @@ def _train_on_ray(config: Config, objects: list[ObjectData], finish) -> list[str
         obj = objects[outcome.item]
         if outcome.ok:
             finish(outcome.value)
-            log.info("%s: trained in %.1f s on Ray node %s", obj.name, outcome.seconds, outcome.node)
+            reserved = ", ".join(f"{k} {v:g}" for k, v in sorted((outcome.resources or {}).items()))
+            log.info(
+                "%s: trained in %.1f s on Ray node %s (reserved: %s)",
+                obj.name, outcome.seconds, outcome.node, reserved or "nothing",
+            )  # fmt: skip
         else:
             failures.append(f"{obj.name}: {outcome.error}")
             log.error("%s: failed after %d attempt(s): %s", obj.name, outcome.attempts, outcome.error)
