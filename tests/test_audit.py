@@ -129,14 +129,14 @@ def tiny_images(n: int = 12, size: int = 48, defect: int | None = None) -> torch
 
 
 def test_fit_audits_the_training_images_and_the_defective_one_ranks_first():
-    model = PatchCore(**FAST_MODEL).fit(tiny_images(12, defect=7))
+    model = PatchCore(**{**FAST_MODEL, "audit": True}).fit(tiny_images(12, defect=7))
     assert int(model.audit_.ranking[0]) == 7
     assert 7 in model.audit_.suspects
     assert model.stats_.audit_suspects == len(model.audit_.suspects)
 
 
 def test_fit_of_clean_images_flags_none():
-    model = PatchCore(**FAST_MODEL).fit(tiny_images(12))
+    model = PatchCore(**{**FAST_MODEL, "audit": True}).fit(tiny_images(12))
     assert model.audit_.suspects == ()
 
 
@@ -233,7 +233,7 @@ def make_contaminated_folder(root: Path) -> Path:
 def test_train_run_lists_the_suspect_in_its_reports_and_warns_in_the_log(tmp_path):
     data = make_contaminated_folder(tmp_path / "data")
     config = write_config(tmp_path / "c.yaml", "folder", data, tmp_path / "results")
-    code, _, err = run_cli("train", "--config", config)
+    code, _, err = run_cli("train", "--config", config, "model.audit=true")
     assert code == 0, err
     run_dir = next((tmp_path / "results" / "tiny").iterdir())
     (name,) = json.loads((run_dir / "summary.json").read_text())["training_audit"]

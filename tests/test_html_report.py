@@ -70,6 +70,7 @@ def _train(
             "batch_size": 4,
             "resize": resize,
             "imagesize": None,
+            "audit": True,  # the report's training-set audit section is checked too
         },
         "evaluation": {"heatmaps": 0, "save_autovi_maps": save_maps},
         "logging": {"progress": False},

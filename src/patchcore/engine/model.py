@@ -319,9 +319,10 @@ class PatchCore:
         self._patch_features(refitting=True)
         device = self.torch_device
         audit, plan = None, None
-        if indices is None:
-            # The training-set audit (always) and the robust fit's selection (``denoise``): engine/audit.py.
-            # Their random stream is their own: with denoise off the coreset is the same, bit for bit.
+        if indices is None and (self.audit or self.denoise):
+            # The training-set audit (``audit``; ``denoise`` needs it too) and the robust fit's selection
+            # (``denoise``): engine/audit.py. Their random stream is their own: with denoise off the coreset
+            # is the same, bit for bit. Opt-in: on full ELPV mono at 112 px it took 346 of a 668 s fit.
             audit, plan = audit_fit(train_features, meta, self.seed, self.denoise)
         t1 = time.perf_counter()
         if indices is None:
