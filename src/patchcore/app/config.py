@@ -120,6 +120,8 @@ class ModelConfig:
     percentage: float = _model_key("percentage")
     projection_dim: int | None = _model_key("projection_dim")
     num_starting_points: int = _model_key("num_starting_points")
+    audit: bool = _model_key("audit")
+    denoise: bool = _model_key("denoise")
     num_neighbors: int = _model_key("num_neighbors")
     distance: str = _model_key("distance")
     reweight: bool = _model_key("reweight")
