@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
+
 __all__ = ["AuditLog", "Decision", "DecisionStore", "StoredDecision", "replay"]
 
 log = logging.getLogger("patchcore")
@@ -38,7 +40,7 @@ class Decision:
     model_version: int  # the model version that scored it
     image: str  # the upload's file name or the watched file's name
     source: str  # "upload" | "watch"
-    sha256: str  # of the image file's bytes
+    sha256: str | None  # of the image file's bytes (None: scored by /predict, only pixels were kept)
     score: float
     normalized_score: float | None
     anomalous: bool | None  # None: the model is not calibrated
@@ -69,14 +71,21 @@ class StoredDecision:
 
     decision: Decision
     thumbnail_png: bytes | None  # a small PNG of the image (None after a restart)
-    heatmap_png: bytes | None  # the heatmap overlay, at most ``HEATMAP_SIDE`` pixels a side
-    image_bytes: bytes | None  # the uploaded file, for "good part" feedback (None once over the budget)
+    heatmap_png: bytes | None  # the heatmap overlay, a few hundred pixels a side
+    image: PIL.Image.Image | None  # the decoded image, for "good part" feedback (None once over the budget)
+
+    @property
+    def image_bytes(self) -> int:
+        """What the held image costs in memory."""
+        if self.image is None:
+            return 0
+        return self.image.width * self.image.height * len(self.image.getbands())
 
 
 class DecisionStore:
-    """The last ``capacity`` decisions, newest last, thread-safe. Image payloads are kept for feedback
-    within ``image_budget`` bytes in all: beyond it the oldest payloads are dropped first (their
-    decisions stay listed; a watched file is read again from disk instead)."""
+    """The last ``capacity`` decisions, newest last, thread-safe. Decoded images are kept for feedback
+    within ``image_budget`` bytes in all: beyond it the oldest images are dropped first (their decisions
+    stay listed; a watched file is read again from disk instead)."""
 
     def __init__(self, capacity: int = 500, image_budget: int = 256 * 1024 * 1024):
         if capacity < 1:
@@ -103,17 +112,17 @@ class DecisionStore:
             if item.decision.id in self._items:
                 raise KeyError(f"decision {item.decision.id} is already stored")
             self._items[item.decision.id] = item
-            self._image_bytes += len(item.image_bytes or b"")
+            self._image_bytes += item.image_bytes
             while len(self._items) > self.capacity:
                 _, dropped = self._items.popitem(last=False)
-                self._image_bytes -= len(dropped.image_bytes or b"")
+                self._image_bytes -= dropped.image_bytes
             if self._image_bytes > self.image_budget:
                 for key, old in self._items.items():
                     if self._image_bytes <= self.image_budget:
                         break
-                    if old.image_bytes:
-                        self._image_bytes -= len(old.image_bytes)
-                        self._items[key] = dataclasses.replace(old, image_bytes=None)
+                    if old.image is not None:
+                        self._image_bytes -= old.image_bytes
+                        self._items[key] = dataclasses.replace(old, image=None)
 
     def get(self, decision_id: str) -> StoredDecision | None:
         with self._lock:
@@ -126,6 +135,15 @@ class DecisionStore:
             if item is None:
                 raise KeyError(f"decision {decision.id} is no longer held")
             self._items[decision.id] = dataclasses.replace(item, decision=decision)
+
+    def set_pictures(self, decision_id: str, thumbnail_png: bytes | None, heatmap_png: bytes | None) -> None:
+        """Attach the thumbnail and heatmap rendered after the decision was stored (if still held)."""
+        with self._lock:
+            item = self._items.get(decision_id)
+            if item is not None:
+                self._items[decision_id] = dataclasses.replace(
+                    item, thumbnail_png=thumbnail_png, heatmap_png=heatmap_png
+                )
 
     def decisions(self, model: str | None = None) -> list[Decision]:
         """Oldest first."""

@@ -77,10 +77,12 @@ class DriftFigures:
         return out
 
 
-def drift_figures(
-    model: str, decisions: Sequence[Decision], calibration: dict[str, Any], window: int
-) -> DriftFigures:
-    """The figures over the last ``window`` of ``decisions`` (oldest first) of ``model``."""
+def drift_figures(model: str, decisions: Sequence[Decision], calibration: Any, window: int) -> DriftFigures:
+    """The figures over the last ``window`` of ``decisions`` (oldest first) of ``model``; ``calibration``:
+    the model's calibration record (its dict or a record with ``to_dict``; empty or None: uncalibrated)."""
+    if hasattr(calibration, "to_dict"):
+        calibration = calibration.to_dict()
+    calibration = dict(calibration or {})
     if window < 1:
         raise ValueError(f"the drift window must be >= 1, got {window}")
     recent = [d for d in decisions if d.model == model][-window:]

@@ -1,26 +1,35 @@
 """The inspection station: what an operator runs a shift on, behind the service's key.
 
-- ``POST /inspect``: score an image as the station (the page's drop zone): the decision is kept in the
-  recent list (thumbnail, heatmap) and appended to the audit log;
-- ``GET /decisions`` (newest first, ``?anomalous=true`` filters), ``GET /decisions/{id}`` (with heatmap);
-- ``POST /feedback`` (operator): ``{"decision": ID, "label": "good" | "defect", "force": false}``. "good"
-  adds the image to the model (``partial_fit``), swaps the served model atomically, saves the model file
-  and answers the image scored again by the new version; the guard against teaching a defect answers
-  409 with ``"refused": true`` (the page asks the operator to confirm, then sends ``force``). "defect"
-  is recorded (drift figures, audit log); on a decision that had been taught as good it also removes
-  that update;
-- ``POST /undo`` (operator): removes the newest update; ``GET /history``; ``POST /rollback`` (operator);
-- ``GET /drift``: the drift figures (:mod:`patchcore.deploy.drift`), also exported on ``/metrics``;
-- ``GET /station``: models with their versions, the caller's role, the watched folders;
-- watched folders (``patchcore serve --watch DIR``): :mod:`patchcore.deploy.watch`.
+Plugged into ``patchcore serve`` as a :class:`~patchcore.deploy.service.ServiceExtension`
+(:func:`station_extension`): its routes sit behind the service's guard like every route.
 
-The station keeps its files (``audit.jsonl`` and its rotations, ``watch-<model>.jsonl``) in its folder.
+- ``POST /inspect?model=``: score an uploaded image as the station (the page's drop zone); the decision is
+  kept in the recent list (thumbnail, heatmap) and appended to the audit log. Images scored through
+  ``/predict`` and ``/predict/batch`` are recorded the same way (their thumbnails rendered in the
+  background), and so are the watched folders' files (:mod:`patchcore.deploy.watch`);
+- ``GET /decisions`` (newest first; ``?anomalous=true`` filters), ``GET /decisions/{id}`` (with heatmap);
+- ``POST /feedback`` (operator) ``{"decision": ID, "label": "good" | "defect", "force": false}``: "good"
+  adds the image to the model (``partial_fit``; the served model changes under a write lock, so no request
+  is scored against a half-updated bank and every answer names the version it used), saves the model
+  file and answers the image scored again by the new version. The guard against teaching a defect answers
+  409 with ``"refused": true`` (the page asks the operator to confirm, then sends ``force``). "defect" is
+  recorded (drift figures, audit log); on a decision that had been taught as good it removes that update;
+- ``POST /undo?model=`` (operator): removes the newest update; ``GET /history?model=``;
+  ``POST /rollback`` (operator) ``{"model": NAME, "version": V}``;
+- ``GET /drift?model=``: the drift figures (:mod:`patchcore.deploy.drift`), also gauges on ``/metrics``;
+- ``GET /station``: the models with their versions, the caller's role, the watched folders.
+
+The station keeps its files in its folder (``--station-dir``; default: ``station/`` beside the first
+model): ``audit.jsonl`` (rotated by size) and ``watch-<model>.jsonl``. At start-up the recent list is
+refilled from the audit log, and the model files (rewritten by every update) hold the newest version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -28,19 +37,29 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import PIL.Image
+
+from .errors import DeployError
+
+try:
+    from fastapi import APIRouter, Body, Depends, File, HTTPException, Query, UploadFile
+    from fastapi.responses import JSONResponse
+    from prometheus_client.core import GaugeMetricFamily
+except ImportError as exc:  # pragma: no cover - the extra is installed in CI
+    raise DeployError("patchcore serve needs the 'serve' extra: pip install 'patchcore[serve]'") from exc
 
 from ..heatmaps import overlay
 from .audit import AuditLog, Decision, DecisionStore, StoredDecision, replay
 from .drift import drift_figures
-from .errors import DeployError
-from .inference import Predictor
-from .learning import LearningPredictor, NotLearnable
+from .inference import ImagePrediction, Predictor, TorchBackend
+from .learning import LearningPredictor, ModelChange, NotLearnable
+from .service import Principal, ScoreEvent, ServiceExtension, authenticate, require_operator
 from .uploads import UploadError, decode_upload
 from .watch import FolderWatcher, SkipFile, WatchedFile
 
@@ -52,12 +71,13 @@ except ImportError:  # pragma: no cover - before line learning (PatchCore.partia
         """Never raised: without partial_fit no update is tried (NotLearnable says why)."""
 
 
-__all__ = ["Station", "StationError", "StationSettings", "station_router"]
+__all__ = ["Station", "StationError", "StationSettings", "parse_watch_specs", "station_extension"]
 
 log = logging.getLogger("patchcore")
 
 THUMBNAIL_SIDE = 96
-HEATMAP_SIDE = 512
+HEATMAP_SIDE = 384
+RENDER_QUEUE = 64  # /predict images waiting for their thumbnail; beyond it they are listed without one
 
 
 class StationError(Exception):
@@ -69,35 +89,47 @@ class StationError(Exception):
         self.extra = extra
 
 
+MIB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class StationSettings:
     """How the station keeps its records and watches folders (``patchcore serve`` flags)."""
 
-    folder: str | None = None  # None: a "station" folder beside the first model
-    recent: int = 500  # decisions kept in memory (the page's list)
-    image_budget_bytes: int = 256 * 1024 * 1024  # uploaded images kept for feedback, all together
-    audit_max_bytes: int = 10 * 1024 * 1024  # the audit log is rotated past this size
+    folder: str | None = None  # --station-dir; None: a "station" folder beside the first model
+    recent: int = 500  # --station-recent: decisions kept in memory (the page's list)
+    image_budget_mb: float = 256.0  # decoded images kept in memory for feedback, all together
+    audit_max_mb: float = 10.0  # --audit-max-mb: the audit log is rotated past this size
     audit_keep: int = 5  # rotated audit files kept
-    drift_window: int = 200  # decisions the drift figures look at
-    watch: tuple[str, ...] = ()  # "[MODEL=]DIR"
+    drift_window: int = 200  # --drift-window: decisions the drift figures look at
+    watch: tuple[str, ...] = ()  # --watch [MODEL=]DIR
     watch_poll_s: float = 0.5
-    watch_settle_s: float = 1.0  # a file's size and mtime must stay unchanged this long
-    watch_queue: int = 64
+    watch_settle_s: float = 1.0  # --watch-settle-s: a file's size and mtime must stay unchanged this long
+    watch_queue: int = 64  # --watch-queue
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "watch", tuple(self.watch))
         checks = [
-            (self.recent >= 1, f"--station-recent must be >= 1, got {self.recent}"),
-            (self.image_budget_bytes >= 0, "the station's image budget must be >= 0"),
-            (self.audit_max_bytes >= 1024, "--audit-max-mb must be at least 1 KiB"),
-            (self.audit_keep >= 1, f"the audit log must keep >= 1 rotated file, got {self.audit_keep}"),
-            (self.drift_window >= 1, f"--drift-window must be >= 1, got {self.drift_window}"),
-            (0 < self.watch_poll_s <= 60, f"--watch-poll must be in (0, 60] s, got {self.watch_poll_s}"),
-            (0 <= self.watch_settle_s <= 3600, f"--watch-settle must be in [0, 3600] s, got {self.watch_settle_s}"),
-            (1 <= self.watch_queue <= 100_000, f"--watch-queue must be in 1..100000, got {self.watch_queue}"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise DeployError(message)
+            ("--station-recent", self.recent, 1, 1_000_000),
+            ("the station's image budget (MB)", self.image_budget_mb, 0, 1_000_000),
+            ("--audit-max-mb", self.audit_max_mb, 0.01, 100_000),
+            ("the rotated audit files kept", self.audit_keep, 1, 1000),
+            ("--drift-window", self.drift_window, 1, 1_000_000),
+            ("--watch-poll-s", self.watch_poll_s, 0.01, 60),
+            ("--watch-settle-s", self.watch_settle_s, 0, 3600),
+            ("--watch-queue", self.watch_queue, 1, 100_000),
+        ]
+        for what, value, low, high in checks:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise DeployError(f"{what} must be a number in {low}..{high}, got {value!r}")
+
+    @property
+    def image_budget_bytes(self) -> int:
+        return int(self.image_budget_mb * MIB)
+
+    @property
+    def audit_max_bytes(self) -> int:
+        return max(1024, int(self.audit_max_mb * MIB))
 
 
 def parse_watch_specs(specs: tuple[str, ...] | list[str], models: list[str]) -> dict[str, Path]:
@@ -105,14 +137,12 @@ def parse_watch_specs(specs: tuple[str, ...] | list[str], models: list[str]) -> 
     out: dict[str, Path] = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
-        if not sep or not name or "/" in name or name not in models and Path(spec).is_dir():
-            name, folder = "", spec
-        if not name:
+        if not sep or name not in models:
+            if sep and name and not Path(spec).is_dir():
+                raise DeployError(f"--watch {spec}: no served model is named {name!r} ({', '.join(models)})")
             if len(models) != 1:
                 raise DeployError(f"--watch {spec}: several models are served, say which: --watch MODEL=DIR")
-            name = models[0]
-        if name not in models:
-            raise DeployError(f"--watch {spec}: no served model is named {name!r} ({', '.join(models)})")
+            name, folder = models[0], spec
         path = Path(folder)
         if not path.is_dir():
             raise DeployError(f"--watch {spec}: {path} is not a folder")
@@ -122,64 +152,132 @@ def parse_watch_specs(specs: tuple[str, ...] | list[str], models: list[str]) -> 
     return out
 
 
-def _png(image: PIL.Image.Image, side: int) -> bytes:
-    image = image.copy()
-    image.thumbnail((side, side))
+def _png(image: PIL.Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def render_pictures(image: PIL.Image.Image, unit_map: np.ndarray) -> tuple[bytes, bytes]:
+    """(thumbnail PNG, heatmap overlay PNG), both small: the image is shrunk before the map is drawn."""
+    small = image.convert("RGB")
+    small.thumbnail((HEATMAP_SIDE, HEATMAP_SIDE))
+    heat = np.asarray(
+        PIL.Image.fromarray(np.asarray(unit_map, dtype=np.float32), mode="F").resize(
+            small.size, PIL.Image.BILINEAR
+        )
+    )
+    heatmap = _png(overlay(small, heat))
+    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    return _png(small), heatmap
 
 
 def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
-class Station:
-    """The station's state: recent decisions, the audit log, feedback on the served models, watchers,
-    drift. ``predictors`` is the service's live name -> predictor mapping (filled once models load)."""
+def decision_json(item: StoredDecision, heatmap: bool = False) -> dict[str, Any]:
+    out = item.decision.to_dict()
+    out["image_held"] = item.image is not None or item.decision.path is not None
+    out["thumbnail_png_base64"] = _b64(item.thumbnail_png)
+    if heatmap:
+        out["heatmap_png_base64"] = _b64(item.heatmap_png)
+    return out
 
-    def __init__(
-        self,
-        settings: StationSettings,
-        predictors: Mapping[str, Predictor],
-        model_paths: Mapping[str, Path],
-        max_upload_bytes: int = 20 * 1024 * 1024,
-        max_pixels: int = 40_000_000,
-    ):
+
+def _field(record: Any, name: str) -> Any:
+    return record[name] if isinstance(record, dict) else getattr(record, name)
+
+
+def _plain(record: Any) -> Any:
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return dataclasses.asdict(record)
+    return record
+
+
+class Station:
+    """The station's state. Built before the app; :meth:`attach` binds it to the service's state (its
+    live name -> predictor mapping, limits, model paths) at start-up."""
+
+    def __init__(self, settings: StationSettings):
         self.settings = settings
-        self.predictors = predictors
-        self.max_upload_bytes = max_upload_bytes
-        self.max_pixels = max_pixels
-        names = list(model_paths) or list(predictors)
-        self.watch_folders = parse_watch_specs(settings.watch, names)
-        if settings.folder is not None:
-            self.folder = Path(settings.folder)
-        else:
-            first = next(iter(model_paths.values()), None)
-            if first is None:
-                raise DeployError("the station needs a folder for its records (--station-dir)")
-            self.folder = (first.parent if first.is_file() else first.parent) / "station"
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.audit = AuditLog(self.folder / "audit.jsonl", settings.audit_max_bytes, settings.audit_keep)
-        except OSError as exc:
-            raise DeployError(f"station folder {self.folder}: {exc.strerror or exc}") from None
-        self.store = DecisionStore(settings.recent, settings.image_budget_bytes)
-        for decision in replay(self.audit.read(), settings.recent):
-            self.store.add(StoredDecision(decision, None, None, None))
+        self.state: Any = None
+        self.predictors: Mapping[str, Predictor] = {}
+        self.paths: dict[str, Path] = {}
+        self.max_upload_bytes = 20 * 1024 * 1024
+        self.max_pixels = 40_000_000
+        self.watch_folders: dict[str, Path] = {}
         self.watchers: dict[str, FolderWatcher] = {}
+        self.folder: Path | None = None
+        self.audit: AuditLog | None = None
+        self.store = DecisionStore(settings.recent, settings.image_budget_bytes)
+        self.adopted = threading.Event()
         self._stop = threading.Event()
         self._starter: threading.Thread | None = None
+        self._renderer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="station-render"
+        )
+        self._rendering = 0
+        self._render_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
+    def open(self, folder: Path, model_names: list[str]) -> None:
+        """Open the station's folder and audit log; refill the recent list from the log."""
+        self.watch_folders = parse_watch_specs(self.settings.watch, model_names)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.audit = AuditLog(
+                folder / "audit.jsonl", self.settings.audit_max_bytes, self.settings.audit_keep
+            )
+        except OSError as exc:
+            raise DeployError(
+                f"station folder {folder}: {exc.strerror or exc} (choose another with --station-dir)"
+            ) from None
+        self.folder = folder
+        for decision in replay(self.audit.read(), self.settings.recent):
+            self.store.add(StoredDecision(decision, None, None, None))
+
+    def attach(self, state: Any) -> None:
+        """Bind to the service's :class:`~patchcore.deploy.service.ServiceState` (at start-up)."""
+        self.state = state
+        self.predictors = state.predictors
+        self.max_upload_bytes = state.settings.max_upload_bytes
+        self.max_pixels = state.settings.max_pixels
+        self.paths = {n: Path(p) for n, p in state.paths.items()}
+        for name, info in state.info.items():
+            if info.get("path"):
+                self.paths[name] = Path(info["path"])
+        names = list(state.names) or list(state.predictors)
+        if self.audit is None:
+            folder = Path(self.settings.folder) if self.settings.folder else default_folder(self.paths)
+            self.open(folder, names)
+
+    def adopt_models(self) -> None:
+        """Serve every PyTorch model as a :class:`LearningPredictor` (versioned, updatable)."""
+        for name, predictor in list(self.predictors.items()):
+            if isinstance(predictor, LearningPredictor) or not isinstance(predictor.backend, TorchBackend):
+                continue
+            path = self.paths.get(name)
+            learner = LearningPredictor(
+                predictor.backend.model, per_call_range=predictor.per_call_range,
+                path=path if path is not None and path.is_file() else None,
+            )  # fmt: skip
+            if self.state is not None:
+                self.state.swap_predictor(name, learner)
+            else:
+                self.predictors[name] = learner  # type: ignore[index]
+        self.adopted.set()
+
     def start(self, ready: Callable[[], bool] = lambda: True) -> None:
-        """Start the watchers once ``ready()`` (the models are loaded)."""
+        """Adopt the models and start the watchers once ``ready()`` (the models are loaded)."""
 
         def run() -> None:
             while not ready():
-                if self._stop.wait(0.1):
+                if self._stop.wait(0.05):
                     return
+            self.adopt_models()
+            assert self.folder is not None
             for model, folder in self.watch_folders.items():
                 watcher = FolderWatcher(
                     folder, self.folder / f"watch-{model}.jsonl", self._watch_handler(model),
@@ -190,8 +288,11 @@ class Station:
                 self.watchers[model] = watcher
                 log.info("watching %s for model %s (results: %s)", folder, model, watcher.results)
 
-        self._starter = threading.Thread(target=run, name="station-start", daemon=True)
-        self._starter.start()
+        if ready():
+            run()  # models already loaded: adopted before the first request
+        else:
+            self._starter = threading.Thread(target=run, name="station-start", daemon=True)
+            self._starter.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -199,54 +300,45 @@ class Station:
             self._starter.join(30)
         for watcher in self.watchers.values():
             watcher.stop()
-        self.audit.close()
+        self._renderer.shutdown(wait=True)
+        if self.audit is not None:
+            self.audit.close()
 
-    # ------------------------------------------------------------------ scoring
+    # ------------------------------------------------------------------ recording decisions
 
     def predictor(self, model: str | None) -> Predictor:
+        if self.state is not None and not self.adopted.is_set():
+            raise StationError(503, "models are still loading; see /readyz")
         if model is None:
             if len(self.predictors) == 1:
-                model = next(iter(self.predictors))
-            else:
-                raise StationError(
-                    400, f"several models are served: pass model=NAME ({', '.join(self.predictors)})"
-                )
+                return next(iter(self.predictors.values()))
+            raise StationError(
+                400, f"several models are served: pass model=NAME ({', '.join(self.predictors)})"
+            )
         predictor = self.predictors.get(model)
         if predictor is None:
-            raise StationError(
-                404, f"unknown or not yet loaded model {model!r}; served: {', '.join(self.predictors)}"
-            )
+            raise StationError(404, f"unknown model {model!r}; served: {', '.join(self.predictors)}")
         return predictor
 
     def model_name(self, model: str | None) -> str:
-        if model is None:
-            self.predictor(None)
-            return next(iter(self.predictors))
         self.predictor(model)
-        return model
+        return model if model is not None else next(iter(self.predictors))
 
     def decode(self, data: bytes, name: str) -> PIL.Image.Image:
         return decode_upload(data, self.max_upload_bytes, self.max_pixels, name)
 
-    def inspect(self, model: str | None, data: bytes, name: str) -> StoredDecision:
-        """An uploaded image scored and recorded (the page's drop zone; blocking)."""
-        model_name = self.model_name(model)
-        return self.record(model_name, self.decode(data, name), data, name, "upload")
-
-    def record(
-        self, model: str, image: PIL.Image.Image, data: bytes, name: str, source: str, path: str | None = None
-    ) -> StoredDecision:
-        """Score ``image`` with ``model``, keep the decision and log it (blocking: call off the event loop)."""
-        predictor = self.predictor(model)
-        prediction = predictor.predict([image], names=[name])[0]
-        decision = Decision(
+    def _decision(
+        self, model: str, prediction: ImagePrediction, image: PIL.Image.Image, name: str, source: str,
+        sha256: str | None, path: str | None = None,
+    ) -> Decision:  # fmt: skip
+        return Decision(
             id=uuid.uuid4().hex[:12],
             time=round(time.time(), 3),
             model=model,
             model_version=int(getattr(prediction, "model_version", 0)),
             image=name,
             source=source,
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=sha256,
             score=float(prediction.score),
             normalized_score=prediction.normalized_score,
             anomalous=prediction.anomalous,
@@ -255,23 +347,69 @@ class Station:
             height=image.height,
             path=path,
         )
-        stored = StoredDecision(
-            decision,
-            thumbnail_png=_png(image, THUMBNAIL_SIDE),
-            heatmap_png=_png(overlay(image, prediction.unit_map), HEATMAP_SIDE),
-            image_bytes=data if source == "upload" else None,
+
+    def _keep(self, item: StoredDecision) -> None:
+        assert self.audit is not None
+        self.audit.append("decision", decision=item.decision.to_dict())
+        self.store.add(item)
+
+    def record(
+        self, model: str, image: PIL.Image.Image, prediction: ImagePrediction, name: str, source: str,
+        sha256: str | None, path: str | None = None,
+    ) -> StoredDecision:  # fmt: skip
+        """Keep and log one scored image with its pictures (blocking: call off the event loop)."""
+        decision = self._decision(model, prediction, image, name, source, sha256, path)
+        thumbnail, heatmap = render_pictures(image, prediction.unit_map)
+        # A watched file is read again from disk for feedback; uploads keep their decoded image.
+        item = StoredDecision(decision, thumbnail, heatmap, image if source != "watch" else None)
+        self._keep(item)
+        return item
+
+    def on_scored(
+        self, model: str, filename: str, image: PIL.Image.Image, prediction: ImagePrediction
+    ) -> None:
+        """An image scored through ``/predict``: kept and logged now, its pictures rendered in the background
+        (on the event loop: quick; beyond ``RENDER_QUEUE`` waiting, listed without pictures)."""
+        if self.audit is None:
+            return
+        item = StoredDecision(
+            self._decision(model, prediction, image, filename, "predict", None), None, None, image
         )
-        self.audit.append("decision", decision=decision.to_dict())
-        self.store.add(stored)
-        return stored
+        self._keep(item)
+        with self._render_lock:
+            if self._rendering >= RENDER_QUEUE:
+                return
+            self._rendering += 1
+
+        def render() -> None:
+            try:
+                self.store.set_pictures(item.decision.id, *render_pictures(image, prediction.unit_map))
+            finally:
+                with self._render_lock:
+                    self._rendering -= 1
+
+        try:
+            self._renderer.submit(render)
+        except RuntimeError:  # shutting down
+            with self._render_lock:
+                self._rendering -= 1
+
+    def inspect(self, model: str, data: bytes, name: str) -> StoredDecision:
+        """An uploaded image decoded, scored and recorded (blocking; the page's drop zone)."""
+        image = self.decode(data, name)
+        prediction = self.predictor(model).predict([image], names=[name])[0]
+        return self.record(model, image, prediction, name, "upload", hashlib.sha256(data).hexdigest())
 
     def _watch_handler(self, model: str) -> Callable[[WatchedFile, bytes], dict[str, Any]]:
         def handle(file: WatchedFile, data: bytes) -> dict[str, Any]:
+            name = file.path.name
             try:
-                image = self.decode(data, file.path.name)
-                stored = self.record(model, image, data, file.path.name, "watch", str(file.path))
+                image = self.decode(data, name)
+                prediction = self.predictor(model).predict([image], names=[name])[0]
             except (UploadError, ValueError) as exc:  # not an image; or a score that cannot be computed
                 raise SkipFile(str(exc)) from exc
+            stored = self.record(model, image, prediction, name, "watch", hashlib.sha256(data).hexdigest(),
+                                 str(file.path))  # fmt: skip
             d = stored.decision
             return {
                 "id": d.id, "model": d.model, "model_version": d.model_version, "score": d.score,
@@ -286,9 +424,9 @@ class Station:
     def _learner(self, model: str) -> LearningPredictor:
         predictor = self.predictor(model)
         if not isinstance(predictor, LearningPredictor):
-            raise StationError(
-                409, f"model {model!r} is not served for learning (feedback needs --runtime torch)"
-            )
+            runtime = getattr(predictor.backend, "runtime", "exported")
+            raise StationError(409, f"model {model!r} cannot learn: it is served by runtime {runtime} "
+                                    "(feedback updates need the .pt model, --runtime torch)")  # fmt: skip
         reason = predictor.why_not_learnable()
         if reason:
             raise StationError(409, f"model {model!r} cannot learn: {reason}")
@@ -296,12 +434,12 @@ class Station:
 
     def _image_of(self, item: StoredDecision) -> PIL.Image.Image:
         d = item.decision
-        data = item.image_bytes
-        if data is None and d.path is not None:
-            try:
+        if item.image is not None:
+            return item.image
+        data = None
+        if d.path is not None:
+            with contextlib.suppress(OSError):
                 data = Path(d.path).read_bytes()
-            except OSError:
-                data = None
             if data is not None and hashlib.sha256(data).hexdigest() != d.sha256:
                 data = None  # the file was replaced since: not the image that was decided on
         if data is None:
@@ -310,16 +448,21 @@ class Station:
             )
         return self.decode(data, d.image)
 
-    def _rescored(self, model: str, item: StoredDecision, **changes: Any) -> Decision:
-        image = self._image_of(item)
-        prediction = self.predictor(model).predict([image], names=[item.decision.image])[0]
+    def _rescored(self, item: StoredDecision, **changes: Any) -> Decision:
+        d = item.decision
+        prediction = self.predictor(d.model).predict([self._image_of(item)], names=[d.image])[0]
         return dataclasses.replace(
-            item.decision,
+            d,
             rescored_score=float(prediction.score),
             rescored_anomalous=prediction.anomalous,
             rescored_version=int(getattr(prediction, "model_version", 0)),
             **changes,
         )
+
+    def _changed(self, model: str, learner: LearningPredictor) -> None:
+        """The service's model list shows the new version's calibration."""
+        if self.state is not None:
+            self.state.swap_predictor(model, learner)
 
     def feedback(self, decision_id: str, label: str, force: bool = False, note: str = "") -> dict[str, Any]:
         """Blocking; see the module docstring."""
@@ -332,14 +475,15 @@ class Station:
             )
         d = item.decision
         now = round(time.time(), 3)
-        change = None
+        change: ModelChange | None = None
         if label == "defect":
             if d.feedback == "good" and d.feedback_version is not None:
                 # A defect had been taught as good: its update is taken out, later ones stay.
                 learner = self._learner(d.model)
                 change = learner.remove_update(d.feedback_version)
+                self._changed(d.model, learner)
                 new = self._rescored(
-                    d.model, item, feedback="defect", feedback_time=now, feedback_version=None, forced=False
+                    item, feedback="defect", feedback_time=now, feedback_version=None, forced=False
                 )
             else:
                 new = dataclasses.replace(d, feedback="defect", feedback_time=now)
@@ -354,15 +498,17 @@ class Station:
             try:
                 change = learner.learn([image], note=note, force=force)
             except UpdateRefused as exc:
+                assert self.audit is not None
                 self.audit.append("feedback-refused", decision_id=d.id, label=label, reason=str(exc))
                 raise StationError(409, str(exc), refused=True) from exc
             except NotLearnable as exc:
                 raise StationError(409, str(exc)) from exc
+            self._changed(d.model, learner)
             new = self._rescored(
-                d.model, item, feedback="good", feedback_time=now, feedback_version=change.version_after,
-                forced=force,
-            )  # fmt: skip
+                item, feedback="good", feedback_time=now, feedback_version=change.version_after, forced=force
+            )
         self.store.update(new)
+        assert self.audit is not None
         self.audit.append(
             "feedback", label=label, decision=new.to_dict(), change=change.to_dict() if change else None
         )
@@ -372,13 +518,14 @@ class Station:
         """Remove the newest update of ``model`` (blocking)."""
         name = self.model_name(model)
         learner = self._learner(name)
-        history = learner.history()
-        versions = [int(_field(h, "version")) for h in history if int(_field(h, "version")) > 0]
+        versions = [int(_field(h, "version")) for h in learner.history() if int(_field(h, "version")) > 0]
         if not versions:
             raise StationError(409, f"model {name!r} has no update to undo (version {learner.version})")
         newest = max(versions)
         change = learner.remove_update(newest)
+        self._changed(name, learner)
         decision = self._clear_feedback(name, newest)
+        assert self.audit is not None
         self.audit.append(
             "undo", model=name, decision=decision.to_dict() if decision else None, change=change.to_dict()
         )
@@ -397,7 +544,7 @@ class Station:
             "forced": False,
         }
         try:
-            new = self._rescored(model, item, **changes)
+            new = self._rescored(item, **changes)
         except StationError:  # the image is no longer held: the record still loses its feedback
             new = dataclasses.replace(found, **changes)
         self.store.update(new)
@@ -406,16 +553,15 @@ class Station:
     def rollback(self, model: str | None, version: int) -> dict[str, Any]:
         name = self.model_name(model)
         learner = self._learner(name)
-        before = learner.version
+        before = {int(_field(h, "version")) for h in learner.history()}
         try:
             change = learner.rollback(version)
         except (KeyError, ValueError) as exc:
             raise StationError(400, f"cannot roll {name!r} back to version {version}: {exc}") from exc
-        cleared = []
-        for h in learner_history_versions(before, version):
-            decision = self._clear_feedback(name, h)
-            if decision is not None:
-                cleared.append(decision)
+        self._changed(name, learner)
+        after = {int(_field(h, "version")) for h in learner.history()}
+        cleared = [d for v in sorted(before - after) if (d := self._clear_feedback(name, v)) is not None]
+        assert self.audit is not None
         self.audit.append("rollback", model=name, change=change.to_dict(), cleared=[d.id for d in cleared])
         for decision in cleared:
             self.audit.append("rollback-feedback", model=name, decision=decision.to_dict())
@@ -444,9 +590,10 @@ class Station:
     def overview(self) -> dict[str, Any]:
         models = []
         for name, predictor in list(self.predictors.items()):
-            reason = (
-                predictor.why_not_learnable() if isinstance(predictor, LearningPredictor) else "not learnable"
-            )
+            if isinstance(predictor, LearningPredictor):
+                reason = predictor.why_not_learnable()
+            else:
+                reason = f"served by runtime {getattr(predictor.backend, 'runtime', 'exported')}"
             models.append(
                 {
                     "name": name,
@@ -475,46 +622,22 @@ class Station:
         }
 
 
-def learner_history_versions(before: int, after: int) -> list[int]:
-    """The versions a rollback from ``before`` to ``after`` removed."""
-    return list(range(after + 1, before + 1))
-
-
-def _field(record: Any, name: str) -> Any:
-    return record[name] if isinstance(record, dict) else getattr(record, name)
-
-
-def _plain(record: Any) -> Any:
-    if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        return dataclasses.asdict(record)
-    return record
-
-
-def decision_json(item: StoredDecision, heatmap: bool = False, thumbnail: bool = True) -> dict[str, Any]:
-    out = item.decision.to_dict()
-    out["image_held"] = item.image_bytes is not None or item.decision.path is not None
-    if thumbnail:
-        out["thumbnail_png_base64"] = _b64(item.thumbnail_png)
-    if heatmap:
-        out["heatmap_png_base64"] = _b64(item.heatmap_png)
-    return out
+def default_folder(paths: Mapping[str, Path]) -> Path:
+    """``station/`` beside the first model (file or export folder)."""
+    first = next(iter(paths.values()), None)
+    if first is None:
+        raise DeployError("the station needs a folder for its records: --station-dir DIR")
+    return first.resolve().parent / "station"
 
 
 # ---------------------------------------------------------------------- HTTP
 
 
-def station_router(
-    station: Station,
-    role: Callable[..., Any] | None = None,
-    require_operator: Callable[..., Any] | None = None,
-) -> Any:
-    """The station's routes as a FastAPI router. The service mounts it behind its key; ``role`` is the
-    dependency that names the caller's role, ``require_operator`` the one that refuses a viewer."""
-    from fastapi import APIRouter, Body, Depends, File, HTTPException, Query, UploadFile
-    from fastapi.responses import JSONResponse
-
+def station_router(station: Station) -> Any:
+    """The station's routes (FastAPI). The service puts them behind its key; operator-only routes add the
+    service's ``require_operator``."""
     router = APIRouter()
-    operator = [Depends(require_operator)] if require_operator is not None else []
+    operator = [Depends(require_operator)]
 
     async def answer(call: Callable[..., Any], *args: Any, build: Callable[[Any], Any] = lambda r: r) -> Any:
         """``build(call(*args))`` run off the event loop; a refusal answers JSON with its status."""
@@ -536,7 +659,7 @@ def station_router(
 
     def change_json(result: dict[str, Any]) -> dict[str, Any]:
         change = result.get("change")
-        out = {
+        out: dict[str, Any] = {
             "decision": item_of(result.get("decision")),
             "change": change.to_dict() if change else None,
             "version": change.version_after if change else None,
@@ -545,26 +668,16 @@ def station_router(
             out["cleared"] = [d.id for d in result["cleared"]]
         return out
 
-    if role is not None:
-
-        async def caller_role(who: Annotated[Any, Depends(role)]) -> str:
-            return str(getattr(who, "value", who))
-
-    else:
-
-        async def caller_role() -> str:
-            return "operator"
-
     @router.get("/station")
-    async def overview(who: Annotated[str, Depends(caller_role)]) -> dict[str, Any]:
-        return {**station.overview(), "role": who}
+    async def overview(who: Annotated[Principal, Depends(authenticate)]) -> dict[str, Any]:
+        return {**station.overview(), "role": who.role}
 
     @router.post("/inspect", response_model=None)
     async def inspect(
         file: Annotated[UploadFile, File()], model: Annotated[str | None, Query()] = None
     ) -> Any:
         t0 = time.perf_counter()
-        name = (file.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1]
+        name = (file.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1] or "upload"
         data = await file.read(station.max_upload_bytes + 1)
 
         def build(stored: StoredDecision) -> dict[str, Any]:
@@ -572,7 +685,19 @@ def station_router(
             out["latency_ms"] = round((time.perf_counter() - t0) * 1000.0, 3)
             return out
 
-        return await answer(station.inspect, model, data, name, build=build)
+        try:
+            model_name = station.model_name(model)
+            image = await asyncio.to_thread(station.decode, data, name)
+        except (StationError, UploadError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        if station.state is not None:  # through the service's dynamic batching
+            prediction = (await station.state.score(model_name, image)).prediction
+        else:
+            prediction = await asyncio.to_thread(
+                lambda: station.predictor(model_name).predict([image], [name])[0]
+            )
+        sha = hashlib.sha256(data).hexdigest()
+        return await answer(station.record, model_name, image, prediction, name, "upload", sha, build=build)
 
     @router.get("/decisions")
     async def decisions(
@@ -617,63 +742,79 @@ def station_router(
 
 
 def station_collector(station: Station) -> Any:
-    """A Prometheus collector of the station's figures (register it on the service's registry)."""
-    from prometheus_client.core import GaugeMetricFamily
+    """A Prometheus collector of the station's figures (registered on the service's registry)."""
+
+    def family(name: str, text: str, labels: tuple[str, ...] = ("model",)) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, text, labels=list(labels))
 
     class Collector:
         def collect(self) -> Any:
-            gauges = {
-                "version": GaugeMetricFamily("patchcore_model_version", "served model version", labels=["model"]),
-                "rate": GaugeMetricFamily(
-                    "patchcore_drift_anomalous_rate", "anomalous decisions / decisions over the drift window",
-                    labels=["model"],
-                ),
-                "fa": GaugeMetricFamily(
-                    "patchcore_drift_false_alarm_rate",
-                    "decisions anomalous that the operator marked good / goods, over the drift window",
-                    labels=["model"],
-                ),
-                "fa_low": GaugeMetricFamily(
-                    "patchcore_drift_false_alarm_rate_ci95_low", "lower end of its 95% Clopper-Pearson interval",
-                    labels=["model"],
-                ),
-                "cal_high": GaugeMetricFamily(
-                    "patchcore_calibrated_false_alarm_rate_ci95_high",
-                    "upper end of the calibration's 95% interval for its false-alarm rate", labels=["model"],
-                ),
-                "alarm": GaugeMetricFamily(
-                    "patchcore_drift_alarm",
-                    "1 while the goods' false-alarm rate lies above the calibrated interval (95%)",
-                    labels=["model"],
-                ),
-                "goods": GaugeMetricFamily("patchcore_drift_goods", "goods in the drift window", labels=["model"]),
-                "quantile": GaugeMetricFamily(
-                    "patchcore_drift_good_score", "score quantiles of the goods in the drift window",
-                    labels=["model", "quantile"],
-                ),
-                "watch_queue": GaugeMetricFamily(
-                    "patchcore_watch_queued", "watched files waiting to be scored", labels=["model"]
-                ),
+            g = {
+                "version": family("patchcore_model_version", "served model version"),
+                "rate": family("patchcore_drift_anomalous_rate", "anomalous decisions / decisions, drift window"),
+                "fa": family("patchcore_drift_false_alarm_rate",
+                             "decisions anomalous that the operator marked good / goods, drift window"),
+                "fa_low": family("patchcore_drift_false_alarm_rate_ci95_low",
+                                 "lower end of that rate's 95% Clopper-Pearson interval"),
+                "cal_high": family("patchcore_calibrated_false_alarm_rate_ci95_high",
+                                   "upper end of the calibration's 95% interval for its false-alarm rate"),
+                "alarm": family("patchcore_drift_alarm",
+                                "1 while the goods' false-alarm rate lies above the calibrated interval (95%)"),
+                "goods": family("patchcore_drift_goods", "goods (passed or marked good) in the drift window"),
+                "quantile": family("patchcore_drift_good_score", "score quantiles of the goods, drift window",
+                                   ("model", "quantile")),
+                "queued": family("patchcore_watch_queued", "watched files waiting to be scored"),
+                "watched": family("patchcore_watch_files", "watched files done since start", ("model", "outcome")),
             }  # fmt: skip
             for name in list(station.predictors):
                 try:
                     d = station.drift(name)
                 except StationError:
                     continue
-                gauges["version"].add_metric([name], d["model_version"])
+                g["version"].add_metric([name], d["model_version"])
                 if d["anomalous_rate"] is not None:
-                    gauges["rate"].add_metric([name], d["anomalous_rate"])
+                    g["rate"].add_metric([name], d["anomalous_rate"])
                 if d["false_alarm_rate"] is not None:
-                    gauges["fa"].add_metric([name], d["false_alarm_rate"])
-                    gauges["fa_low"].add_metric([name], d["false_alarm_rate_ci95"][0])
+                    g["fa"].add_metric([name], d["false_alarm_rate"])
+                    g["fa_low"].add_metric([name], d["false_alarm_rate_ci95"][0])
                 if d["calibrated_ci95"] is not None:
-                    gauges["cal_high"].add_metric([name], d["calibrated_ci95"][1])
-                gauges["alarm"].add_metric([name], 1.0 if d["drift_alarm"] else 0.0)
-                gauges["goods"].add_metric([name], d["goods"])
+                    g["cal_high"].add_metric([name], d["calibrated_ci95"][1])
+                g["alarm"].add_metric([name], 1.0 if d["drift_alarm"] else 0.0)
+                g["goods"].add_metric([name], d["goods"])
                 for q, value in d["good_score_quantiles"].items():
-                    gauges["quantile"].add_metric([name, q], value)
+                    g["quantile"].add_metric([name, q], value)
             for name, watcher in list(station.watchers.items()):
-                gauges["watch_queue"].add_metric([name], watcher.pending)
-            yield from gauges.values()
+                g["queued"].add_metric([name], watcher.pending)
+                g["watched"].add_metric([name, "scored"], watcher.scored)
+                g["watched"].add_metric([name, "skipped"], watcher.skipped)
+            yield from g.values()
 
     return Collector()
+
+
+def station_extension(
+    station: Station | StationSettings, model_names: list[str] | None = None
+) -> ServiceExtension:
+    """The station as a :class:`~patchcore.deploy.service.ServiceExtension`. ``model_names``: checked
+    against ``--watch`` up front (before any model is loaded)."""
+    if isinstance(station, StationSettings):
+        station = Station(station)
+    if model_names is not None:
+        parse_watch_specs(station.settings.watch, model_names)
+
+    def on_result(event: ScoreEvent) -> None:
+        station.on_scored(event.model, event.filename, event.image, event.scored.prediction)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(state: Any) -> AsyncIterator[None]:
+        station.attach(state)
+        collector = station_collector(station)
+        state.metrics.registry.register(collector)
+        station.start(lambda: state.ready.is_set() or state.load_error is not None)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(station.stop)
+            state.metrics.registry.unregister(collector)
+
+    return ServiceExtension(router=station_router(station), on_result=on_result, lifespan=lifespan)
