@@ -315,7 +315,8 @@ function showDrift(d) {
   if (d.threshold !== null) {
     plot.appendChild(el("line", { x1: P, x2: W - P, y1: y(d.threshold), y2: y(d.threshold),
       stroke: "#c0262d", "stroke-dasharray": "4 3" }));
-    plot.appendChild(el("text", { x: W - P, y: y(d.threshold) - 3, "text-anchor": "end", "font-size": 10,
+    const ty = y(d.threshold) < 14 ? y(d.threshold) + 11 : y(d.threshold) - 3;
+    plot.appendChild(el("text", { x: W - P, y: ty, "text-anchor": "end", "font-size": 10,
       fill: "#c0262d" }, "threshold"));
   }
   pts.forEach((p, i) => {
@@ -326,7 +327,7 @@ function showDrift(d) {
   });
   const rate = $("drift-rate"), R = 360;
   rate.replaceChildren();
-  const top = Math.max(0.05, ...(d.calibrated_ci95 || [0]), ...(d.false_alarm_rate_ci95 || [0])) * 1.1;
+  const top = Math.min(1, Math.max(0.05, ...(d.calibrated_ci95 || [0]), ...(d.false_alarm_rate_ci95 || [0])) * 1.1);
   const rx = (v) => P + (R - 2 * P) * Math.min(v / top, 1);
   if (d.calibrated_ci95) {
     rate.appendChild(el("rect", { x: rx(d.calibrated_ci95[0]), y: 4, height: 22, fill: "#dde8dd",
