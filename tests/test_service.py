@@ -281,10 +281,13 @@ def test_cli_serve_with_an_api_key_guards_every_endpoint_but_healthz(setup, tmp_
             time.sleep(0.2)
         auth = {"Authorization": f"Bearer {key}"}
         wait_ready(url, auth)
-        for path in ("/models", "/readyz", "/metrics", "/"):
+        for path in ("/models", "/readyz", "/metrics", "/openapi.json"):
             assert httpx.get(f"{url}{path}").status_code == 401
             assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert httpx.get(f"{url}{path}", headers=auth).status_code == 200
+        # The page shell loads without the key (a browser cannot send one) and holds no data.
+        shell = httpx.get(f"{url}/")
+        assert shell.status_code == 200 and "line1" not in shell.text and "resnet18" not in shell.text
         image = setup["images"]["bad"][0].read_bytes()
         response = httpx.post(f"{url}/predict", files={"file": ("a.png", image)})
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"

@@ -39,6 +39,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.on_batch = on_batch
+        self.dropped = 0  # items whose caller gave up before they were scored (never computed)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         # One thread per model: batches of one model run one after the other (the backend uses all cores
@@ -71,6 +72,9 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
+            if first[1].cancelled():  # its caller gave up (client gone) while it waited: dropped
+                self.dropped += 1
+                continue
             batch = [first]
             deadline = time.monotonic() + self.max_wait
             while len(batch) < self.max_batch:
@@ -85,7 +89,9 @@ class DynamicBatcher:
                 except TimeoutError:
                     break
             # Callers that gave up (client gone) are dropped before the work.
-            batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            self.dropped += len(batch) - len(live)
+            batch = live
             if not batch:
                 continue
             if self.on_batch is not None:
