@@ -236,8 +236,8 @@ def summarize(run: dict, expected: dict[int, list[float]], rtol: float) -> dict[
 def print_table(result: dict) -> None:
     s = result["summary"]
     print()
-    print(f"| requests (scoring) | concurrency | feedbacks | errors | versions named | answers consistent "
-          f"| max rel diff | wall s | req/s | RSS start MiB | RSS end MiB |")  # fmt: skip
+    print("| requests (scoring) | concurrency | feedbacks | errors | versions named | answers consistent "
+          "| max rel diff | wall s | req/s | RSS start MiB | RSS end MiB |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {s['scoring_requests']} | {result['settings']['concurrency']} | {s['feedbacks']} | {s['errors']} "

@@ -123,6 +123,18 @@ class StationSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise DeployError(f"{what} must be a number in {low}..{high}, got {value!r}")
 
+    @classmethod
+    def from_service(cls, settings: Any) -> StationSettings:
+        """The station's part of the ``patchcore serve`` settings (:class:`~patchcore.deploy.settings.ServiceSettings`)."""
+        return cls(
+            folder=settings.station_dir,
+            recent=settings.station_recent,
+            audit_max_mb=settings.audit_max_bytes / MIB,
+            drift_window=settings.drift_window,
+            watch=tuple(settings.watch),
+            watch_settle_s=settings.watch_settle_s,
+        )
+
     @property
     def image_budget_bytes(self) -> int:
         return int(self.image_budget_mb * MIB)

@@ -63,7 +63,7 @@ PAGE = """<!doctype html>
 <main id="station" class="hidden">
   <div class="row">
     <label>Model <select id="model"></select></label>
-    <span>version <b id="version">?</b></span>
+    <span class="station-only">version <b id="version">?</b></span>
     <button id="undo" type="button" class="operator">Undo last update</button>
   </div>
   <div id="drop">Drop an image here, or <input type="file" id="file" accept="image/*"></div>
@@ -88,7 +88,7 @@ PAGE = """<!doctype html>
     </div>
   </div>
 
-  <div class="row">
+  <div class="row station-only">
     <div style="flex: 2; min-width: 26rem">
       <h2>Recent decisions</h2>
       <label><input type="checkbox" id="only-anomalous"> anomalous only</label>
@@ -108,10 +108,10 @@ PAGE = """<!doctype html>
 "use strict";
 const $ = (id) => document.getElementById(id);
 const KEY = "patchcore-station-key";
-let role = "operator", current = null, timer = null;
+let role = "operator", current = null, timer = null, basic = false;
 
 function key() { return sessionStorage.getItem(KEY); }
-function fmt(x) { return x === null || x === undefined ? "n/a" : Number(x).toPrecision(4); }
+function fmt(x) { return x === null || x === undefined ? "n/a" : Number(x).toPrecision(5); }
 function pct(x) { return x === null || x === undefined ? "n/a" : (100 * x).toFixed(1) + "%"; }
 function when(t) { return new Date(t * 1000).toLocaleTimeString(); }
 function model() { return $("model").value; }
@@ -152,7 +152,9 @@ async function enter() {
     }
     showLogin("Cannot reach the station: " + e); return;
   }
+  if (s.status === 404) { await enterBasic(); return; }
   if (!s.ok) { showLogin("The station answered " + s.status + ": " + s.body.detail); return; }
+  basic = false;
   role = s.body.role;
   $("login-box").classList.add("hidden");
   $("station").classList.remove("hidden");
@@ -168,6 +170,22 @@ async function enter() {
   showVersion(s.body);
   await refresh();
   timer = setInterval(() => refresh().catch(() => {}), 5000);
+}
+
+async function enterBasic() {
+  // A service without the station (no recent list, feedback or drift): score and look only.
+  basic = true;
+  const r = await call("models");
+  $("login-box").classList.add("hidden");
+  $("station").classList.remove("hidden");
+  $("logout").classList.toggle("hidden", key() === null);
+  for (const el of document.querySelectorAll(".operator, .station-only")) el.classList.add("hidden");
+  const select = $("model");
+  select.replaceChildren();
+  for (const m of (r.ok ? r.body.models : [])) {
+    const o = document.createElement("option");
+    o.value = m.name; o.textContent = m.name + " (" + m.backbone + ")"; select.appendChild(o);
+  }
 }
 
 function showVersion(overview) {
@@ -236,8 +254,8 @@ function show(d) {
   $("result-image").textContent = d.image;
   $("score").textContent = fmt(d.score);
   $("threshold").textContent = fmt(d.threshold);
-  $("model-version").textContent = d.model_version;
-  $("result-time").textContent = when(d.time);
+  $("model-version").textContent = d.model_version === undefined ? "n/a" : d.model_version;
+  $("result-time").textContent = d.time === undefined ? "" : when(d.time);
   if (d.heatmap_png_base64) $("heatmap").src = "data:image/png;base64," + d.heatmap_png_base64;
   $("rescored").textContent = d.rescored_score === null || d.rescored_score === undefined ? "" :
     "now scores " + fmt(d.rescored_score) + " with version " + d.rescored_version +
@@ -255,11 +273,12 @@ async function send(file) {
   await guarded(async () => {
     $("status").textContent = "scoring " + file.name + " ...";
     const form = new FormData(); form.append("file", file);
-    const r = await call("inspect?model=" + encodeURIComponent(model()), { method: "POST", body: form });
+    const path = basic ? "predict?heatmap=true&model=" : "inspect?model=";
+    const r = await call(path + encodeURIComponent(model()), { method: "POST", body: form });
     if (!r.ok) { $("error").textContent = "error " + r.status + ": " + r.body.detail; $("status").textContent = ""; return; }
     show(r.body);
     $("status").textContent = file.name + " scored";
-    await refresh();
+    if (!basic) await refresh();
   });
 }
 
@@ -371,7 +390,7 @@ $("good").addEventListener("click", () => feedback("good", false));
 $("defect").addEventListener("click", () => feedback("defect", false));
 $("undo").addEventListener("click", () => undo());
 $("only-anomalous").addEventListener("change", () => guarded(refresh));
-$("model").addEventListener("change", () => guarded(refresh));
+$("model").addEventListener("change", () => { if (!basic) guarded(refresh); });
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
