@@ -85,14 +85,16 @@ class VersionedPrediction(ImagePrediction):
 class ModelChange:
     """What one update, undo or rollback did."""
 
-    action: str  # "update" | "rollback" | "remove"
+    action: str  # "update" | "rollback" | "remove" (remove_update of an older update)
     version_before: int
     version_after: int
     record: Any = None  # the UpdateRecord of an update (None otherwise)
 
     def to_dict(self) -> dict[str, Any]:
         record = self.record
-        if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        if hasattr(record, "to_dict"):
+            record = record.to_dict()
+        elif dataclasses.is_dataclass(record) and not isinstance(record, type):
             record = dataclasses.asdict(record)
         elif record is not None and not isinstance(record, dict):
             record = str(record)
@@ -177,7 +179,8 @@ class LearningPredictor(Predictor):
 
     # ------------------------------------------------------------------ updates
 
-    def _change(self, action: str, call: Any) -> ModelChange:
+    def _change(self, call: Any) -> ModelChange:
+        """``call(model)`` -> (action, record), with nothing scored meanwhile; then the file is rewritten."""
         reason = self.why_not_learnable()
         if reason:
             raise NotLearnable(reason)
@@ -185,9 +188,9 @@ class LearningPredictor(Predictor):
             before = self.version
             with self._rw.write():
                 # Nothing is scored while the bank changes; the backend is renewed so its copy of the
-                # calibration (the threshold may be recomputed by the update) is the model's.
+                # calibration (an update or a removal may change it) is the model's.
                 try:
-                    record = call(self.model)
+                    action, record = call(self.model)
                 finally:
                     self.backend = TorchBackend(self.model)
                     self.transform = self.backend.transform
@@ -199,12 +202,33 @@ class LearningPredictor(Predictor):
 
     def learn(self, images: Sequence[Any], note: str = "", force: bool = False) -> ModelChange:
         """Add good images to the bank (``partial_fit``); ``UpdateRefused`` from its guard passes through."""
-        return self._change("update", lambda m: m.partial_fit(list(images), note=note, force=force))
+        return self._change(lambda m: ("update", m.partial_fit(list(images), note=note, force=force)))
 
     def rollback(self, version: int) -> ModelChange:
-        """Back to ``version``: the rows added after it are removed."""
-        return self._change("rollback", lambda m: m.rollback(version))
+        """Back to ``version``: the rows added after it are removed (and their updates from the history)."""
 
-    def remove_update(self, version: int) -> ModelChange:
-        """Remove the rows one update added, keeping the updates after it."""
-        return self._change("remove", lambda m: m.remove_update(version))
+        def call(model: Any) -> tuple[str, Any]:
+            model.rollback(version)
+            return "rollback", None
+
+        return self._change(call)
+
+    def take_out(self, version: int) -> ModelChange:
+        """Remove one update. The newest is rolled back (the model returns to the version before it, its
+        scores bit for bit); an older one is removed with ``remove_update`` (the later ones stay; the
+        model's version number does not change, the history marks the update removed)."""
+
+        def call(model: Any) -> tuple[str, Any]:
+            history = list(model.history_)
+            if history and history[-1].version == version:
+                earlier = [r.version for r in history[:-1]]
+                model.rollback(earlier[-1] if earlier else 0)
+                return "rollback", None
+            model.remove_update(version)
+            return "remove", None
+
+        return self._change(call)
+
+    def active_updates(self) -> list[int]:
+        """The versions of the updates whose rows are in the bank, oldest first."""
+        return [int(r.version) for r in self.history() if not getattr(r, "removed", "")]

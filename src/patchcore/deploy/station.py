@@ -202,6 +202,8 @@ def _field(record: Any, name: str) -> Any:
 
 
 def _plain(record: Any) -> Any:
+    if hasattr(record, "to_dict"):
+        return record.to_dict()
     if dataclasses.is_dataclass(record) and not isinstance(record, type):
         return dataclasses.asdict(record)
     return record
@@ -492,7 +494,7 @@ class Station:
             if d.feedback == "good" and d.feedback_version is not None:
                 # A defect had been taught as good: its update is taken out, later ones stay.
                 learner = self._learner(d.model)
-                change = learner.remove_update(d.feedback_version)
+                change = learner.take_out(d.feedback_version)
                 self._changed(d.model, learner)
                 new = self._rescored(
                     item, feedback="defect", feedback_time=now, feedback_version=None, forced=False
@@ -530,11 +532,11 @@ class Station:
         """Remove the newest update of ``model`` (blocking)."""
         name = self.model_name(model)
         learner = self._learner(name)
-        versions = [int(_field(h, "version")) for h in learner.history() if int(_field(h, "version")) > 0]
+        versions = learner.active_updates()
         if not versions:
             raise StationError(409, f"model {name!r} has no update to undo (version {learner.version})")
-        newest = max(versions)
-        change = learner.remove_update(newest)
+        newest = versions[-1]
+        change = learner.take_out(newest)
         self._changed(name, learner)
         decision = self._clear_feedback(name, newest)
         assert self.audit is not None
