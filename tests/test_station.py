@@ -350,16 +350,21 @@ def test_undo_restores_the_score_and_a_defect_verdict_removes_a_taught_update(se
     with running_server(_app(setup, model, tmp_path / "station")) as url:
         _wait_station(url)
         a = _inspect(url, goods[0]).json()
-        b = _inspect(url, goods[1]).json()
-        for d in (a, b):
-            r = httpx.post(f"{url}/feedback", json={"decision": d["id"], "label": "good", "force": True},
-                           headers=AUTH, timeout=120)  # fmt: skip
-            assert r.status_code == 200, r.text
-        # b's update is undone: b scores as before, a's update stays.
+        r = httpx.post(f"{url}/feedback", json={"decision": a["id"], "label": "good", "force": True}, headers=AUTH,
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
+        b = _inspect(url, goods[1]).json()  # scored by version 1
+        r = httpx.post(f"{url}/feedback", json={"decision": b["id"], "label": "good", "force": True}, headers=AUTH,
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200 and r.json()["version"] == 2, r.text
+        assert r.json()["decision"]["rescored_score"] < b["score"]
+        # Undo takes b's update out: the model is version 1 again and b scores as it did then.
         undone = httpx.post(f"{url}/undo", headers=AUTH, timeout=120).json()
+        assert undone["version"] == 1 and undone["change"]["action"] == "rollback"
         assert undone["decision"]["id"] == b["id"] and undone["decision"]["feedback"] is None
         assert undone["decision"]["rescored_score"] == pytest.approx(b["score"], rel=1e-5)
-        assert _inspect(url, goods[0]).json()["score"] < a["score"]
+        assert undone["decision"]["rescored_version"] == 1
+        assert _inspect(url, goods[0]).json()["score"] < a["score"]  # a's update stays
         # a turns out to be a defect: its update is removed, so it scores as at first.
         verdict = httpx.post(f"{url}/feedback", json={"decision": a["id"], "label": "defect"}, headers=AUTH,
                              timeout=120).json()  # fmt: skip
