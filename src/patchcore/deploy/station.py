@@ -408,12 +408,6 @@ class Station:
             with self._render_lock:
                 self._rendering -= 1
 
-    def inspect(self, model: str, data: bytes, name: str) -> StoredDecision:
-        """An uploaded image decoded, scored and recorded (blocking; the page's drop zone)."""
-        image = self.decode(data, name)
-        prediction = self.predictor(model).predict([image], names=[name])[0]
-        return self.record(model, image, prediction, name, "upload", hashlib.sha256(data).hexdigest())
-
     def _watch_handler(self, model: str) -> Callable[[WatchedFile, bytes], dict[str, Any]]:
         def handle(file: WatchedFile, data: bytes) -> dict[str, Any]:
             name = file.path.name
@@ -612,6 +606,7 @@ class Station:
                 {
                     "name": name,
                     "version": getattr(predictor, "version", 0),
+                    "updates": len(predictor.active_updates()) if reason is None else 0,
                     "learns": reason is None,
                     "why_not": reason,
                     "calibrated": predictor.calibrated,

@@ -191,7 +191,7 @@ async function enterBasic() {
 function showVersion(overview) {
   const m = overview.models.find((x) => x.name === model());
   $("version").textContent = m ? m.version : "?";
-  $("undo").disabled = !(m && m.learns && m.version > 0);
+  $("undo").disabled = !(m && m.learns && m.updates > 0);
 }
 
 async function guarded(work) {
