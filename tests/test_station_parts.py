@@ -90,12 +90,12 @@ def test_audit_log_lines_written_from_many_threads_never_interleave(tmp_path):
 
 
 def test_decision_store_keeps_the_newest_and_drops_image_payloads_oldest_first_over_budget():
-    store = DecisionStore(capacity=5, image_budget=250)
+    store = DecisionStore(capacity=5, image_budget=750)
     for i in range(8):
-        store.add(StoredDecision(_decision(i), b"t", b"h", b"x" * 100))
+        store.add(StoredDecision(_decision(i), b"t", b"h", Image.new("RGB", (10, 10))))  # 300 bytes each
     assert [d.id for d in store.decisions()] == ["d3", "d4", "d5", "d6", "d7"]
-    held = [store.get(f"d{i}").image_bytes is not None for i in range(3, 8)]
-    assert held == [False, False, False, True, True] and store.image_bytes_held == 200
+    held = [store.get(f"d{i}").image is not None for i in range(3, 8)]
+    assert held == [False, False, False, True, True] and store.image_bytes_held == 600
     assert [i.decision.id for i in store.recent(2)] == ["d7", "d6"]
     with pytest.raises(KeyError):
         store.add(StoredDecision(_decision(7), None, None, None))
