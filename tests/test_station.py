@@ -430,5 +430,10 @@ def test_answers_during_updates_are_consistent_with_the_version_they_name(setup,
             final.rollback(version)
         expected[version] = [r.score for r in Predictor(final).predict(images)]
     assert {v for _, v, _ in answers} <= {0, 1, 2, 3}
+    # float32 distances of a loaded index and of one grown in place differ in their last bits: a patch equal
+    # to a bank row scores 0 or one float32 step of its squared norm (about 0.016 here).
     for index, version, score in answers:
-        assert score == pytest.approx(expected[version][index], rel=1e-4), (index, version)
+        assert score == pytest.approx(expected[version][index], rel=1e-3, abs=0.02), (index, version)
+    # The check has teeth: the taught images score far lower after their update than before it.
+    taught = [i for i in range(3) if expected[3][i] < expected[0][i] - 0.1]
+    assert taught
