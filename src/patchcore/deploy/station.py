@@ -677,8 +677,10 @@ def station_router(station: Station) -> Any:
             out["cleared"] = [d.id for d in result["cleared"]]
         return out
 
-    @router.get("/station")
-    async def overview(who: Annotated[Principal, Depends(authenticate)]) -> dict[str, Any]:
+    @router.get("/station", response_model=None)
+    async def overview(who: Annotated[Principal, Depends(authenticate)]) -> Any:
+        if station.state is not None and not station.adopted.is_set():
+            return JSONResponse({"detail": "models are still loading; see /readyz"}, status_code=503)
         return {**station.overview(), "role": who.role}
 
     @router.post("/inspect", response_model=None)

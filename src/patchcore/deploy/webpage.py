@@ -153,6 +153,7 @@ async function enter() {
     showLogin("Cannot reach the station: " + e); return;
   }
   if (s.status === 404) { await enterBasic(); return; }
+  if (s.status === 503) { $("login-error").textContent = "The models are still loading ..."; setTimeout(enter, 2000); return; }
   if (!s.ok) { showLogin("The station answered " + s.status + ": " + s.body.detail); return; }
   basic = false;
   role = s.body.role;
