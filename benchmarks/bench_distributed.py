@@ -201,7 +201,7 @@ def bench_shards(args: argparse.Namespace, dataset: str, data_root: Path, out: P
         t1 = time.perf_counter()
         model.fit_features(features, meta)
         t2 = time.perf_counter()
-        metrics, _ = evaluate_object(model, obj, work / "single", settings)
+        metrics, _, _ = evaluate_object(model, obj, work / "single", settings)
         single_radius = _radius(features, model.memory_bank_)
         result["single"] = {
             "extract_seconds": t1 - t0,
@@ -230,17 +230,17 @@ def bench_shards(args: argparse.Namespace, dataset: str, data_root: Path, out: P
             wall = time.perf_counter() - t0
             stats = shard_model.stats_
             radius = _radius(features, shard_model.memory_bank_)
-            m, _ = evaluate_object(shard_model, obj, work / f"shards{n}", settings)
+            m, _, _ = evaluate_object(shard_model, obj, work / f"shards{n}", settings)
             per_shard = [
                 e + c
-                for e, c in zip(stats["shard_extract_seconds"], stats["shard_coreset_seconds"], strict=True)
+                for e, c in zip(stats.shard_extract_seconds, stats.shard_coreset_seconds, strict=True)
             ]
             result[f"shards_{n}"] = {
                 "wall_seconds": wall,
                 "shard_seconds": per_shard,
-                "merge_seconds": stats["merge_seconds"],
-                "modelled_n_machines_seconds": max(per_shard) + stats["merge_seconds"],
-                "union_size": stats["union_size"],
+                "merge_seconds": stats.merge_seconds,
+                "modelled_n_machines_seconds": max(per_shard) + stats.merge_seconds,
+                "union_size": stats.union_size,
                 "bank": len(shard_model.memory_bank_),
                 "radius": radius,
                 "radius_ratio": radius / single_radius,

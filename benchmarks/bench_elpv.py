@@ -46,6 +46,7 @@ from patchcore.engine.coreset import (
     start_distances,
 )
 from patchcore.engine.index import INDEX_KINDS, MemoryBankIndex, ivf_nlist
+from patchcore.engine.records import FitStats
 from patchcore.engine.store import FeatureStore
 from patchcore.evaluation.metrics import image_auroc
 from patchcore.fileio import atomic_write_json
@@ -528,13 +529,13 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     peaks = sampler.stop()
     return {
         "images": len(dataset),
-        "n_patches": model.stats_["n_patches"],
-        "memory_size": model.stats_["memory_size"],
+        "n_patches": model.stats_.n_patches,
+        "memory_size": model.stats_.memory_size,
         "percentage": args.percentage,
         "fit_seconds": round(seconds, 2),
-        "extract_seconds": model.stats_["extract_seconds"],
-        "coreset_seconds": model.stats_["coreset_seconds"],
-        "feature_file_gib": round(model.stats_["n_patches"] * model.stats_["feature_dim"] * 4 / 2**30, 3),
+        "extract_seconds": model.stats_.extract_seconds,
+        "coreset_seconds": model.stats_.coreset_seconds,
+        "feature_file_gib": round(model.stats_.n_patches * model.stats_.feature_dim * 4 / 2**30, 3),
         "peak_rss_mib": round((_status_kib("VmHWM") or 0) / 1024, 1),
         "peak_rss_anon_mib_sampled": round(peaks["RssAnon"] / 1024, 1),
         "peak_rss_file_mib_sampled": round(peaks["RssFile"] / 1024, 1),
@@ -784,10 +785,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # seed and sampler (the memory run's own fit checks it selects the same coreset).
     model.memory_bank_ = bank
     model.coreset_indices_ = np.asarray(indices, dtype=np.int64)
-    model.calibration_ = {}
-    model.patch_grid_ = tuple(results["extract"]["train"]["patch_grid"])
-    model.input_size_ = tuple(results["extract"]["train"]["input_size"])
-    model.stats_ = {"n_patches": results["coreset"]["patches"], "memory_size": len(bank)}
+    train_extract = results["extract"]["train"]
+    model.calibration_ = None
+    model.evaluation_ = None
+    model.patch_grid_ = tuple(train_extract["patch_grid"])
+    model.input_size_ = tuple(train_extract["input_size"])
+    model.stats_ = FitStats(
+        n_train_images=train_extract["images"],
+        n_patches=results["coreset"]["patches"],
+        memory_size=len(bank),
+        feature_dim=int(bank.shape[1]),
+        patch_grid=model.patch_grid_,
+        input_size=model.input_size_,
+    )
     results["predict"] = predict_phase(model, test_loader, labels, flat_scores)
     checkpoint("predict")
 

@@ -290,7 +290,7 @@ def float64_nearest(bank: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, 
 
 
 def run_new(args: argparse.Namespace, shared: Path) -> dict[str, Any]:
-    from patchcore.engine._pruned_search import cpu_bf16_matmul
+    from patchcore.engine.search.pruned_kernel import cpu_bf16_matmul
 
     train, test = split(args)
     result: dict[str, Any] = {"load_average_start": load_average(), "cpu_bf16": cpu_bf16_matmul()}

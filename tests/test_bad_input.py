@@ -146,10 +146,10 @@ def test_cache_entry_overwritten_with_zeros_is_recomputed_with_a_warning(tmp_pat
     feature_file.write_bytes(bytes(feature_file.stat().st_size))  # same size, all zeros
     with caplog.at_level(logging.WARNING, logger="patchcore"):
         again = fit_cached(tiny_model(), images, tmp_path)
-    assert again.stats_["feature_cache"] == "miss"
+    assert again.stats_.feature_cache == "miss"
     assert "is corrupted (checksum" in caplog.text and "recomputing it" in caplog.text
     np.testing.assert_array_equal(again.memory_bank_, first.memory_bank_)
-    assert fit_cached(tiny_model(), images, tmp_path).stats_["feature_cache"] == "hit"  # repaired
+    assert fit_cached(tiny_model(), images, tmp_path).stats_.feature_cache == "hit"  # repaired
 
 
 # ------------------------------------------------------------- one unreadable test image
@@ -175,7 +175,7 @@ def test_image_that_fails_only_when_decoded_during_evaluation_keeps_the_fitted_m
     assert code == 2 and str(bad) in error_line(err, "train")
     (run_dir,) = run_dirs(tmp_path / "out")
     model = PatchCore.load(run_dir / "models" / "patchcore_bottle.pt", device="cpu")  # the fit survived
-    assert model.stats_["object"] == "bottle"
+    assert model.stats_.object == "bottle"
     assert run_state(run_dir).objects == {"bottle": "fitted"}
 
 

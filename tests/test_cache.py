@@ -48,21 +48,21 @@ def forbid_backbone(monkeypatch):
 
 def test_second_fit_with_same_data_and_settings_hits_and_gives_the_same_bank(tmp_path, images, monkeypatch):
     first = small_model(tmp_path).fit(images)
-    assert first.stats_["feature_cache"] == "miss"
+    assert first.stats_.feature_cache == "miss"
     forbid_backbone(monkeypatch)
     second = small_model(tmp_path).fit(images)
-    assert second.stats_["feature_cache"] == "hit"
+    assert second.stats_.feature_cache == "hit"
     np.testing.assert_array_equal(first.memory_bank_, second.memory_bank_)
-    assert second.stats_["n_patches"] == first.stats_["n_patches"]
-    assert second.stats_["n_train_images"] == 5
+    assert second.stats_.n_patches == first.stats_.n_patches
+    assert second.stats_.n_train_images == 5
 
 
 def test_new_coreset_percentage_or_k_reuses_the_cached_features(tmp_path, images, monkeypatch):
     small_model(tmp_path).fit(images)
     forbid_backbone(monkeypatch)
     other = small_model(tmp_path, percentage=0.5, num_neighbors=3, sampler="random").fit(images)
-    assert other.stats_["feature_cache"] == "hit"
-    assert other.stats_["memory_size"] == int(other.stats_["n_patches"] * 0.5)
+    assert other.stats_.feature_cache == "hit"
+    assert other.stats_.memory_size == int(other.stats_.n_patches * 0.5)
 
 
 @pytest.mark.parametrize(
@@ -71,14 +71,14 @@ def test_new_coreset_percentage_or_k_reuses_the_cached_features(tmp_path, images
 )
 def test_changed_feature_settings_miss(tmp_path, images, change):
     small_model(tmp_path).fit(images)
-    assert small_model(tmp_path, **change).fit(images).stats_["feature_cache"] == "miss"
+    assert small_model(tmp_path, **change).fit(images).stats_.feature_cache == "miss"
 
 
 def test_changed_images_miss(tmp_path, images):
     small_model(tmp_path).fit(images)
     changed = images.clone()
     changed[0, 0, 0, 0] += 1.0
-    assert small_model(tmp_path).fit(changed).stats_["feature_cache"] == "miss"
+    assert small_model(tmp_path).fit(changed).stats_.feature_cache == "miss"
 
 
 def test_rewritten_image_file_invalidates_the_cache(tmp_path):
@@ -88,11 +88,11 @@ def test_rewritten_image_file_invalidates_the_cache(tmp_path):
         Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(path)
         paths.append(str(path))
     cache = tmp_path / "cache"
-    assert small_model(cache).fit(paths).stats_["feature_cache"] == "miss"
-    assert small_model(cache).fit(paths).stats_["feature_cache"] == "hit"
+    assert small_model(cache).fit(paths).stats_.feature_cache == "miss"
+    assert small_model(cache).fit(paths).stats_.feature_cache == "hit"
     Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(paths[1])
     os.utime(paths[1], ns=(1, 10**18))  # a different modification time, whatever the clock resolution
-    assert small_model(cache).fit(paths).stats_["feature_cache"] == "miss"
+    assert small_model(cache).fit(paths).stats_.feature_cache == "miss"
 
 
 def test_a_damaged_cache_entry_is_never_used(tmp_path, images):
@@ -101,13 +101,13 @@ def test_a_damaged_cache_entry_is_never_used(tmp_path, images):
     with open(feature_file, "r+b") as handle:
         handle.truncate(100)
     again = small_model(tmp_path).fit(images)
-    assert again.stats_["feature_cache"] == "miss"
+    assert again.stats_.feature_cache == "miss"
     np.testing.assert_array_equal(first.memory_bank_, again.memory_bank_)
 
 
 def test_generic_iterables_are_not_cached(tmp_path, images):
     model = small_model(tmp_path).fit(iter([images[:3], images[3:]]))
-    assert model.stats_["feature_cache"] == "unsupported input"
+    assert model.stats_.feature_cache == "unsupported input"
     assert not any(tmp_path.iterdir())
 
 

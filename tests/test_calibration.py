@@ -36,23 +36,23 @@ def test_threshold_is_the_conformal_order_statistic_of_good_scores():
     scores = np.random.default_rng(0).permutation(np.arange(1, 200, dtype=np.float64))  # 199 images
     record = _record(scores, 0.01)
     # k = ceil(200 * 0.99) = 198: the second largest of 1..199.
-    assert record["order_statistic"] == 198
-    assert record["image_threshold"] == 198.0
-    assert record["pixel_threshold"] == 199.0  # same rule on the map maxima (scores + 1)
-    assert record["certified"] is True
-    assert record["false_alarm_rate_expected"] == pytest.approx(2 / 200)
+    assert record.order_statistic == 198
+    assert record.image_threshold == 198.0
+    assert record.pixel_threshold == 199.0  # same rule on the map maxima (scores + 1)
+    assert record.certified is True
+    assert record.false_alarm_rate_expected == pytest.approx(2 / 200)
 
 
 def test_false_alarm_rate_interval_is_the_beta_law_of_the_order_statistic():
     record = _record(np.arange(100.0), 0.05)
     n, k = 100, math.ceil(101 * 0.95)
-    assert record["order_statistic"] == k
-    low, high = record["false_alarm_rate_ci95"]
+    assert record.order_statistic == k
+    low, high = record.false_alarm_rate_ci95
     assert low == pytest.approx(stats.beta.ppf(0.025, n + 1 - k, k))
     assert high == pytest.approx(stats.beta.ppf(0.975, n + 1 - k, k))
     assert low < 0.05 < high
-    lo_t, hi_t = record["image_threshold_ci95"]
-    assert lo_t <= record["image_threshold"] <= hi_t
+    lo_t, hi_t = record.image_threshold_ci95
+    assert lo_t <= record.image_threshold <= hi_t
 
 
 def test_new_good_images_exceed_the_threshold_at_most_at_the_chosen_rate_on_average():
@@ -61,7 +61,7 @@ def test_new_good_images_exceed_the_threshold_at_most_at_the_chosen_rate_on_aver
     rate, n, rounds = 0.05, 59, 2000
     exceed = []
     for _ in range(rounds):
-        threshold = _record(rng.lognormal(size=n), rate)["image_threshold"]
+        threshold = _record(rng.lognormal(size=n), rate).image_threshold
         exceed.append(np.mean(rng.lognormal(size=400) > threshold))
     # Expected (n + 1 - k) / (n + 1) = 3/60 = 0.05; standard error ~ 0.028 / sqrt(2000) per round.
     assert np.mean(exceed) == pytest.approx(3 / 60, abs=0.004)
@@ -69,9 +69,9 @@ def test_new_good_images_exceed_the_threshold_at_most_at_the_chosen_rate_on_aver
 
 def test_too_few_images_for_the_rate_use_the_largest_score_and_say_it_is_not_certified():
     record = _record([1.0, 3.0, 2.0], 0.01)
-    assert record["image_threshold"] == 3.0
-    assert record["certified"] is False
-    assert record["image_threshold_ci95"] is None
+    assert record.image_threshold == 3.0
+    assert record.certified is False
+    assert record.image_threshold_ci95 is None
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.0, -0.1, 2.0])
@@ -103,18 +103,18 @@ def test_calibrated_predictor_decides_with_the_good_image_threshold(model, image
     predictor = Predictor(model)
     good = predictor.predict(images["good"])
     bad = predictor.predict(images["bad"])
-    assert all(r.threshold == record["image_threshold"] for r in good + bad)
-    assert all(r.anomalous is (r.score > record["image_threshold"]) for r in good + bad)
+    assert all(r.threshold == record.image_threshold for r in good + bad)
+    assert all(r.anomalous is (r.score > record.image_threshold) for r in good + bad)
     assert all(r.anomalous for r in bad)
     for r in good + bad:
         assert r.normalized_score == pytest.approx(
-            normalize_score(r.score, record["score_low"], record["image_threshold"])
+            normalize_score(r.score, record.score_low, record.image_threshold)
         )
         assert r.mask.shape == r.original_size and r.mask.dtype == bool
     # The bright square is masked; the masks of good images are (nearly) empty.
     assert all(r.mask[14:30, 14:30].mean() > 0.5 for r in bad)
     assert np.mean([r.mask.mean() for r in good]) < 0.05
-    model.calibration_ = {}
+    model.calibration_ = None
 
 
 def test_calibrate_command_stores_the_threshold_in_the_model_and_predict_uses_it(model, images, tmp_path):
@@ -162,8 +162,8 @@ def test_old_model_files_keep_their_test_ranges_as_evaluation_figures_not_decisi
     state.pop("evaluation")
     state["digest"] = _state_digest(state)  # as main's format-2 files before good-image calibration
     loaded = PatchCore.from_state_dict(state, device="cpu")
-    assert loaded.calibration_ == {}
-    assert loaded.evaluation_["f1_threshold"] == 1.5 and loaded.evaluation_["map_max"] == 2.0
+    assert loaded.calibration_ is None
+    assert loaded.evaluation_.f1_threshold == 1.5 and loaded.evaluation_.map_max == 2.0
     assert Predictor(loaded).threshold is None
 
 
@@ -193,11 +193,11 @@ def test_train_with_a_calibration_fraction_stores_a_threshold_from_held_out_good
     assert code == 0, err
     models = tmp_path / "out" / "tiny" / "run" / "models"
     model = PatchCore.load(models / "patchcore_bottle.pt", device="cpu")
-    assert model.stats_["n_train_images"] == 4  # 6 good, 2 held out
-    assert model.calibration_["n_images"] == 2 and model.calibration_["false_alarm_rate"] == 0.2
-    assert "f1_threshold" in model.evaluation_  # the test-set figure is kept apart from the decision
+    assert model.stats_.n_train_images == 4  # 6 good, 2 held out
+    assert model.calibration_.n_images == 2 and model.calibration_.false_alarm_rate == 0.2
+    assert model.evaluation_.f1_threshold is not None  # the test-set figure is kept apart from the decision
     meta = json.loads((models / "patchcore_bottle.json").read_text())
-    assert meta["calibration"]["image_threshold"] == model.calibration_["image_threshold"]
+    assert meta["calibration"]["image_threshold"] == model.calibration_.image_threshold
 
 
 def test_train_refuses_bad_calibration_settings_before_creating_a_run_folder(tmp_path):

@@ -208,7 +208,7 @@ def test_federated_iid_gives_an_ordinary_model_that_evaluate_reproduces(data, tm
     rows = json.loads((run_dir / "federated.json").read_text())["rows"]
     assert rows[0]["bank"] == rows[0]["central_bank"] == int(216 * 0.1)
     model = PatchCore.load(run_dir / "models" / "patchcore_bottle.pt")
-    assert model.stats_["clients"] == 2 and model.stats_["client_images"] == [3, 3]
+    assert model.stats_.clients == 2 and model.stats_.client_images == (3, 3)
     code, _, err = run_cli("evaluate", "-m", run_dir / "models", "-c", config, "data.objects=[bottle]")
     assert code == 0, err
     evaluated = read_csv(tmp_path / "out" / "tiny" / "run_eval" / "results.csv")[0]
@@ -252,7 +252,7 @@ def test_federated_folders_merges_one_bank_per_site_folder(data, tmp_path):
     )  # fmt: skip
     assert code == 0, err
     model = PatchCore.load(tmp_path / "out" / "tiny" / "run" / "models" / "patchcore_bottle.pt")
-    assert model.stats_["client_images"] == [3, 3] and len(model.memory_bank_) == 10
+    assert model.stats_.client_images == (3, 3) and len(model.memory_bank_) == 10
     code, _, err = run_cli("federated", "-c", config, "federated.partition=folders")
     assert code == 2 and "federated.sites" in err
 

@@ -245,15 +245,15 @@ def test_memory_bank_rows_are_the_train_features_at_the_coreset_indices(fitted, 
 
 def test_stats_describe_the_fit(fitted):
     stats = fitted.stats_
-    assert stats["n_train_images"] == 4
-    assert stats["n_patches"] == 4 * 8 * 8
-    assert stats["memory_size"] == int(4 * 8 * 8 * 0.25) == len(fitted.memory_bank_)
-    assert stats["feature_dim"] == 1024 == fitted.memory_bank_.shape[1]
-    assert stats["patch_grid"] == [8, 8]
-    assert stats["input_size"] == [64, 64]
+    assert stats.n_train_images == 4
+    assert stats.n_patches == 4 * 8 * 8
+    assert stats.memory_size == int(4 * 8 * 8 * 0.25) == len(fitted.memory_bank_)
+    assert stats.feature_dim == 1024 == fitted.memory_bank_.shape[1]
+    assert stats.patch_grid == (8, 8)
+    assert stats.input_size == (64, 64)
     for key in ("extract_seconds", "coreset_seconds", "index_seconds"):
-        assert isinstance(stats[key], float)
-        assert 0.0 <= stats[key] < 60.0
+        assert isinstance(getattr(stats, key), float)
+        assert 0.0 <= getattr(stats, key) < 60.0
     assert fitted.memory_bank_.dtype == np.float32
 
 
@@ -431,7 +431,7 @@ def test_anomaly_maps_are_the_smoothed_upsampled_patch_scores(fitted, query_imag
 
 def test_no_target_dimension_gives_layer_channel_sum_of_3x3_means_aligned_to_first_grid(train_images):
     model = make_model(target_embed_dimension=None, sampler="identity").fit(train_images)
-    assert model.stats_["feature_dim"] == 128 + 256
+    assert model.stats_.feature_dim == 128 + 256
     assert model.memory_bank_.shape == (4 * 8 * 8, 384)
 
     network, _, _ = load_backbone("resnet18", "random", seed=0)
@@ -583,7 +583,7 @@ def test_every_tensor_container_gives_the_same_results(fitted, train_images, que
     from_loader = make_model().fit(DataLoader(TensorDataset(train_images), batch_size=2))
     from_list = make_model().fit(list(train_images))
     for other in (from_loader, from_list):
-        assert other.stats_["n_train_images"] == 4
+        assert other.stats_.n_train_images == 4
         np.testing.assert_array_equal(other.coreset_indices_, fitted.coreset_indices_)
         np.testing.assert_allclose(other.memory_bank_, fitted.memory_bank_, rtol=1e-5, atol=1e-5)
 
@@ -596,7 +596,7 @@ def test_image_file_paths_go_through_the_models_transform(tmp_path):
         Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     model = make_model().fit([str(p) for p in paths[:2]])
-    assert model.stats_["n_train_images"] == 2
+    assert model.stats_.n_train_images == 2
     tensors = torch.stack([model.transform(load_image(p)) for p in paths])
     from_paths = model.predict(paths)
     from_tensors = model.predict(tensors)
@@ -612,7 +612,7 @@ def test_non_square_inputs_give_maps_of_the_input_size_and_matching_patch_grid(f
     assert prediction.patch_scores.shape == (2, 8, 12)  # layer2 of ResNet-18 has stride 8
     model = make_model().fit(random_images(2, height=96, width=64, seed=5))
     assert model.patch_grid_ == (12, 8)
-    assert model.stats_["input_size"] == [96, 64]
+    assert model.stats_.input_size == (96, 64)
     tall = model.predict(random_images(1, height=96, width=64, seed=6))
     assert tall.anomaly_maps.shape == (1, 96, 64)
     assert tall.patch_scores.shape == (1, 12, 8)

@@ -78,7 +78,7 @@ def test_exported_graph_matches_pytorch_in_its_runtime_and_serves_the_same_decis
     assert code == 0, err
     meta = json.loads((out / EXPORT_META).read_text())
     assert meta["preprocessing"]["imagesize"] == 48 and meta["inputs"]["images"] == ["N", 3, 48, 48]
-    assert meta["calibration"]["image_threshold"] == setup["model"].calibration_["image_threshold"]
+    assert meta["calibration"]["image_threshold"] == setup["model"].calibration_.image_threshold
     runtime = Predictor.load(out, runtime=fmt)
     scores, maps = runtime.backend.score(setup["batch"])
     assert scores.shape == (6,) and maps.shape == (6, 48, 48)

@@ -71,7 +71,7 @@ def test_predict_gives_the_scores_of_patchcore_predict_and_decides_with_the_cali
     assert code == 0
     expected = [json.loads(line) for line in out.splitlines()]
     calibration = Predictor.load(setup["tiny"], device="cpu").calibration
-    low, threshold = calibration["score_low"], calibration["image_threshold"]
+    low, threshold = calibration.score_low, calibration.image_threshold
     for path, want in zip(images, expected, strict=True):
         body = _post(server, path, model="tiny").json()
         # Same float32 arithmetic; only the batch composition (BLAS blocking) may differ.

@@ -545,7 +545,7 @@ def test_folder_data_without_masks_reports_pixel_metrics_as_na(tmp_path):
 def test_model_fitted_by_train_rebuilds_with_the_same_transform(mvtec_run):
     model = PatchCore.load(mvtec_run["run_dir"] / "models" / "patchcore_bottle.pt", device="cpu")
     assert model.transform.output_size((48, 48)) == (48, 48)
-    assert model.evaluation_["f1_threshold"] > 0 and model.calibration_ == {}
+    assert model.evaluation_.f1_threshold > 0 and model.calibration_ is None
 
 
 def test_train_reuses_cached_features_when_only_the_coreset_changes(tmp_path):

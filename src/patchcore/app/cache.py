@@ -21,6 +21,7 @@ import shutil
 import socket
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,7 @@ def fit_cached(
     fingerprint = data_fingerprint(images)
     if fingerprint is None:
         model.fit(images, progress=progress)
-        model.stats_["feature_cache"] = "unsupported input"
+        model.stats_ = replace(model.stats_, feature_cache="unsupported input")
         return model
     t0 = time.perf_counter()
     cache = FeatureCache(cache_dir)
@@ -248,5 +249,5 @@ def fit_cached(
     model.fit_features(
         entry.features(), entry.meta, progress=progress, extract_seconds=time.perf_counter() - t0
     )
-    model.stats_["feature_cache"] = status
+    model.stats_ = replace(model.stats_, feature_cache=status)
     return model

@@ -7,7 +7,6 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -16,6 +15,7 @@ from ..data.loading import expand_images
 from ..deploy.calibration import CalibrationError, calibrate, describe_calibration
 from ..deploy.inference import Predictor
 from ..engine.model import PatchCore
+from ..engine.records import Calibration
 
 __all__ = ["calibrate_fitted", "calibrate_model_file", "check_calibration_settings", "split_calibration"]
 
@@ -55,7 +55,7 @@ def split_calibration(obj: ObjectData, fraction: float, seed: int) -> tuple[list
 
 def calibrate_fitted(
     model: PatchCore, samples: Sequence[Sample], false_alarm_rate: float, source: str
-) -> dict[str, Any]:
+) -> Calibration:
     """Calibrate a fitted model on good samples; sets and returns ``model.calibration_``."""
     predictor = Predictor(model)
     model.calibration_ = calibrate(
@@ -73,7 +73,7 @@ def calibrate_model_file(
     device: str = "auto",
     weights: str | os.PathLike | None = None,
     batch_size: int | None = None,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, Calibration]:
     """Calibrate a saved model on good images; write it back (or to ``out``). Returns (path, record)."""
     if not 0.0 < false_alarm_rate < 1.0:
         raise CalibrationError(f"--false-alarm-rate must be in (0, 1), got {false_alarm_rate}")

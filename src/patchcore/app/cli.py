@@ -283,7 +283,7 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.images, args.false_alarm_rate, args.out, device=args.device,
             weights=args.weights, batch_size=args.batch_size,
         )  # fmt: skip
-        print(json.dumps(record, indent=2))
+        print(json.dumps(record.to_dict(), indent=2))
         print(f"{path}: {describe_calibration(record)}", file=sys.stderr)
         return 0
     if args.command == "serve":

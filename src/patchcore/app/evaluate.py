@@ -99,7 +99,7 @@ def evaluate_models(
     models = []
     for path in files:
         model = PatchCore.load(path, device=device, weights=weights)
-        name = model.stats_.get("object") or path.stem.removeprefix("patchcore_")
+        name = model.stats_.object or path.stem.removeprefix("patchcore_")
         if name not in objects:
             raise DataError(
                 f"model {path} is for object {name!r}, not in the data set ({', '.join(objects)})"
@@ -123,13 +123,13 @@ def evaluate_models(
     with Progress(config.logging.progress) as progress:
         for path in files:
             model = PatchCore.load(path, device=device, weights=weights)
-            name = model.stats_.get("object") or path.stem.removeprefix("patchcore_")
+            name = model.stats_.object or path.stem.removeprefix("patchcore_")
             config.model.batch_size = model.batch_size
             progress.start(name, {"predict": len(objects[name].test)})
-            metrics, eval_stats = evaluate_object(
+            metrics, eval_stats, model.evaluation_ = evaluate_object(
                 model, objects[name], run_dir, evaluation_settings(config), progress
             )
-            stats = {**model.stats_, **eval_stats}
+            stats = {**model.stats_.to_dict(), **eval_stats}
             results.append(ObjectResult(name, metrics, stats, str(path)))
             log.info("%s: %s", name, metrics_line(metrics, stats))
             reports = write_reports(run_dir, results, header)

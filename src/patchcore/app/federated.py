@@ -15,7 +15,7 @@ Partitions (``federated.partition``):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +96,12 @@ def partitions(config: Config, objects: list[ObjectData]) -> list[Partition]:
 def _evaluate(
     model: PatchCore, obj: ObjectData, out_dir: Path, config: Config, progress: Progress
 ) -> ObjectResult:
-    model.stats_["object"] = obj.name
+    model.stats_ = replace(model.stats_, object=obj.name)
     progress.start(obj.name, {"predict": len(obj.test)})
-    metrics, eval_stats = evaluate_object(model, obj, out_dir, evaluation_settings(config), progress)
-    stats = {**model.stats_, **eval_stats}
+    metrics, eval_stats, model.evaluation_ = evaluate_object(
+        model, obj, out_dir, evaluation_settings(config), progress
+    )
+    stats = {**model.stats_.to_dict(), **eval_stats}
     path = model.save(out_dir / "models" / f"patchcore_{safe_name(obj.name)}.pt")
     atomic_write_json(path.with_suffix(".json"), model_record(model, obj.name, stats, metrics))
     return ObjectResult(obj.name, metrics, stats, str(path))

@@ -15,7 +15,7 @@ import datetime as _dt
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,7 @@ def train_object(
     train_samples, calibration_samples = split_calibration(obj, config.evaluation.calibration_fraction, config.seed)
     work_dir = run_temp_dir(out_dir) if out_dir is not None else None
     model = fit_object(config, obj, progress, train_samples, work_dir)
-    model.stats_["object"] = obj.name
+    model.stats_ = replace(model.stats_, object=obj.name)
     if calibration_samples:
         calibrate_fitted(
             model, calibration_samples, config.evaluation.false_alarm_rate,
@@ -236,7 +236,7 @@ def train_object(
     if out_dir is not None and config.evaluation.enabled:
         model.save(object_paths(out_dir, obj.name)["model"])  # rewritten with the evaluation's records
         mark_object(out_dir, obj.name, "fitted")
-    stats = dict(model.stats_)
+    stats = model.stats_.to_dict()
     metrics: dict[str, float | None] = {}
     files: dict[str, bytes] = {}
     if config.evaluation.enabled:
@@ -245,7 +245,9 @@ def train_object(
         temporary = out_dir is None
         target = Path(tempfile.mkdtemp(prefix="patchcore-eval-")) if temporary else out_dir
         try:
-            metrics, eval_stats = evaluate_object(model, obj, target, evaluation_settings(config), progress)
+            metrics, eval_stats, model.evaluation_ = evaluate_object(
+                model, obj, target, evaluation_settings(config), progress
+            )
             if temporary:
                 files = {
                     p.relative_to(target).as_posix(): p.read_bytes()
@@ -269,8 +271,8 @@ def model_record(
         "params": model.get_params(),
         "stats": stats,
         "metrics": metrics,
-        "calibration": model.calibration_,
-        "evaluation": model.evaluation_,
+        "calibration": {} if model.calibration_ is None else model.calibration_.to_dict(),
+        "evaluation": {} if model.evaluation_ is None else model.evaluation_.to_dict(),
         "weights_id": model.weights_id_,
     }
 

@@ -21,12 +21,17 @@ threshold at 0.5 of the colour scale.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import PIL.Image
 from scipy import stats
+
+from ..engine.records import Calibration, ImageRef, file_sha256
 
 __all__ = [
     "CALIBRATION_METHOD",
@@ -34,6 +39,7 @@ __all__ = [
     "calibrate",
     "calibration_from_scores",
     "describe_calibration",
+    "image_refs",
     "normalize_score",
     "unit_map_range",
 ]
@@ -54,7 +60,7 @@ def _order_index(n: int, rate: float) -> int:
     return min(n, max(1, math.ceil((n + 1) * (1.0 - rate) - 1e-12)))
 
 
-def _quantile_interval(sorted_values: np.ndarray, q: float) -> list[float] | None:
+def _quantile_interval(sorted_values: np.ndarray, q: float) -> tuple[float, float] | None:
     """95 % distribution-free interval for the q-quantile: [x_(l), x_(u)] with
     P(l <= B < u) >= 0.95, B ~ Binomial(n, q). None when n is too small for such a pair."""
     n = len(sorted_values)
@@ -63,7 +69,7 @@ def _quantile_interval(sorted_values: np.ndarray, q: float) -> list[float] | Non
     upper = int(stats.binom.ppf(1 - alpha / 2, n, q)) + 1
     if lower < 1 or upper > n:
         return None
-    return [float(sorted_values[lower - 1]), float(sorted_values[upper - 1])]
+    return float(sorted_values[lower - 1]), float(sorted_values[upper - 1])
 
 
 def calibration_from_scores(
@@ -72,8 +78,11 @@ def calibration_from_scores(
     map_minima: Sequence[float] | np.ndarray,
     false_alarm_rate: float = 0.01,
     source: str = "",
-) -> dict[str, Any]:
-    """The calibration record stored in a model file (plain JSON-able values)."""
+    images: Sequence[ImageRef] = (),
+    model_version: int = 0,
+) -> Calibration:
+    """The calibration record stored with a model (``images``: the good images scored, in order;
+    ``model_version``: the version of the model that scored them)."""
     if not 0.0 < false_alarm_rate < 1.0:
         raise CalibrationError(f"the false-alarm rate must be in (0, 1), got {false_alarm_rate}")
     scores = np.sort(np.asarray(image_scores, dtype=np.float64))
@@ -88,32 +97,49 @@ def calibration_from_scores(
     pixel_threshold = float(maxima[k - 1])
     # Achieved false-alarm rate at s_(k): Beta(n + 1 - k, k).
     alpha = 1.0 - _CONFIDENCE
-    rate_ci = [
+    rate_ci = (
         float(stats.beta.ppf(alpha / 2, n + 1 - k, k)),
         float(stats.beta.ppf(1 - alpha / 2, n + 1 - k, k)),
-    ]
+    )
     certified = (n + 1) * (1.0 - false_alarm_rate) <= n
     score_low = float(scores[0])
     map_low = float(np.min(map_minima))
-    return {
-        "method": CALIBRATION_METHOD,
-        "source": source,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "n_images": int(n),
-        "false_alarm_rate": float(false_alarm_rate),
-        "certified": bool(certified),  # False: too few images to reach the rate (threshold = max score)
-        "order_statistic": int(k),
-        "image_threshold": threshold,
-        "image_threshold_ci95": _quantile_interval(scores, 1.0 - false_alarm_rate),
-        "false_alarm_rate_expected": float((n + 1 - k) / (n + 1)),
-        "false_alarm_rate_ci95": rate_ci,
-        "pixel_threshold": pixel_threshold,
-        # Normalisation: score_low -> 0, threshold -> 0.5 (maps: map_low -> 0, pixel threshold -> 0.5).
-        "score_low": score_low,
-        "map_low": map_low,
-        "good_score_max": float(scores[-1]),
-        "good_score_median": float(np.median(scores)),
-    }
+    if images and len(images) != n:
+        raise CalibrationError(f"{len(images)} image references for {n} scores")
+    return Calibration(
+        method=CALIBRATION_METHOD,
+        source=source,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        n_images=int(n),
+        false_alarm_rate=float(false_alarm_rate),
+        certified=bool(certified),  # False: too few images to reach the rate (threshold = max score)
+        order_statistic=int(k),
+        image_threshold=threshold,
+        image_threshold_ci95=_quantile_interval(scores, 1.0 - false_alarm_rate),
+        false_alarm_rate_expected=float((n + 1 - k) / (n + 1)),
+        false_alarm_rate_ci95=rate_ci,
+        pixel_threshold=pixel_threshold,
+        score_low=score_low,
+        map_low=map_low,
+        good_score_max=float(scores[-1]),
+        good_score_median=float(np.median(scores)),
+        images=tuple(images),
+        model_version=int(model_version),
+    )
+
+
+def image_refs(images: Sequence[Any]) -> list[ImageRef]:
+    """(path, SHA-256) of each image: of the file for a path, of the decoded RGB pixels (and size) for an
+    in-memory PIL image (its path then empty)."""
+    refs = []
+    for item in images:
+        if isinstance(item, PIL.Image.Image):
+            rgb = item.convert("RGB")
+            digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+            refs.append(ImageRef("", digest))
+        else:
+            refs.append(ImageRef(str(item), file_sha256(os.fspath(item))))
+    return refs
 
 
 def calibrate(
@@ -122,9 +148,10 @@ def calibrate(
     false_alarm_rate: float = 0.01,
     source: str = "",
     batch_size: int | None = None,
-) -> dict[str, Any]:
+) -> Calibration:
     """Score good images with a :class:`~patchcore.deploy.inference.Predictor` (streamed: one number per
-    image is kept, never the maps) and return the calibration record for its model."""
+    image is kept, never the maps) and return the calibration record for its model (naming the images by
+    path and SHA-256, and the model's version)."""
     if not 0.0 < false_alarm_rate < 1.0:
         raise CalibrationError(f"the false-alarm rate must be in (0, 1), got {false_alarm_rate}")
     if len(good_images) == 0:
@@ -136,7 +163,10 @@ def calibrate(
         scores.append(score)
         maxima.append(float(native.max()))
         minima.append(float(native.min()))
-    return calibration_from_scores(scores, maxima, minima, false_alarm_rate, source)
+    version = int(getattr(predictor.model, "version_", 0) or 0)
+    return calibration_from_scores(
+        scores, maxima, minima, false_alarm_rate, source, image_refs(good_images), version
+    )
 
 
 def normalize_score(score: float | np.ndarray, low: float, threshold: float) -> float | np.ndarray:
@@ -148,25 +178,25 @@ def normalize_score(score: float | np.ndarray, low: float, threshold: float) -> 
     return float(value) if np.ndim(value) == 0 else value
 
 
-def unit_map_range(calibration: dict[str, Any]) -> tuple[float, float]:
+def unit_map_range(calibration: Calibration) -> tuple[float, float]:
     """(low, high) for heatmap colours: the pixel threshold sits at the middle of the scale."""
-    low = float(calibration["map_low"])
-    threshold = float(calibration["pixel_threshold"])
+    low = calibration.map_low
+    threshold = calibration.pixel_threshold
     high = threshold + (threshold - low) if threshold > low else threshold + 1.0
     return low, high
 
 
-def describe_calibration(calibration: dict[str, Any] | None) -> str:
+def describe_calibration(calibration: Calibration | None) -> str:
     """One line for logs, reports and the service's model list."""
-    if not calibration or "image_threshold" not in calibration:
+    if calibration is None:
         return (
             "not calibrated: no decision threshold (run `patchcore calibrate --model M GOOD_DIR` "
             "or train with evaluation.calibration_fraction > 0)"
         )
-    ci = calibration.get("false_alarm_rate_ci95") or [float("nan"), float("nan")]
-    note = "" if calibration.get("certified", True) else " (too few images to certify this rate)"
+    ci = calibration.false_alarm_rate_ci95
+    note = "" if calibration.certified else " (too few images to certify this rate)"
     return (
-        f"threshold {calibration['image_threshold']:.6g} at false-alarm rate {calibration['false_alarm_rate']:g} "
-        f"from {calibration['n_images']} good images{note}; achieved rate 95% CI "
+        f"threshold {calibration.image_threshold:.6g} at false-alarm rate {calibration.false_alarm_rate:g} "
+        f"from {calibration.n_images} good images{note}; achieved rate 95% CI "
         f"[{ci[0]:.3g}, {ci[1]:.3g}]"
     )

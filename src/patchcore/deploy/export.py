@@ -209,8 +209,8 @@ def export_meta(model: PatchCore, fmt: str, graph_file: str) -> dict[str, Any]:
         "inputs": {"images": ["N", 3, *model.input_size_]},
         "outputs": {"image_scores": ["N"], "anomaly_maps": ["N", *model.input_size_]},
         "preprocessing": model.transform.to_dict(),
-        "calibration": dict(getattr(model, "calibration_", {})),
-        "evaluation": dict(getattr(model, "evaluation_", {})),
+        "calibration": {} if model.calibration_ is None else model.calibration_.to_dict(),
+        "evaluation": {} if model.evaluation_ is None else model.evaluation_.to_dict(),
         "info": model_info(model),
     }
 

@@ -28,6 +28,7 @@ import torch
 from ..data import load_image
 from ..data.transforms import ImageTransform, to_rgb
 from ..engine.model import NonFiniteError, PatchCore
+from ..engine.records import Calibration, TestRanges
 from ..heatmaps import normalize_maps
 from .calibration import describe_calibration, normalize_score, unit_map_range
 
@@ -63,8 +64,8 @@ class Backend(Protocol):
     """What the predictor needs from a model: its transform, stored calibration and a scoring call."""
 
     transform: ImageTransform
-    calibration: dict[str, Any]
-    evaluation: dict[str, Any]
+    calibration: Calibration | None  # None: no decision threshold
+    evaluation: TestRanges | None  # None: never evaluated on a test set
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3, H, W) normalised images -> image scores (N,) and anomaly maps (N, H, W)."""
@@ -84,8 +85,8 @@ class TorchBackend:
         model._check_fitted()
         self.model = model
         self.transform = model.transform
-        self.calibration = dict(getattr(model, "calibration_", {}))
-        self.evaluation = dict(getattr(model, "evaluation_", {}))
+        self.calibration: Calibration | None = model.calibration_
+        self.evaluation: TestRanges | None = model.evaluation_
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         prediction = self.model.predict(batch)
@@ -105,8 +106,8 @@ def model_info(model: PatchCore) -> dict[str, Any]:
         "transform": model.transform.to_dict(),
         "params": params,
         "weights_id": getattr(model, "weights_id_", None),
-        "stats": dict(model.stats_),
-        "evaluation": dict(getattr(model, "evaluation_", {})),
+        "stats": model.stats_.to_dict(),
+        "evaluation": {} if model.evaluation_ is None else model.evaluation_.to_dict(),
     }
 
 
@@ -149,17 +150,17 @@ class Predictor:
         return cls(load_exported(path, runtime, threads), per_call_range)
 
     @property
-    def calibration(self) -> dict[str, Any]:
-        return dict(self.backend.calibration)
+    def calibration(self) -> Calibration | None:
+        return self.backend.calibration
 
     @property
     def calibrated(self) -> bool:
-        return "image_threshold" in self.backend.calibration
+        return self.backend.calibration is not None
 
     @property
     def threshold(self) -> float | None:
-        value = self.backend.calibration.get("image_threshold")
-        return None if value is None else float(value)
+        calibration = self.backend.calibration
+        return None if calibration is None else calibration.image_threshold
 
     def describe(self) -> str:
         """How decisions are made, in one line (every output carries it)."""
@@ -185,7 +186,7 @@ class Predictor:
             "calibrated": self.calibrated,
             "threshold": self.threshold,
             "threshold_set_by": self.describe(),
-            "calibration": self.calibration,
+            "calibration": {} if self.calibration is None else self.calibration.to_dict(),
         }
 
     def to_tensors(self, images: Sequence[PIL.Image.Image]) -> list[torch.Tensor]:
@@ -258,24 +259,24 @@ class Predictor:
         calibration = self.backend.calibration
         evaluation = self.backend.evaluation
         threshold = self.threshold
-        pixel_threshold = calibration.get("pixel_threshold") if threshold is not None else None
-        if threshold is not None:
-            low, high = unit_map_range(calibration)
-        elif "map_min" in evaluation:
-            low, high = evaluation["map_min"], evaluation["map_max"]
+        pixel_threshold = None if calibration is None else calibration.pixel_threshold
+        span: tuple[float, float] | None
+        if calibration is not None:
+            span = unit_map_range(calibration)
+        elif evaluation is not None:
+            span = evaluation.map_min, evaluation.map_max
         elif self.per_call_range:
-            low = min(float(m.min()) for _, _, m, _ in raw)
-            high = max(float(m.max()) for _, _, m, _ in raw)
+            span = min(float(m.min()) for _, _, m, _ in raw), max(float(m.max()) for _, _, m, _ in raw)
         else:
-            low = high = None
+            span = None
         records = []
         for name, score, amap, size in raw:
             native = self.transform.to_original(amap, size)
-            if low is None:
+            if span is None:
                 # No reference range at all: the map scaled by itself, for display only.
                 unit = normalize_maps(native, float(native.min()), float(native.max()))
             else:
-                unit = normalize_maps(native, low, high)
+                unit = normalize_maps(native, *span)
             records.append(
                 ImagePrediction(
                     image=name,
@@ -293,11 +294,11 @@ class Predictor:
 
     def _normalized(self, score: float, raw: list) -> float | None:
         calibration = self.backend.calibration
-        if "image_threshold" in calibration:
-            return normalize_score(score, calibration["score_low"], calibration["image_threshold"])
+        if calibration is not None:
+            return float(normalize_score(score, calibration.score_low, calibration.image_threshold))
         evaluation = self.backend.evaluation
-        if "score_min" in evaluation:
-            low, high = evaluation["score_min"], evaluation["score_max"]
+        if evaluation is not None:
+            low, high = evaluation.score_min, evaluation.score_max
         elif self.per_call_range:
             low, high = min(r[1] for r in raw), max(r[1] for r in raw)
         else:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..data.transforms import ImageTransform
+from ..engine.records import Calibration, TestRanges
 from .errors import DeployError
 from .export import EXPORT_META, ONNX_FILE, OPENVINO_FILE
 from .settings import EXPORTED_RUNTIMES, Runtime
@@ -32,10 +33,12 @@ class ExportedBackend:
         try:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text())
             self.transform = ImageTransform.from_dict(self.meta["preprocessing"])
-        except (ValueError, KeyError, TypeError) as exc:
+            calibration = self.meta.get("calibration") or {}
+            evaluation = self.meta.get("evaluation") or {}
+            self.calibration: Calibration | None = Calibration.from_dict(calibration) if calibration else None
+            self.evaluation: TestRanges | None = TestRanges.from_dict(evaluation) if evaluation else None
+        except (ValueError, KeyError, TypeError) as exc:  # RecordError is a ValueError
             raise DeployError(f"{meta_path} is unreadable or incomplete: {exc}") from exc
-        self.calibration: dict[str, Any] = dict(self.meta.get("calibration") or {})
-        self.evaluation: dict[str, Any] = dict(self.meta.get("evaluation") or {})
         self.runtime = runtime
         onnx_path, xml_path = folder / ONNX_FILE, folder / OPENVINO_FILE
         if runtime == Runtime.ONNX:

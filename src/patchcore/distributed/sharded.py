@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..engine.coreset import (
     start_distances,
 )
 from ..engine.model import PatchCore
+from ..engine.records import FitStats
 from ..engine.store import FeatureStore
 from .ray_runner import Outcome
 
@@ -181,8 +182,18 @@ def install_bank(
         extract_seconds=float(stats.get("extract_seconds", 0.0)),
         indices=np.arange(len(bank), dtype=np.int64),
     )
-    model.stats_.update(stats)
+    model.stats_ = merged_stats(model.stats_, stats)
     return model
+
+
+def merged_stats(fitted: FitStats, stats: dict[str, Any]) -> FitStats:
+    """The fit's statistics with those of a sharded / federated merge (each a field of :class:`FitStats`)."""
+    known = {f.name for f in fields(FitStats)}
+    unknown = sorted(set(stats) - known)
+    if unknown:  # pragma: no cover - the merges here only set declared fields
+        raise ValueError(f"not fit statistics: {', '.join(unknown)}")
+    lists = {k: tuple(v) for k, v in stats.items() if isinstance(v, list)}
+    return replace(fitted, **{**stats, **lists})
 
 
 def sharded_fit(

@@ -40,6 +40,7 @@ from .persistence import (
     read_state,
     restore_fitted,
 )
+from .records import Calibration, FitStats, TestRanges
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
 from .store import FeatureStore
 
@@ -333,29 +334,29 @@ class PatchCore:
 
         self.__dict__.pop("_unfitted_because", None)
         self.memory_bank_ = bank
-        # Decision threshold and normalisation from good images (patchcore.deploy.calibration); empty =
+        # Decision threshold and normalisation from good images (patchcore.deploy.calibration); None =
         # no decisions. The test-set ranges and F1 threshold of an evaluation are only figures.
-        self.calibration_: dict[str, Any] = {}
-        self.evaluation_: dict[str, float] = {}
+        self.calibration_: Calibration | None = None
+        self.evaluation_: TestRanges | None = None
         self.coreset_indices_ = np.asarray(indices, dtype=np.int64)
         self._index = None
         self._search_index()
         t3 = time.perf_counter()
         self.patch_grid_ = tuple(int(g) for g in meta["patch_grid"])
         self.input_size_ = tuple(int(s) for s in meta["input_size"])
-        self.stats_ = {
-            "n_train_images": int(meta["n_images"]),
-            "n_patches": int(meta["n_rows"]),
-            "memory_size": int(len(bank)),
-            "feature_dim": int(bank.shape[1]),
-            "patch_grid": list(self.patch_grid_),
-            "input_size": list(self.input_size_),
-            "extract_seconds": round(extract_seconds, 4),
-            "coreset_seconds": round(t2 - t1, 4),
-            "index_seconds": round(t3 - t2, 4),
-            "feature_cache": "off",
-            "device": str(device),
-        }
+        self.stats_ = FitStats(
+            n_train_images=int(meta["n_images"]),
+            n_patches=int(meta["n_rows"]),
+            memory_size=int(len(bank)),
+            feature_dim=int(bank.shape[1]),
+            patch_grid=self.patch_grid_,
+            input_size=self.input_size_,
+            extract_seconds=round(extract_seconds, 4),
+            coreset_seconds=round(t2 - t1, 4),
+            index_seconds=round(t3 - t2, 4),
+            feature_cache="off",
+            device=str(device),
+        )
         return self
 
     def _extract(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from .records import Calibration, FitStats, RecordError, TestRanges
 
 __all__ = [
     "MODEL_FORMAT",
@@ -72,13 +73,18 @@ def model_state(model: Any) -> dict[str, Any]:
         "memory_bank": torch.from_numpy(model.memory_bank_.copy()),
         "patch_grid": list(model.patch_grid_),
         "input_size": list(model.input_size_),
-        "stats": plain_dict(model.stats_),
-        "calibration": plain_dict(getattr(model, "calibration_", {})),
-        "evaluation": plain_dict(getattr(model, "evaluation_", {})),
+        "stats": plain_dict(model.stats_.to_dict()),
+        "calibration": _record_dict(getattr(model, "calibration_", None)),
+        "evaluation": _record_dict(getattr(model, "evaluation_", None)),
         "versions": library_versions(),
     }
     state["digest"] = state_digest(state)
     return state
+
+
+def _record_dict(record: Calibration | TestRanges | None) -> dict[str, Any]:
+    """A record as stored (an empty dict: none)."""
+    return {} if record is None else plain_dict(record.to_dict())
 
 
 def state_digest(state: dict[str, Any]) -> str:
@@ -130,20 +136,22 @@ def restore_fitted(model: Any, state: dict[str, Any], source: str) -> None:
         model.memory_bank_ = state["memory_bank"].detach().cpu().numpy().astype(np.float32, copy=False)
         model.patch_grid_ = tuple(state["patch_grid"])
         model.input_size_ = tuple(state["input_size"])
-        model.stats_ = dict(state["stats"])
+        model.stats_ = FitStats.from_dict(state["stats"])
         model.weights_id_ = state["weights_id"]
         model.layers_ = tuple(state["params"]["layers"])
         model.versions_ = dict(state.get("versions", {}))
-        model.calibration_ = dict(state.get("calibration", {}))
-        model.evaluation_ = dict(state.get("evaluation", {}))
-        if "map_min" in model.calibration_:
+        calibration = dict(state.get("calibration") or {})
+        evaluation = dict(state.get("evaluation") or {})
+        if "map_min" in calibration:
             # Files from before good-image calibration kept the test-set ranges there: figures only.
-            legacy = model.calibration_
-            model.calibration_ = {}
-            model.evaluation_ = {**legacy, **model.evaluation_}
+            legacy = calibration
+            calibration = {}
+            evaluation = {**legacy, **evaluation}
             if "image_threshold" in legacy:
-                model.evaluation_["f1_threshold"] = model.evaluation_.pop("image_threshold")
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                evaluation["f1_threshold"] = evaluation.pop("image_threshold")
+        model.calibration_ = Calibration.from_dict(calibration) if calibration else None
+        model.evaluation_ = TestRanges.from_dict(evaluation) if evaluation else None
+    except (KeyError, TypeError, AttributeError, ValueError, RecordError) as exc:
         raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
     problem = bank_problem(model)
     if problem:
@@ -162,13 +170,13 @@ def bank_problem(model: Any) -> str | None:
             f"target_embed_dimension is {model.target_embed_dimension} but the memory bank has "
             f"{bank.shape[1]}-dimensional features"
         )
-    if stats.get("memory_size") != len(bank) or stats.get("feature_dim") != bank.shape[1]:
+    if stats.memory_size != len(bank) or stats.feature_dim != bank.shape[1]:
         return (
-            f"the records say a {stats.get('memory_size')} x {stats.get('feature_dim')} memory bank, "
+            f"the records say a {stats.memory_size} x {stats.feature_dim} memory bank, "
             f"the file holds {bank.shape[0]} x {bank.shape[1]}"
         )
-    n_patches = stats.get("n_patches")
-    if n_patches != stats.get("n_train_images", 0) * int(np.prod(model.patch_grid_)):
+    n_patches = stats.n_patches
+    if n_patches != stats.n_train_images * int(np.prod(model.patch_grid_)):
         return f"n_patches {n_patches} is not n_train_images x the patch grid {list(model.patch_grid_)}"
     if len(bank) > n_patches:
         return f"the memory bank ({len(bank)}) is larger than the training patches ({n_patches})"

@@ -18,6 +18,7 @@ from ..data import DataError, ObjectData, Sample, load_image, load_mask, saturat
 from ..data.autovi import defect_name_for
 from ..data.loading import iterate_batches, make_loader
 from ..engine.model import NonFiniteError, PatchCore
+from ..engine.records import TestRanges
 from ..fileio import atomic_write_text, safe_name
 from ..heatmaps import (
     MAP_LEVELS,
@@ -143,15 +144,17 @@ def evaluate_object(
     out_dir: Path,
     settings: EvaluationSettings,
     progress: Callable[[str, int, int | None], None] | None = None,
-) -> tuple[dict[str, float | None], dict[str, Any]]:
+) -> tuple[dict[str, float | None], dict[str, Any], TestRanges | None]:
     """Score the object's test split, compute its metrics, write predictions / heatmaps / maps / plot data.
 
-    Also sets ``model.evaluation_`` (test-set map and score ranges, F1-optimal image threshold): figures of
-    this evaluation, never a decision threshold (that comes from good images: patchcore.deploy.calibration).
+    Returns (metrics, statistics, test-set ranges). The ranges (map and score ranges, F1-optimal image
+    threshold) are figures of this evaluation, never a decision threshold (that comes from good images:
+    patchcore.deploy.calibration); the model is not changed: a caller that keeps them stores them as
+    ``model.evaluation_``. None: no test images.
     """
     if not obj.test:
         log.warning("%s: no test images, nothing to evaluate", obj.name)
-        return {}, {"n_test_images": 0}
+        return {}, {"n_test_images": 0}, None
     transform = model.transform
     with_masks = obj.has_masks
     loader = make_loader(obj.test, transform, settings.batch_size, settings.num_workers, with_masks)
@@ -222,15 +225,14 @@ def evaluate_object(
     # One normalisation for the whole test set (never per map): the reference's min-max over all maps.
     map_min = float(min(m.min() for m in maps))
     map_max = float(max(m.max() for m in maps))
-    model.evaluation_ = {
-        "map_min": map_min,
-        "map_max": map_max,
-        "score_min": float(image_scores.min()),
-        "score_max": float(image_scores.max()),
-    }
     threshold = f1_threshold(label_array, image_scores)
-    if threshold is not None:
-        model.evaluation_["f1_threshold"] = threshold
+    ranges = TestRanges(
+        map_min=map_min,
+        map_max=map_max,
+        score_min=float(image_scores.min()),
+        score_max=float(image_scores.max()),
+        f1_threshold=threshold,
+    )
 
     accumulator = None
     if obj.protocol in ("autovi", "mvtec_loco"):
@@ -283,4 +285,4 @@ def evaluate_object(
         spro_limits=tuple(settings.spro_fpr_limits),
         per_class=stats.get("per_class"),
     )
-    return metrics, stats
+    return metrics, stats, ranges

@@ -66,7 +66,7 @@ def write_plot_data(
         "threshold": np.array(np.nan if threshold is None else threshold),
         # The decision threshold calibrated on good images (absent unless the run calibrated one).
         "decision_threshold": np.array(
-            float(getattr(model, "calibration_", {}).get("image_threshold", np.nan))
+            np.nan if model.calibration_ is None else model.calibration_.image_threshold
         ),
         "names": np.array([s.name for s in obj.test]),
         "per_class": np.array(json.dumps(per_class or {})),
