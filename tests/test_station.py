@@ -209,7 +209,7 @@ def test_drift_route_and_metrics_gauges_agree_with_the_recorded_decisions(setup,
     assert drift["confirmed_defects"] >= 1 and drift["anomalous_rate"] == pytest.approx(
         want["anomalous_rate"]
     )
-    assert drift["calibrated_ci95"] == pytest.approx(list(calibration["false_alarm_rate_ci95"]))
+    assert drift["calibrated_ci95"] == pytest.approx(list(calibration.false_alarm_rate_ci95))
     metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
     assert 'patchcore_drift_alarm{model="tiny"} 0.0' in metrics
     assert f'patchcore_drift_anomalous_rate{{model="tiny"}} {drift["anomalous_rate"]}' in metrics
