@@ -280,11 +280,14 @@ def test_the_watched_folder_scores_new_images_once_and_skips_other_files(setup, 
         assert [line["file"] for line in lines[3:]] == ["after.png"]  # nothing scored twice
 
 
-def test_serve_refuses_a_watch_folder_that_does_not_exist_or_names_no_model(setup, tmp_path):
+def test_serve_refuses_a_bad_watch_folder_or_station_folder_in_one_line(setup, tmp_path):
     code, _, err = run_cli("serve", "--model", setup["model"], "--watch", tmp_path / "nowhere")
     assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("serve", "--model", setup["model"], "--watch", f"other={tmp_path}")
     assert code == 2 and "other" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = run_cli("serve", "--model", setup["model"], "--station-dir", tmp_path / "a_file")
+    assert code == 2 and "a_file" in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------- feedback

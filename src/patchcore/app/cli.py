@@ -293,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = _serve_settings(args)
         # The inspection station (the page's recent decisions, feedback, watched folders, drift); --watch is
         # checked against the model names before any model is loaded.
-        station = station_extension(StationSettings.from_service(settings), list(parse_model_specs(args.model)))
+        station = station_extension(StationSettings.from_service(settings), parse_model_specs(args.model))
         run_service(args.model, settings, [station])
         return 0
     if args.command == "export":

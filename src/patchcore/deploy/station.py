@@ -804,14 +804,17 @@ def station_collector(station: Station) -> Any:
 
 
 def station_extension(
-    station: Station | StationSettings, model_names: list[str] | None = None
+    station: Station | StationSettings, models: Mapping[str, Path] | None = None
 ) -> ServiceExtension:
-    """The station as a :class:`~patchcore.deploy.service.ServiceExtension`. ``model_names``: checked
-    against ``--watch`` up front (before any model is loaded)."""
+    """The station as a :class:`~patchcore.deploy.service.ServiceExtension`. ``models`` (name -> path, as
+    ``patchcore serve`` was given them): the station's folder is opened and ``--watch`` checked now, before
+    any model is loaded (a bad folder or name: a one-line :class:`DeployError`)."""
     if isinstance(station, StationSettings):
         station = Station(station)
-    if model_names is not None:
-        parse_watch_specs(station.settings.watch, model_names)
+    if models is not None:
+        paths = {name: Path(p) for name, p in models.items()}
+        folder = Path(station.settings.folder) if station.settings.folder else default_folder(paths)
+        station.open(folder, list(paths))
 
     def on_result(event: ScoreEvent) -> None:
         station.on_scored(event.model, event.filename, event.image, event.scored.prediction)
