@@ -170,7 +170,9 @@ async function enter() {
   }
   showVersion(s.body);
   await refresh();
-  timer = setInterval(() => refresh().catch(() => {}), 5000);
+  timer = setInterval(() => refresh().catch((e) => {
+    if (e instanceof AuthError) { sessionStorage.removeItem(KEY); showLogin("Wrong key: the station refused it."); }
+  }), 5000);
 }
 
 async function enterBasic() {
