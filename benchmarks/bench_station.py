@@ -115,7 +115,10 @@ def wait_ready(url: str, headers: dict, process: subprocess.Popen, timeout: floa
     raise TimeoutError("server not ready")
 
 
-async def run_load(url: str, headers: dict, images: list[tuple[str, bytes]], args: argparse.Namespace) -> dict:
+async def run_load(
+    url: str, headers: dict, images: list[tuple[str, bytes]], args: argparse.Namespace, pid: int
+) -> dict:
+    rss: dict[int, float] = {}  # scoring answers so far -> the server's resident memory (MiB)
     answers: list[dict[str, Any]] = []  # {"route", "image", "status", "version", "score", "ms"}
     decisions: list[tuple[str, int]] = []  # (/inspect decision id, image index), not yet fed back
     counter = iter(range(args.requests))
@@ -166,6 +169,8 @@ async def run_load(url: str, headers: dict, images: list[tuple[str, bytes]], arg
                 entry["detail"] = body.get("detail")
             answers.append(entry)
             done += 1
+            if done % max(1, args.requests // 10) == 0:
+                rss[done] = round(rss_mib(pid), 1)
             if every and done % every == 0:
                 pending_feedback += 1
             while pending_feedback and decisions:
@@ -175,7 +180,10 @@ async def run_load(url: str, headers: dict, images: list[tuple[str, bytes]], arg
     t0 = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
-    return {"answers": answers, "seconds": time.perf_counter() - t0, "stopped_by_time": done < args.requests}
+    return {
+        "answers": answers, "rss_mib": rss, "seconds": time.perf_counter() - t0,
+        "stopped_by_time": done < args.requests,
+    }  # fmt: skip
 
 
 def expected_scores(model_path: Path, images: list[tuple[str, bytes]], versions: set[int]) -> dict[int, list[float]]:
@@ -264,6 +272,7 @@ def print_table(result: dict) -> None:
     print("|---|---:|---:|---:|---:|")
     for route, r in s["routes"].items():
         print(f"| {route} | {r['answers']} | {r['errors']} | {r['p50_ms']} | {r['p95_ms']} |")
+    print(f"\nserver RSS (MiB) after N scoring answers: {result['rss_mib']['during']}")
     print(f"\nload average start {result['machine']['load_start']}, end {result['machine']['load_end']}")
 
 
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, data in images[:4]:  # warm-up
                 httpx.post(f"{url}/predict", files={"file": (name, data)}, headers=headers, timeout=120)
             rss_start = rss_mib(process.pid)
-            run = asyncio.run(run_load(url, headers, images, args))
+            run = asyncio.run(run_load(url, headers, images, args, process.pid))
             rss_end = rss_mib(process.pid)
             history = httpx.get(f"{url}/history", headers=headers, timeout=60).json()
         finally:
@@ -304,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
         result["machine"]["load_end"] = os.getloadavg()
-        result["rss_mib"] = {"start": round(rss_start, 1), "end": round(rss_end, 1)}
+        result["rss_mib"] = {"start": round(rss_start, 1), "end": round(rss_end, 1), "during": run["rss_mib"]}
         result["final_version"] = history["version"]
         versions = {a["version"] for a in run["answers"] if a["status"] == 200}
         result["summary"] = summarize(run, expected_scores(model, images, versions), args.rtol, args.atol)
