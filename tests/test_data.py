@@ -149,7 +149,7 @@ def test_autovi_loads_both_nestings_with_several_masks(tmp_path, nested):
     (obj, *rest) = load_autovi(tmp_path)
     assert not rest
     assert obj.name == "pipe_clip" and obj.root == obj_dir
-    assert obj.mask_format == "autovi" and obj.has_masks and obj.defects_config == AUTOVI_CONFIG
+    assert obj.mask_format == "valued" and obj.has_masks and obj.defects_config == AUTOVI_CONFIG
     assert [s.name for s in obj.train] == ["train/good/0000", "train/good/0001"]
     assert [s.name for s in obj.test] == ["test/good/0000", "test/missing/0000"]
     defect = obj.test[1]

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,8 +108,12 @@ def _serve_settings(args: argparse.Namespace) -> typing.Any:
     """The :class:`ServiceSettings` of a ``serve`` command line (flags not given keep the dataclass default)."""
     from ..deploy.settings import ServiceSettings, serve_options
 
-    given = {name: getattr(args, f"serve_{name}") for name, _, _ in serve_options()}
-    return ServiceSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
+    given: dict[str, typing.Any] = {}
+    for name, _, _ in serve_options():
+        value = getattr(args, f"serve_{name}")
+        if value is not None:
+            given[name] = tuple(value) if isinstance(value, list) else value  # a repeated flag: a tuple
+    return ServiceSettings(**given)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue an interrupted run in RUN_DIR: finished objects with the same config are kept",
+    )  # fmt: skip
+    train.add_argument(
+        "--restart-changed", action="store_true",
+        help="with --resume: accept a configuration that differs from the run's (each changed key is logged)",
     )  # fmt: skip
 
     federated = sub.add_parser(
@@ -210,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `--ray key=value`: the optional ADDRESS took an override (a Ray address has no "=").
         args.overrides.append(args.ray)
         args.ray = ""
+    if args.command in ("train", "federated", "evaluate") and threading.current_thread() is threading.main_thread():
+        # A run ends on SIGTERM: cleanup runs (finally blocks), the run folder keeps its `incomplete` marker.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     except _user_errors() as exc:
@@ -218,10 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished objects and their reports are kept", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated (SIGTERM); finished objects and their reports are kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt (a BaseException: no ``except Exception`` stops it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
 
     if args.command == "backbones":
         from ..engine.backbones import available_backbones
@@ -243,18 +267,20 @@ def _run(args: argparse.Namespace) -> int:
             config_path = str(Path(args.resume) / "config.yaml")  # the run's own configuration
         overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
         config = load_config(config_path, overrides)
-        summary = train(config, online=args.log_online, resume=args.resume)
+        if args.restart_changed and not args.resume:
+            raise ConfigError("--restart-changed needs --resume RUN_DIR")
+        summary = train(config, online=args.log_online, resume=args.resume, restart_changed=args.restart_changed)
         print(summary.reports["markdown"].read_text())
         return 0
     if args.command == "federated":
-        from .federated import federated
+        from .cmd_federated import federated
 
         overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
         report = federated(load_config(args.config, overrides))
         print(report.read_text())
         return 0
     if args.command == "evaluate":
-        from .evaluate import evaluate_models
+        from .cmd_evaluate import evaluate_models
 
         overrides = list(args.overrides)
         if args.data:

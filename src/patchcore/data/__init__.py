@@ -7,9 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from .autovi import AUTOVI_OBJECTS, load_autovi, saturation_for
-from .base import IMAGE_EXTENSIONS, DataError, ObjectData, Sample
+from .base import (
+    AUTOVI_PROTOCOL,
+    IMAGE_EXTENSIONS,
+    LOCO_PROTOCOL,
+    MVTEC_PROTOCOL,
+    DataError,
+    DatasetKind,
+    EvaluationProtocol,
+    ObjectData,
+    Sample,
+)
 from .dataset import ImageDataset, collate_samples
-from .elpv import ELPV_OBJECTS, load_elpv
+from .elpv import ELPV_KIND, ELPV_OBJECTS, load_elpv
 from .folder import load_folder
 from .mvtec import MVTEC_CLASSES, load_mvtec
 from .mvtec_loco import LOCO_OBJECTS, load_mvtec_loco
@@ -18,20 +28,26 @@ from .visa import VISA_OBJECTS, load_visa
 
 __all__ = [
     "AUTOVI_OBJECTS",
+    "AUTOVI_PROTOCOL",
     "DATASETS",
     "ELPV_OBJECTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "LOCO_OBJECTS",
+    "LOCO_PROTOCOL",
     "MVTEC_CLASSES",
+    "MVTEC_PROTOCOL",
     "VISA_OBJECTS",
     "DataError",
+    "DatasetKind",
+    "EvaluationProtocol",
     "ImageDataset",
     "ImageTransform",
     "ObjectData",
     "Sample",
     "collate_samples",
+    "dataset_kind",
     "load_autovi",
     "load_dataset",
     "load_elpv",
@@ -52,6 +68,15 @@ DATASETS: dict[str, Callable[..., list[ObjectData]]] = {
     "mvtec_loco": load_mvtec_loco,
     "visa": load_visa,
 }
+
+# Kinds whose loader takes options from the data section or needs no data.root (declared by their modules);
+# every other kind: no options, data.root required.
+DATASET_KINDS: dict[str, DatasetKind] = {"elpv": ELPV_KIND}
+
+
+def dataset_kind(kind: str) -> DatasetKind:
+    """What kind ``kind`` (a key of :data:`DATASETS`) takes from the data section and needs."""
+    return DATASET_KINDS.get(kind.lower(), DatasetKind())
 
 
 def load_dataset(

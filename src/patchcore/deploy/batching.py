@@ -11,13 +11,14 @@ request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-__all__ = ["DynamicBatcher"]
+__all__ = ["DynamicBatcher", "PixelBudget"]
 
 
 class DynamicBatcher:
@@ -116,3 +117,56 @@ class DynamicBatcher:
                     future.set_exception(error)
                 else:
                     future.set_result(result)
+
+
+class PixelBudget:
+    """Pixels being decoded, scored and drawn at once, server-wide: a request holds its (weighted) pixel
+    count while it works and waits, first come first served, until it fits. Bounds the memory of many
+    concurrent large images (each pixel costs the same memory whoever sends it)."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, amount: int) -> AsyncIterator[None]:
+        if amount > self.capacity:
+            raise ValueError(f"{amount} pixels can never fit a budget of {self.capacity}")
+        if self._waiters or self.used + amount > self.capacity:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append((amount, future))
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._release(amount)  # granted just as its caller gave up
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove((amount, future))
+                    self._wake()
+                raise
+        else:
+            self.used += amount
+        try:
+            yield
+        finally:
+            self._release(amount)
+
+    def _release(self, amount: int) -> None:
+        self.used -= amount
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            amount, future = self._waiters[0]
+            if future.cancelled():
+                self._waiters.popleft()
+                continue
+            if self.used + amount > self.capacity:
+                return
+            self._waiters.popleft()
+            self.used += amount
+            future.set_result(None)

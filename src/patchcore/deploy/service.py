@@ -47,15 +47,23 @@ from .errors import DeployError
 try:
     from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
     from starlette.routing import Match
+    from starlette.types import Message, Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover - the extra is installed in CI
     raise DeployError("patchcore serve needs the 'serve' extra: pip install 'patchcore[serve]'") from exc
 
 from ..heatmaps import overlay
-from .batching import DynamicBatcher
+from .batching import DynamicBatcher, PixelBudget
 from .inference import ImagePrediction, Predictor
-from .settings import ServiceSettings
+from .settings import RENDER_COST, ServiceSettings
 from .uploads import UploadError, declared_pixels, decode_upload
 from .webpage import PAGE
 
@@ -85,8 +93,6 @@ PUBLIC_PATHS = frozenset({"/healthz", "/"})
 BATCH_PATHS = frozenset({"/predict/batch"})
 #: The metrics label of a path that matches no route (a fixed label: unknown paths add no series).
 UNKNOWN_ROUTE = "other"
-#: Decoded pixels an image costs against ``max_request_pixels`` when a heatmap or mask is drawn for it.
-RENDER_COST = 2
 #: Seconds a stopping server (SIGTERM, Ctrl-C) waits for requests in flight before cancelling them.
 SHUTDOWN_GRACE_S = 5.0
 #: The status of a request whose client went away before its answer (nginx's convention; never sent).
@@ -148,12 +154,21 @@ class ServiceExtension:
     ``router``: included behind the guard (add ``Depends(require_operator)`` to operator-only routes);
     ``on_result``: called on the event loop after every image scored by a route (keep it quick);
     ``lifespan``: an async context manager factory entered at start-up with the :class:`ServiceState`
-    (start background tasks) and left at shutdown.
+    (start background tasks) and left at shutdown; ``predictor_class``: the :class:`Predictor` subclass
+    that loads the served model files (its ``load`` has Predictor's signature; at most one extension sets it).
     """
 
     router: APIRouter | None = None
     on_result: Callable[[ScoreEvent], None] | None = None
     lifespan: Callable[[ServiceState], contextlib.AbstractAsyncContextManager[Any]] | None = None
+    predictor_class: type[Predictor] | None = None
+
+
+def _predictor_class(extensions: Sequence[ServiceExtension]) -> type[Predictor]:
+    classes = [e.predictor_class for e in extensions if e.predictor_class is not None]
+    if len(classes) > 1:
+        raise DeployError(f"several extensions set the predictor class: {[c.__name__ for c in classes]}")
+    return classes[0] if classes else Predictor
 
 
 # --------------------------------------------------------------------------- helpers
@@ -258,10 +273,12 @@ def _model_info(predictor: Predictor, path: Path | None) -> dict[str, Any]:
     return info
 
 
-def load_model(name: str, path: Path, settings: ServiceSettings) -> LoadedModel:
+def load_model(
+    name: str, path: Path, settings: ServiceSettings, predictor_class: type[Predictor] = Predictor
+) -> LoadedModel:
     """Load and warm up one model; any failure is a one-line :class:`DeployError` naming the file."""
     try:
-        predictor = Predictor.load(
+        predictor = predictor_class.load(
             path, device=settings.device, runtime=settings.runtime, per_call_range=False,
             threads=settings.threads,
         )  # fmt: skip
@@ -304,6 +321,10 @@ class _Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )  # fmt: skip
         self.images = Counter("patchcore_images", "images scored", ["model"], registry=self.registry)
+        self.pixels_in_flight = Gauge(
+            "patchcore_pixels_in_flight", "decoded pixels of the requests at work (a heatmap counts more)",
+            registry=self.registry,
+        )  # fmt: skip
         self.dropped = Counter(
             "patchcore_dropped_requests", "requests whose client went away before the answer", ["endpoint"],
             registry=self.registry,
@@ -314,17 +335,21 @@ class ServiceState:
     """Everything one app serves: its models, batchers, keys, metrics and extensions' listeners."""
 
     def __init__(
-        self, settings: ServiceSettings, keys: dict[bytes, Principal], paths: dict[str, Path],
-        listeners: Sequence[Callable[[ScoreEvent], None]] = (),
+        self, settings: ServiceSettings, keys: dict[bytes, Principal], to_load: dict[str, Path],
+        listeners: Sequence[Callable[[ScoreEvent], None]] = (), predictor_class: type[Predictor] = Predictor,
     ):  # fmt: skip
         self.settings = settings
         self.keys = keys
-        self.paths = paths  # models still to load in the background
+        self._to_load = to_load  # models still to load in the background
+        self.predictor_class = predictor_class
         self.names: list[str] = []  # every served model, in the order given
+        self.model_paths: dict[str, Path] = dict(to_load)  # name -> the file or folder it was loaded from
         self.predictors: dict[str, Predictor] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.info: dict[str, dict[str, Any]] = {}
         self.metrics = _Metrics()
+        self.pixels = PixelBudget(settings.max_pixels_in_flight)
+        self.metrics.pixels_in_flight.set_function(lambda: self.pixels.used)
         self.listeners = list(listeners)
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -371,9 +396,9 @@ class ServiceState:
 
     def _load_in_background(self) -> None:
         try:
-            for name, path in self.paths.items():
+            for name, path in self._to_load.items():
                 t0 = time.perf_counter()
-                loaded = load_model(name, path, self.settings)
+                loaded = load_model(name, path, self.settings, self.predictor_class)
                 self.info[name] = _model_info(loaded.predictor, path)
                 self.predictors[name] = loaded.predictor
                 log.info("model %s ready (%s, %.1f s): %s", name, self.settings.runtime,
@@ -398,15 +423,18 @@ class ServiceState:
                 found = principal
         return found if scheme.lower() == "bearer" else None
 
-    def route_label(self, scope: dict[str, Any]) -> str:
+    def route_label(self, scope: Scope) -> str:
         """The route template a request matches (``/items/{id}``), or :data:`UNKNOWN_ROUTE`."""
         partial = None
         for route in self.routes:
-            match, _ = route.matches(scope)
+            match, child = route.matches(scope)
+            if match == Match.NONE:
+                continue
+            # A router included with ``app.include_router`` may be one lazy route without a template.
+            template = getattr(route, "path", None) or getattr(child.get("route"), "path", None) or UNKNOWN_ROUTE
             if match == Match.FULL:
-                return str(route.path)
-            if match == Match.PARTIAL and partial is None:
-                partial = str(route.path)  # the path exists, not for this method
+                return str(template)
+            partial = partial or str(template)  # the path exists, not for this method
         return partial or UNKNOWN_ROUTE
 
     def body_limit(self, label: str) -> int:
@@ -460,7 +488,7 @@ class RequestGuard:
         self.app = app
         self.state = state
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
@@ -476,7 +504,7 @@ class RequestGuard:
         answered = False  # the guard answered (413 mid-body): the app's own answer is dropped
         read = 0
 
-        async def guarded_send(message: dict[str, Any]) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started, status
             if answered:
                 return
@@ -497,7 +525,7 @@ class RequestGuard:
                 return
             limit = state.body_limit(label)
 
-            async def bounded_receive() -> dict[str, Any]:
+            async def bounded_receive() -> Message:
                 nonlocal read, answered
                 message = await receive()
                 if message["type"] == "http.request":
@@ -512,13 +540,13 @@ class RequestGuard:
 
             try:
                 await self.app(scope, bounded_receive, guarded_send)
-            except Exception:  # noqa: BLE001 - one failing request answers 500, the rest go on
+            except Exception as exc:  # noqa: BLE001 - one failing request answers 500, the rest go on
                 if answered:
                     return
                 log.exception("request failed")
                 if started:
                     raise
-                await answer(500, "internal error")
+                await answer(500, f"internal error: {type(exc).__name__}")
         finally:
             metrics.body_bytes.labels(label).inc(read)
             code = str(status or CLIENT_GONE)
@@ -527,7 +555,7 @@ class RequestGuard:
                 metrics.errors.labels(label, code).inc()
             metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
-    def _refusal(self, scope: dict[str, Any], label: str) -> tuple[int, str, dict[str, str] | None] | None:
+    def _refusal(self, scope: Scope, label: str) -> tuple[int, str, dict[str, str] | None] | None:
         """Why a request is refused from its headers alone (status, detail, headers), or None."""
         state = self.state
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -579,19 +607,32 @@ async def _read(upload: UploadFile, settings: ServiceSettings) -> bytes:
     return data
 
 
-def _check_request_pixels(
-    uploads: Sequence[tuple[str, bytes]], render: bool, settings: ServiceSettings
-) -> None:
-    """Refuse (413) a request whose images would decode to more pixels than its budget, before any is decoded."""
-    cost = RENDER_COST if render else 1
+def _request_pixels(uploads: Sequence[tuple[str, bytes]], heatmap: bool, settings: ServiceSettings) -> int:
+    """The pixels a request costs (its images' headers; a heatmap counts :data:`RENDER_COST` times), or
+    413 if over its budget: refused before any image is decoded."""
+    cost = RENDER_COST if heatmap else 1
     total = sum((declared_pixels(data) or 0) * cost for _, data in uploads)
     if total > settings.max_request_pixels:
         raise HTTPException(
             413,
-            f"{len(uploads)} image(s) decode to {total} pixels"
-            f"{' (x' + str(RENDER_COST) + ' with a heatmap or mask)' if render else ''}, over the limit of "
-            f"{settings.max_request_pixels} per request: send fewer or smaller images",
+            f"{len(uploads)} image(s) cost {total} pixels"
+            f"{f' (x{RENDER_COST} with a heatmap)' if heatmap else ''}, over the limit of "
+            f"{settings.max_request_pixels} per request (--max-request-pixels): send fewer or smaller images",
         )
+    return total
+
+
+async def _on_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` on a worker thread. If the caller is cancelled (its client went away) the
+    cancellation waits for the thread to finish: a thread cannot be stopped, and the memory it holds stays
+    counted in the pixel budget until it ends."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await work
+        raise
 
 
 async def _decode_all(
@@ -601,7 +642,7 @@ async def _decode_all(
     for name, data in uploads:
         try:
             # Decoding is CPU work: off the event loop.
-            images.append(await asyncio.to_thread(_decode, data, name, settings))
+            images.append(await _on_thread(_decode, data, name, settings))
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
     return images
@@ -660,15 +701,17 @@ async def _score_uploads(
 ) -> list[dict[str, Any]]:  # fmt: skip
     state = get_state(request)
     name = state.pick_model(model)
-    _check_request_pixels(uploads, heatmap or mask, state.settings)
-    # Every file is checked before any is scored: a bad one refuses the request, naming it.
-    images = await _decode_all(uploads, state.settings)
-    scored = await asyncio.gather(*(state.score(name, im) for im in images))
+    pixels = _request_pixels(uploads, heatmap, state.settings)
     records = []
-    for (filename, _), image, result in zip(uploads, images, scored, strict=True):
-        record = await asyncio.to_thread(_record, name, result, image, filename, t0, heatmap, mask)
-        state.notify(ScoreEvent(name, filename, image, result, record, principal))
-        records.append(record)
+    # The request's pixels are held server-wide from decoding to its last heatmap (it waits its turn).
+    async with state.pixels.hold(pixels):
+        # Every file is checked before any is scored: a bad one refuses the request, naming it.
+        images = await _decode_all(uploads, state.settings)
+        scored = await asyncio.gather(*(state.score(name, im) for im in images))
+        for (filename, _), image, result in zip(uploads, images, scored, strict=True):
+            record = await _on_thread(_record, name, result, image, filename, t0, heatmap, mask)
+            state.notify(ScoreEvent(name, filename, image, result, record, principal))
+            records.append(record)
     return records
 
 
@@ -790,11 +833,13 @@ def create_app(
     settings = settings or ServiceSettings()
     keys = read_keys(settings)
     paths = {n: Path(m) for n, m in models.items() if not isinstance(m, (Predictor, LoadedModel))}
-    state = ServiceState(settings, keys, paths, [e.on_result for e in extensions if e.on_result is not None])
+    listeners = [e.on_result for e in extensions if e.on_result is not None]
+    state = ServiceState(settings, keys, paths, listeners, _predictor_class(extensions))
     state.names = list(models)
     for name, m in models.items():
         if isinstance(m, LoadedModel):
             state.predictors[name], state.info[name] = m.predictor, _model_info(m.predictor, m.path)
+            state.model_paths[name] = m.path
         elif isinstance(m, Predictor):
             state.predictors[name], state.info[name] = m, _model_info(m, None)
 
@@ -803,7 +848,7 @@ def create_app(
         for name in models:
             batcher = DynamicBatcher(
                 state._run_batch(name), settings.max_batch, settings.max_wait_ms / 1000.0,
-                on_batch=lambda n, name=name: state.metrics.batch_size.labels(name).observe(n), name=name,
+                on_batch=state.metrics.batch_size.labels(name).observe, name=name,
             )  # fmt: skip
             batcher.start()
             state.batchers[name] = batcher
@@ -863,6 +908,7 @@ def run_service(
         raise DeployError("patchcore serve needs the 'serve' extra: pip install 'patchcore[serve]'") from exc
     specs = parse_model_specs(model_specs)
     keys = read_keys(settings)
+    predictor_class = _predictor_class(extensions)
     if settings.host.strip("[]").lower() not in _LOOPBACK:
         log.warning("listening on %s: reachable from other machines%s", settings.host,
                     "" if keys else " WITHOUT an API key (--api-key-file)")  # fmt: skip
@@ -877,7 +923,7 @@ def run_service(
         loaded: dict[str, LoadedModel] = {}
         for name, path in specs.items():
             t0 = time.perf_counter()
-            loaded[name] = load_model(name, path, settings)
+            loaded[name] = load_model(name, path, settings, predictor_class)
             log.info("model %s ready (%s, %.1f s): %s", name, settings.runtime, time.perf_counter() - t0,
                      loaded[name].predictor.describe())  # fmt: skip
         app = create_app(loaded, settings, extensions)

@@ -13,7 +13,15 @@ from typing import Any
 
 from .errors import DeployError
 
-__all__ = ["EXPORTED_RUNTIMES", "Option", "Runtime", "ServiceSettings", "check_option", "serve_options"]
+__all__ = [
+    "EXPORTED_RUNTIMES",
+    "RENDER_COST",
+    "Option",
+    "Runtime",
+    "ServiceSettings",
+    "check_option",
+    "serve_options",
+]
 
 
 class Runtime(enum.StrEnum):
@@ -28,6 +36,9 @@ class Runtime(enum.StrEnum):
 EXPORTED_RUNTIMES: tuple[Runtime, ...] = (Runtime.ONNX, Runtime.OPENVINO)
 
 MIB = 1024 * 1024
+#: What an image costs against the pixel budgets when a heatmap is drawn for it, in pixels per
+#: pixel: drawing took 72 MB per megapixel at its peak, decoding and scoring 15.5 (NOTES.md, issue 24 row 5).
+RENDER_COST = 6
 
 
 @dataclass(frozen=True)
@@ -146,9 +157,14 @@ class ServiceSettings:
         40_000_000, "--max-pixels", "largest decoded image (pixels)", kind=int, low=1, high=1_000_000_000
     )
     max_request_pixels: int = _setting(
-        80_000_000, "--max-request-pixels",
-        "decoded pixels per request, an image with a heatmap or mask counting twice",
-        kind=int, low=1, high=4_000_000_000,
+        240_000_000, "--max-request-pixels",
+        f"decoded pixels per request, an image with a heatmap counting {RENDER_COST} times",
+        kind=int, low=1, high=10_000_000_000,
+    )  # fmt: skip
+    max_pixels_in_flight: int = _setting(
+        240_000_000, "--max-pixels-in-flight",
+        "decoded pixels of all requests at work at once (counted as per request); more wait their turn",
+        kind=int, low=1, high=100_000_000_000,
     )  # fmt: skip
     max_files: int = _setting(
         16, "--max-files", "largest number of files in one /predict/batch request", kind=int, low=1, high=1024
@@ -196,6 +212,11 @@ class ServiceSettings:
                 check_option(option, value / option.scale if option.scale != 1 else value)
             except ValueError as exc:
                 raise DeployError(f"{option.flag} {exc}") from None
+        if self.max_request_pixels > self.max_pixels_in_flight:
+            raise DeployError(
+                f"--max-request-pixels ({self.max_request_pixels}) exceeds --max-pixels-in-flight "
+                f"({self.max_pixels_in_flight}): such a request could never run"
+            )
 
     @property
     def max_body_bytes(self) -> int:
