@@ -258,17 +258,15 @@ class Station:
         self.predictors = state.predictors
         self.max_upload_bytes = state.settings.max_upload_bytes
         self.max_pixels = state.settings.max_pixels
-        self.paths = {n: Path(p) for n, p in state.paths.items()}
-        for name, info in state.info.items():
-            if info.get("path"):
-                self.paths[name] = Path(info["path"])
+        self.paths = {n: Path(p) for n, p in state.model_paths.items()}
         names = list(state.names) or list(state.predictors)
         if self.audit is None:
             folder = Path(self.settings.folder) if self.settings.folder else default_folder(self.paths)
             self.open(folder, names)
 
     def adopt_models(self) -> None:
-        """Serve every PyTorch model as a :class:`LearningPredictor` (versioned, updatable)."""
+        """Serve every PyTorch model as a :class:`LearningPredictor` (versioned, updatable): the service
+        loads model files as such already; a predictor handed to ``create_app`` is wrapped here."""
         for name, predictor in list(self.predictors.items()):
             if isinstance(predictor, LearningPredictor) or not isinstance(predictor.backend, TorchBackend):
                 continue
@@ -831,4 +829,7 @@ def station_extension(
             await asyncio.to_thread(station.stop)
             state.metrics.registry.unregister(collector)
 
-    return ServiceExtension(router=station_router(station), on_result=on_result, lifespan=lifespan)
+    # The service loads the model files as LearningPredictors (versioned, updatable under a lock).
+    return ServiceExtension(
+        router=station_router(station), on_result=on_result, lifespan=lifespan, predictor_class=LearningPredictor
+    )
