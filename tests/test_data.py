@@ -438,9 +438,9 @@ def test_load_mask_reads_channel_zero_of_all_modes(tmp_path):
 
 
 def test_load_dataset_dispatches_and_rejects_unknown_kind(tmp_path):
-    assert set(DATASETS) == {"mvtec", "autovi", "folder", "elpv", "mvtec_loco", "visa"}
+    assert set(DATASETS) == {"mvtec", "autovi", "folder", "elpv", "mvtec_loco", "visa", "mvtec_ad2", "real_iad"}
     _mvtec_class(tmp_path, "bottle")
     assert [o.name for o in load_dataset("mvtec", tmp_path)] == ["bottle"]
     assert [o.name for o in load_dataset("elpv", None, ["poly"], train_fraction=0.5)] == ["poly"]
-    with pytest.raises(ValueError, match="mvtec, autovi, folder, elpv, mvtec_loco, visa"):
+    with pytest.raises(ValueError, match="mvtec, autovi, folder, elpv, mvtec_loco, visa, mvtec_ad2, real_iad"):
         load_dataset("btad", tmp_path)

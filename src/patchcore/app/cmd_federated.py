@@ -25,6 +25,7 @@ import numpy as np
 from ..data import DataError, ObjectData, Sample
 from ..data.loading import expand_images
 from ..distributed.federated import ClientSpec, NoiseSpec, federated_fit, gaussian_sigma, run_clients
+from ..engine.backbones import ensure_weights
 from ..engine.model import PatchCore
 from ..evaluation.evaluate import evaluate_object
 from ..evaluation.reports import ObjectResult, write_reports
@@ -153,6 +154,7 @@ def federated(config: Config) -> Path:
         from ..distributed.ray_runner import check_ray_address
 
         check_ray_address(config.execution.address)  # bounded, before the run folder exists
+    ensure_weights(config.model.backbone, config.model.weights, progress=config.logging.progress)  # before the run folder
     run_dir = make_run_dir(config.output_dir, config.project, config.group)
     lock = lock_run(run_dir)
     try:

@@ -23,6 +23,7 @@ from .._version import __version__
 from ..data import DataError, ObjectData, dataset_kind, load_dataset
 from ..data.check import check_samples
 from ..data.loading import iterate_batches, make_loader
+from ..engine.backbones import ensure_weights
 from ..engine.model import NonFiniteError, PatchCore
 from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
@@ -133,8 +134,12 @@ def check_objects(objects: list[ObjectData], model: PatchCore, train: bool, test
             if not obj.train:
                 raise DataError(f"{obj.name}: no training images")
             check_samples(obj.train, model.transform, f"{obj.name} train")
+            if obj.validation:  # held-out goods (calibration; MVTec AD 2's segmentation threshold)
+                check_samples(obj.validation, model.transform, f"{obj.name} validation")
         if test:
             check_samples(obj.test, model.transform, f"{obj.name} test")
+            for split, samples in obj.unlabelled.items():  # scored for a benchmark server only
+                check_samples(samples, model.transform, f"{obj.name} {split}")
 
 
 def name_bad_images(exc: NonFiniteError, samples: list[Any]) -> NonFiniteError:
@@ -328,6 +333,8 @@ def train(
         objects = load_objects(config)
         check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
         check_objects(objects, build_model(config), train=True, test=config.evaluation.enabled)
+        # The backbone's weights are on this machine (downloaded now on first use) before the run folder.
+        ensure_weights(config.model.backbone, config.model.weights, progress=config.logging.progress)
         check_tracker(online or config.logging.online)
         if config.execution.engine == "ray":
             from ..distributed.ray_runner import check_ray_address

@@ -1,4 +1,4 @@
-"""Data sets (MVTec AD, AutoVI, MVTec LOCO, VisA, own folders, ELPV) and the image/mask transforms."""
+"""Data sets (MVTec AD, AutoVI, MVTec LOCO, VisA, MVTec AD 2, Real-IAD, own folders, ELPV) and the image/mask transforms."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from .dataset import ImageDataset, collate_samples
 from .elpv import ELPV_KIND, ELPV_OBJECTS, load_elpv
 from .folder import load_folder
 from .mvtec import MVTEC_CLASSES, load_mvtec
+from .mvtec_ad2 import MVTEC_AD2_OBJECTS, load_mvtec_ad2
 from .mvtec_loco import LOCO_OBJECTS, load_mvtec_loco
+from .real_iad import REAL_IAD_OBJECTS, load_real_iad
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image, load_mask
 from .visa import VISA_OBJECTS, load_visa
 
@@ -36,8 +38,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LOCO_OBJECTS",
     "LOCO_PROTOCOL",
+    "MVTEC_AD2_OBJECTS",
     "MVTEC_CLASSES",
     "MVTEC_PROTOCOL",
+    "REAL_IAD_OBJECTS",
     "VISA_OBJECTS",
     "DataError",
     "DatasetKind",
@@ -55,7 +59,9 @@ __all__ = [
     "load_image",
     "load_mask",
     "load_mvtec",
+    "load_mvtec_ad2",
     "load_mvtec_loco",
+    "load_real_iad",
     "load_visa",
     "saturation_for",
 ]
@@ -67,6 +73,8 @@ DATASETS: dict[str, Callable[..., list[ObjectData]]] = {
     "elpv": load_elpv,
     "mvtec_loco": load_mvtec_loco,
     "visa": load_visa,
+    "mvtec_ad2": load_mvtec_ad2,
+    "real_iad": load_real_iad,
 }
 
 # Kinds whose loader takes options from the data section or needs no data.root (declared by their modules);

@@ -40,7 +40,8 @@ class EvaluationProtocol:
 
     ``mvtec`` (MVTec AD, VisA, own folders, ELPV): pooled image AUROC, pixel AUROC and AU-PRO at model
     resolution. ``autovi`` / ``mvtec_loco``: the official scripts' numbers from maps saved at native size in
-    16-bit levels (sPRO replaces AU-PRO; its regions are logical, not connected).
+    16-bit levels (sPRO replaces AU-PRO; its regions are logical, not connected). ``mvtec_ad2`` and
+    ``real_iad`` are declared by their loaders (data/mvtec_ad2.py, data/real_iad.py).
     """
 
     name: str
@@ -53,6 +54,10 @@ class EvaluationProtocol:
     )
     map_format: str = "png"  # saved native maps: "png" (16-bit levels) or "tiff" (float, LOCO's evaluator)
     pro_curve: bool = True  # the AU-PRO curve is drawn in the report
+    # MVTec AD 2 (its public code): from float16 native maps, AU-PRO up to this FPR limit, image AUROC of the
+    # map maximum and the segmentation F1 at the validation goods' mean + 3 std; None: not this protocol.
+    native_pro_limit: float | None = None
+    sample_level: bool = False  # Real-IAD: also AUROC / F1 over samples (the views in one folder)
 
     def __post_init__(self) -> None:
         if self.mask_kind not in ("binary", "valued"):
@@ -122,6 +127,9 @@ class ObjectData:
     def mask_format(self) -> str:
         """The mask kind of the protocol: "binary" or "valued" (one file per defect, value = pixel_value)."""
         return self.protocol.mask_kind
+    # Test sets without ground truth, by name (MVTec AD 2's test_private, test_private_mixed): maps are
+    # written for a benchmark server, never scored here.
+    unlabelled: dict[str, list[Sample]] = field(default_factory=dict)
 
 
 def is_image_file(path: Path) -> bool:

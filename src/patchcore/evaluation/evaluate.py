@@ -285,6 +285,21 @@ def compute_object_metrics(
         metrics.pop("au_pro", None)  # sPRO replaces PRO here (its regions are logical, not connected)
         stats["per_class"] = per_class
         stats["evaluation_protocol"] = obj.protocol.name
+    if obj.protocol.native_pro_limit is not None:  # MVTec AD 2's public definitions (evaluation/mvtec_ad2.py)
+        from .mvtec_ad2 import mvtec_ad2_metrics
+
+        native, ad2_stats = mvtec_ad2_metrics(
+            model, obj, maps, scored.sizes, settings.batch_size, settings.num_workers, obj.protocol.native_pro_limit
+        )
+        metrics.update(native)
+        metrics.pop("au_pro", None)  # the native AU-PRO at the protocol's limit replaces the model-resolution one
+        stats.update(ad2_stats)
+    if obj.protocol.sample_level:  # Real-IAD: a sample = its camera views; defective if any view is
+        from .real_iad import sample_level_metrics
+
+        sample_metrics, sample_stats = sample_level_metrics(obj.test, labels, scores)
+        metrics.update(sample_metrics)
+        stats.update(sample_stats)
     return ObjectMetrics(metrics, stats, ranges, pro, accumulator)
 
 
@@ -299,7 +314,18 @@ def write_evaluation_files(
     """predictions_<object>.csv, the heatmaps asked for, the native-size maps (``save_autovi_maps``, in the
     protocol's map format) and the report's plot data, under ``out_dir``."""
     scores, map_range = scored.scores, (result.ranges.map_min, result.ranges.map_max)
-    if settings.save_autovi_maps:
+    if settings.save_autovi_maps and obj.protocol.native_pro_limit is not None:
+        # MVTec AD 2: float16 TIFFs of test_public (the evaluation script's layout) and the benchmark server's
+        # submission of the private sets, binarised at the validation threshold.
+        from .mvtec_ad2 import write_submission, write_test_public_maps
+
+        write_test_public_maps(model, obj, scored.maps, scored.sizes, out_dir / "anomaly_maps" / obj.name / "test_public")
+        if obj.unlabelled:
+            write_submission(
+                model, obj, out_dir / "mvtec_ad2_submission", result.stats["segmentation_threshold"],
+                settings.batch_size, settings.num_workers,
+            )  # fmt: skip
+    elif settings.save_autovi_maps:
         maps_root = out_dir / "anomaly_maps" / obj.name / "test"
         for sample, amap, size in zip(obj.test, scored.maps, scored.sizes, strict=True):
             unit = _native_unit_map(model, amap, size, map_range)

@@ -40,6 +40,11 @@ METRIC_LEGEND = {
     "au_spro@L": "AUC-sPRO up to FPR L (0.01 ... 1), as the official AutoVI (all test images, one curve) or MVTec LOCO "
     "(mean of the per-type curves) script computes it from the saved native-size maps",
     "au_pro": "AU-PRO up to FPR 0.3 at model resolution (MVTec AD definition)",
+    "au_pro@0.05": "MVTec AD 2: AU-PRO up to FPR 0.05 over all test_public images, from the float16 native-size maps",
+    "image_auroc_map_max": "MVTec AD 2: image AUROC of the native map's maximum (the public evaluation script)",
+    "seg_f1": "MVTec AD 2: pixel F1 over all test_public pixels, maps binarised above mean + 3 std of the "
+    "validation goods' pixel scores",
+    "sample_auroc": "Real-IAD: AUROC over samples (5 camera views; defective if any view is, score = highest view score)",
 }
 
 
