@@ -14,6 +14,7 @@ patchcore federated -c configs/federated.yaml              (clients' local banks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -95,6 +96,22 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+# --false-alarm-rate: below 1e-6 no realistic set of good images certifies it (a million of them); at 0.5 or
+# above the "threshold" flags most good parts, which is not a false-alarm rate anyone means.
+RATE_RANGE = (1e-6, 0.5)
+
+
+def _false_alarm_rate(text: str) -> float:
+    low, high = RATE_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [{low:g}, {high:g}), got {text!r}") from None
+    if not low <= value < high:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}), got {text}")
     return value
 
 
@@ -201,6 +218,13 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-heatmaps", action="store_true")
 
     predict.add_argument("--masks", action="store_true", help="also write binary mask PNGs (calibrated)")
+    predict.add_argument(
+        "--skip-bad", action="store_true",
+        help="skip unreadable images (each named on stderr) instead of refusing the whole call",
+    )  # fmt: skip
+    predict.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown on stderr when it is a terminal)"
+    )
 
     calibrate = sub.add_parser(
         "calibrate", help="set a model's decision threshold from good images only (no defects needed)"
@@ -208,12 +232,13 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
     calibrate.add_argument("images", nargs="+", help="good image files or folders (not used in training)")
     calibrate.add_argument(
-        "--false-alarm-rate", type=float, default=0.01, help="share of good parts flagged (default 0.01)"
+        "--false-alarm-rate", type=_false_alarm_rate, default=0.01,
+        help="share of good parts flagged, in [1e-6, 0.5) (default 0.01)",
     )
     calibrate.add_argument("--out", "-o", help="write the calibrated model here (default: in place)")
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    calibrate.add_argument("--batch-size", type=int, default=None)
+    calibrate.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
 
     serve = sub.add_parser("serve", help="REST service + web page (FastAPI, uvicorn; extra: serve)")
     serve.add_argument(
@@ -224,10 +249,17 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a model to one ONNX / OpenVINO graph (extra: export)")
     export.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
-    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    from ..deploy.artifacts import EXPORT_FORMATS
+
+    export.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0])
     export.add_argument("--out", "-o", required=True, help="output folder (model + patchcore_export.json)")
     export.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    export.add_argument("--chunk", type=int, default=4096, help="memory-bank rows per distance block")
+    export.add_argument(
+        "--chunk", type=_positive_int, default=4096, help="memory-bank rows per distance block (>= 1)"
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export in a non-empty --out folder"
+    )
 
     for command in (train, federated, evaluate, predict, calibrate, serve, export):
         command.add_argument(
@@ -265,7 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A run ends on SIGTERM: cleanup runs (finally blocks), the run folder keeps its `incomplete` marker.
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # `patchcore params | head`: the reader left; say nothing more (and no traceback at exit's flush).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _user_errors() as exc:
         print(f"patchcore {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -345,12 +384,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from .predict import predict_images
 
-        records = predict_images(
+        predict_images(
             args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,
             heatmaps=not args.no_heatmaps, weights=args.weights, overwrite=args.overwrite, masks=args.masks,
+            skip_bad=args.skip_bad, progress=not args.no_progress and sys.stderr.isatty(),
+            emit=lambda record: print(json.dumps(record), flush=True),
         )  # fmt: skip
-        for record in records:
-            print(json.dumps(record))
         return 0
     if args.command == "calibrate":
         from ..deploy.calibration import describe_calibration
@@ -376,7 +415,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from ..deploy.export import export_model
 
-        files = export_model(args.model, args.format, args.out, weights=args.weights, chunk=args.chunk)
+        files = export_model(
+            args.model, args.format, args.out, weights=args.weights, chunk=args.chunk, overwrite=args.overwrite
+        )
         for f in files:
             print(f)
         return 0
