@@ -9,6 +9,7 @@ patchcore export --model patchcore_mono.pt --format onnx --out exported/
 patchcore train -c configs/mvtec.yaml --ray [ADDRESS]      (objects as Ray tasks)
 patchcore train --resume results/mvtec/default             (continue an interrupted run)
 patchcore federated -c configs/federated.yaml              (clients' local banks merged by a server)
+patchcore audit -c configs/elpv.yaml good_parts/           (which "good" images look defective)
 """
 
 from __future__ import annotations
@@ -276,6 +277,18 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--out", "-o", default="patchcore.yaml", help="file to write (default patchcore.yaml; - = stdout)")
     init.add_argument("--force", action="store_true", help="replace an existing file")
 
+    audit = sub.add_parser(
+        "audit", help="rank a folder of 'good' images by how unlike the others they look (no training)"
+    )
+    audit.add_argument(
+        "items", nargs="+", metavar="IMAGES|KEY=VALUE",
+        help="image files or folders; KEY=VALUE overrides the config's model settings",
+    )  # fmt: skip
+    audit.add_argument("--config", "-c", help="YAML configuration whose model settings are used")
+    audit.add_argument("--top", type=_positive_int, default=20, help="rows of the printed table")
+    audit.add_argument("--json", action="store_true", help="print the ranking as JSON instead of a table")
+    audit.add_argument("--out", "-o", help="also write audit.json, audit.csv and map pictures here")
+
     sub.add_parser("backbones", help="list the registered backbones")
     sub.add_parser(
         "params", help="every configuration key and estimator parameter: type, default, constraint, help"
@@ -401,6 +414,15 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(json.dumps(record.to_dict(), indent=2))
         print(f"{path}: {describe_calibration(record)}", file=sys.stderr)
+        return 0
+    if args.command == "audit":
+        from .cmd_audit import run_audit_command
+        from .train import build_model
+
+        overrides = [i for i in args.items if "=" in i and not Path(i).exists()]
+        inputs = [i for i in args.items if i not in overrides]
+        model = build_model(load_config(args.config, overrides))
+        print(run_audit_command(model, inputs, args.top, args.json, args.out))
         return 0
     if args.command == "serve":
         from ..deploy.service import parse_model_specs, run_service

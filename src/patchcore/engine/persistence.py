@@ -230,12 +230,17 @@ def bank_problem(model: Any) -> str | None:
         return f"n_patches {n_patches} is not n_train_images x the patch grid {list(model.patch_grid_)}"
     if len(bank) > n_patches:
         return f"the memory bank ({len(bank)}) is larger than the training patches ({n_patches})"
-    if model.sampler == "identity" and len(bank) != n_patches:
-        return f"sampler identity keeps all {n_patches} patches, the bank has {len(bank)}"
-    if model.sampler != "identity" and len(bank) != max(1, int(n_patches * model.percentage)):
+    # The robust fit (denoise) selects from the patches it kept (engine/audit.py).
+    kept = stats.denoise_kept_patches
+    candidates = kept if getattr(model, "denoise", False) and kept is not None else n_patches
+    if not isinstance(candidates, int) or not 1 <= candidates <= n_patches:
+        return f"denoise_kept_patches {candidates!r} is not in [1, n_patches {n_patches}]"
+    if model.sampler == "identity" and len(bank) != candidates:
+        return f"sampler identity keeps all {candidates} patches, the bank has {len(bank)}"
+    if model.sampler != "identity" and len(bank) != max(1, int(candidates * model.percentage)):
         return (
-            f"percentage {model.percentage} of {n_patches} patches gives a bank of "
-            f"{max(1, int(n_patches * model.percentage))}, the file holds {len(bank)}"
+            f"percentage {model.percentage} of {candidates} patches gives a bank of "
+            f"{max(1, int(candidates * model.percentage))}, the file holds {len(bank)}"
         )
     return None
 
