@@ -425,9 +425,14 @@ def _run(args: argparse.Namespace) -> int:
         print(run_audit_command(model, inputs, args.top, args.json, args.out))
         return 0
     if args.command == "serve":
-        from ..deploy.service import run_service
+        from ..deploy.service import parse_model_specs, run_service
+        from ..deploy.station import StationSettings, station_extension
 
-        run_service(args.model, _serve_settings(args))
+        settings = _serve_settings(args)
+        # The inspection station (the page's recent decisions, feedback, watched folders, drift); --watch is
+        # checked against the model names before any model is loaded.
+        station = station_extension(StationSettings.from_service(settings), parse_model_specs(args.model))
+        run_service(args.model, settings, [station])
         return 0
     if args.command == "export":
         from ..deploy.export import export_model
