@@ -28,13 +28,15 @@ from typing import Any
 import httpx
 import numpy as np
 
+from patchcore.deploy.settings import Runtime
+
 ROOT = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model file (.pt) or export folder (with --runtime)")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "openvino"])
+    p.add_argument("--runtime", default=Runtime.TORCH.value, choices=[r.value for r in Runtime])
     p.add_argument("--object", default="mono", help="ELPV cells whose test images are sent")
     p.add_argument("--images", type=int, default=64, help="distinct test images cycled through")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrencies measured")

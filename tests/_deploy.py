@@ -48,8 +48,9 @@ def free_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def running_server(app, timeout: float = 60.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a loopback socket bound here (no port race); yields the base URL."""
+def running_server(app, timeout: float = 60.0, healthy: tuple[int, ...] = (200,)) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a loopback socket bound here (no port race); yields the base URL once
+    /healthz answers one of ``healthy``."""
     import httpx
     import uvicorn
 
@@ -63,7 +64,7 @@ def running_server(app, timeout: float = 60.0) -> Iterator[str]:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code in healthy:
                     break
             except httpx.TransportError:
                 pass

@@ -46,7 +46,7 @@ def test_flat_results_do_not_depend_on_the_chunking(bank, queries):
     chunked_index = MemoryBankIndex(bank, chunk_rows=MIN_CHUNK_ROWS)
     # Chunks are raised to what FAISS computes with BLAS; a short tail joins the chunk before it.
     assert chunked_index.chunk_rows == max(MIN_CHUNK_ROWS, blas_min_rows(bank.shape[1]))
-    bounds = list(chunked_index._chunks(len(many)))
+    bounds = list(chunked_index.searcher.chunks(len(many)))
     assert bounds[0] == (0, chunked_index.chunk_rows) and bounds[-1][1] == len(many) and len(bounds) > 1
     assert all(stop - start >= blas_min_rows(bank.shape[1]) for start, stop in bounds)
     whole = MemoryBankIndex(bank, chunk_rows=1 << 20).search(many, 2)
@@ -177,7 +177,7 @@ def test_pruned_exact_search_finds_the_true_nearest_neighbours(k):
     np.testing.assert_allclose(distances, true_squared, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(indices, true_indices)
     assert index.exact and index.recall(queries, k) == 1.0
-    assert index._pruned.last_exact_fraction < 0.5  # the bound did prune
+    assert index.searcher.kernel.last_exact_fraction < 0.5  # the bound did prune
 
 
 def test_pruned_search_with_duplicate_bank_vectors_returns_the_smaller_index_first():

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from patchcore.engine import _pruned_search
 from patchcore.engine.index import MemoryBankIndex
+from patchcore.engine.search import pruned_kernel
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -85,22 +85,57 @@ def test_duplicated_bank_rows_return_the_smaller_index_first(precision):
     assert_exact(index, bank, queries, 3)
 
 
-def test_auto_precision_falls_back_to_float32_without_native_bf16(monkeypatch, caplog):
+def test_auto_precision_falls_back_to_float32_without_native_bf16(caplog):
     bank = patch_like(500, 160, seed=4)
-    monkeypatch.setattr(_pruned_search, "cpu_bf16_matmul", lambda: None)
-    with caplog.at_level(logging.INFO, logger=_pruned_search.__name__):
-        index = MemoryBankIndex(bank, kind="pruned")
-    assert index.search_precision == "fp32"
+    with caplog.at_level(logging.INFO, logger=pruned_kernel.__name__):
+        search = pruned_kernel.PrunedExactSearch(bank, precision="auto", cpu_feature=None)
+    assert search.precision == "fp32"
     assert "fp32 prefix products (CPU bf16 support: none)" in caplog.text
-    assert_exact(index, bank, bank[:50] + np.float32(0.01), 1)
+    assert_exact(search, bank, bank[:50] + np.float32(0.01), 1)
 
 
-def test_auto_precision_takes_bf16_where_the_cpu_has_it(monkeypatch, caplog):
-    monkeypatch.setattr(_pruned_search, "cpu_bf16_matmul", lambda: "amx_bf16")
-    with caplog.at_level(logging.INFO, logger=_pruned_search.__name__):
-        index = MemoryBankIndex(patch_like(300, 160, seed=5), kind="pruned")
-    assert index.search_precision == "bf16"
+def test_auto_precision_takes_bf16_where_the_cpu_has_it(caplog):
+    with caplog.at_level(logging.INFO, logger=pruned_kernel.__name__):
+        search = pruned_kernel.PrunedExactSearch(patch_like(300, 160, seed=5), precision="auto", cpu_feature="amx_bf16")
+    assert search.precision == "bf16"
     assert "bf16 prefix products (CPU bf16 support: amx_bf16)" in caplog.text
+
+
+# Abridged /proc/cpuinfo texts (real flag names; the flags lines of a Sapphire Rapids, a Zen 4, a Skylake-SP).
+CPUINFO_HEAD = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: some CPU\n"
+SAPPHIRE_RAPIDS = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+ZEN4 = "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 avx512_vbmi2\n"
+SKYLAKE = "flags\t\t: fpu sse2 avx2 avx512f avx512cd avx512bw avx512vl\n"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (CPUINFO_HEAD + SAPPHIRE_RAPIDS + "bugs\t\t: spectre_v1\n", "amx_bf16"),  # AMX preferred over AVX512-BF16
+        (CPUINFO_HEAD + ZEN4, "avx512_bf16"),
+        (CPUINFO_HEAD + SKYLAKE, None),  # avx512 without its bf16 extension
+        (CPUINFO_HEAD + SKYLAKE + "\n" + CPUINFO_HEAD + ZEN4, None),  # only the first flags line counts
+        ("processor\t: 0\nFeatures\t: fp asimd bf16 sve\n", None),  # aarch64 writes 'Features', no x86 flags
+        ("flags\t\t: fpu xamx_bf16 avx512_bf16x\n", None),  # whole flag names, not substrings
+        ("", None),
+    ],
+)
+def test_bf16_feature_reads_the_cpuinfo_flags_line(text, expected):
+    """Catches a parser that matches substrings, ignores AMX's priority, reads every flags line or the
+    'Features' line of other architectures."""
+    assert pruned_kernel.bf16_feature(text) == expected
+
+
+def test_this_machines_bf16_detection_is_the_parse_of_its_cpuinfo():
+    import sys
+
+    import torch
+
+    if not sys.platform.startswith("linux") or not torch.backends.mkldnn.is_available():
+        assert pruned_kernel.cpu_bf16_matmul() is None
+        return
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+        assert pruned_kernel.cpu_bf16_matmul() == pruned_kernel.bf16_feature(handle.read())
 
 
 def test_unknown_search_precision_is_rejected():
@@ -115,7 +150,7 @@ def test_both_precisions_prune_most_of_the_bank():
     for precision in PRECISIONS:
         index = MemoryBankIndex(bank, kind="pruned", search_precision=precision)
         index.search(queries, 1)
-        fractions[precision] = index._pruned.last_exact_fraction
+        fractions[precision] = index.searcher.kernel.last_exact_fraction
     # Both bounds prune most of the bank (bf16's allowance is wider, so it may re-rank a few more).
     assert fractions["bf16"] < 0.5 and fractions["fp32"] < 0.5
 
@@ -126,7 +161,7 @@ def test_both_precisions_prune_most_of_the_bank():
 @pytest.mark.parametrize("k", [1, 3])
 def test_torch_matmul_search_equals_float64_brute_force(k):
     # The CUDA path's logic, run on the CPU: float32 products for candidates, float64 re-ranking.
-    from patchcore.engine._torch_search import TorchExactSearch
+    from patchcore.engine.search.torch_exact import TorchExactSearch
 
     bank = patch_like(2000, 256, seed=9, offset=20.0)
     rng = np.random.default_rng(10)
@@ -140,7 +175,7 @@ def test_torch_matmul_search_equals_float64_brute_force(k):
 
 
 def test_torch_matmul_search_falls_back_to_brute_force_where_it_cannot_certify():
-    from patchcore.engine._torch_search import TorchExactSearch
+    from patchcore.engine.search.torch_exact import TorchExactSearch
 
     base = patch_like(300, 128, seed=11)
     bank = np.concatenate([base, base, base])  # three-deep exact ties: no room beyond k to certify
@@ -158,15 +193,13 @@ def test_bfloat16_screen_never_exceeds_the_float64_distance(offset):
     # The second bound, (||q_c - b~|| - ||b_c - b~||)^2 from the bank's bfloat16 copy, is a lower bound of
     # the exact squared distance for every pair, including near and identical vectors and large norms.
     bank = patch_like(500, 96, seed=5, offset=offset)
-    search = _pruned_search.PrunedExactSearch(bank, precision="fp32")
+    search = pruned_kernel.PrunedExactSearch(bank, precision="fp32")
     rng = np.random.default_rng(3)
     queries = np.concatenate([bank[:20], bank[20:60] + rng.normal(0, 1e-3, size=(40, 96)).astype(np.float32)])
     for query in queries:
-        centred = query.astype(np.float64) - search.mean_np.astype(np.float64)
         exact = ((bank.astype(np.float64) - query.astype(np.float64)) ** 2).sum(1)
-        for j in range(len(bank)):
-            lower = _pruned_search._reduced_lower_bound(centred, search.reduced_bank[j], search.reduced_residual[j])
-            assert lower <= exact[j] * (1 + 1e-9), (j, lower, exact[j])
+        lower = search.reduced_lower_bounds(query)
+        assert np.all(lower <= exact * (1 + 1e-9)), np.flatnonzero(lower > exact * (1 + 1e-9))
 
 
 def test_bfloat16_screen_spares_most_exact_distances_on_patch_like_data():
@@ -175,36 +208,20 @@ def test_bfloat16_screen_spares_most_exact_distances_on_patch_like_data():
     queries = bank[rng.choice(len(bank), 200)] + rng.normal(0, 0.3, size=(200, 256)).astype(np.float32)
     index = MemoryBankIndex(bank, kind="pruned", search_precision="fp32")
     assert_exact(index, bank, queries, 1)
-    search = index._pruned
+    search = index.searcher.kernel
     assert search.last_screened_fraction > search.last_exact_fraction
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("offset", [0.0, 40.0])
-def test_prefix_pass_bound_never_exceeds_the_exact_distance(monkeypatch, precision, offset):
+def test_prefix_pass_bound_never_exceeds_the_exact_distance(precision, offset):
     # The first-level bound of every (query, bank vector) pair, as the kernel computes it from the products
     # (bf16 or float32) and the allowances, is at most the float64 squared distance.
     bank = patch_like(600, 256, seed=12, offset=offset)
-    search = _pruned_search.PrunedExactSearch(bank, precision=precision)
+    search = pruned_kernel.PrunedExactSearch(bank, precision=precision)
     rng = np.random.default_rng(5)
     queries = bank[rng.choice(len(bank), 40)] + rng.normal(0, 0.05, size=(40, 256)).astype(np.float32)
-    captured = {}
-    kernel = _pruned_search.pruned_knn
-
-    def capture(*args):
-        captured["args"] = args
-        return kernel(*args)
-
-    monkeypatch.setattr(_pruned_search, "pruned_knn", capture)
-    search.search(queries, 1)
-    _, _, dots, query_sq, bank_sq, margin_q, margin_b, cross_q, cross_b = captured["args"][:9]
-    if dots.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
-        products = (dots.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    else:
-        products = dots.astype(np.float64)
-    allowance = margin_q[:, None] + margin_b[None, :]
-    allowance = allowance + 2.0 * (cross_q[:, :1] * cross_b[None, :, 0] + cross_q[:, 1:] * cross_b[None, :, 1])
-    lower = query_sq[:, None].astype(np.float64) + bank_sq[None, :] - 2.0 * products - allowance
+    lower = search.first_level_bounds(queries)
     exact = ((queries.astype(np.float64)[:, None, :] - bank.astype(np.float64)[None, :, :]) ** 2).sum(2)
     assert np.all(lower <= exact)
     assert np.mean(lower > 0.5 * exact) > 0.5  # and a useful bound, not a trivial one

@@ -116,6 +116,40 @@ def _version(text: str) -> int:
     return value
 
 
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ServiceSettings` field: its flag, help, default and range come from there."""
+    from ..deploy.settings import parse_option, serve_options
+
+    for name, option, default in serve_options():
+
+        def parse(text: str, option=option) -> typing.Any:
+            try:
+                return parse_option(option, text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        shown = default if option.scale == 1 or default is None else default / option.scale
+        parser.add_argument(
+            option.flag, dest=f"serve_{name}", type=parse, default=None,
+            action="append" if option.repeat else "store",
+            metavar=option.flag.removeprefix("--").upper().replace("-", "_"),
+            help=f"{option.help}" + (f"; one of {', '.join(option.choices)}" if option.choices else "")
+            + (f" (default {shown})" if shown not in (None, ()) else ""),
+        )  # fmt: skip
+
+
+def _serve_settings(args: argparse.Namespace) -> typing.Any:
+    """The :class:`ServiceSettings` of a ``serve`` command line (flags not given keep the dataclass default)."""
+    from ..deploy.settings import ServiceSettings, serve_options
+
+    given: dict[str, typing.Any] = {}
+    for name, _, _ in serve_options():
+        value = getattr(args, f"serve_{name}")
+        if value is not None:
+            given[name] = tuple(value) if isinstance(value, list) else value  # a repeated flag: a tuple
+    return ServiceSettings(**given)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="patchcore", description="PatchCore industrial anomaly detection")
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
@@ -233,16 +267,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model", "-m", action="append", required=True,
         help="model file (.pt) or export folder; repeatable; NAME=PATH names it (default: file stem)",
     )  # fmt: skip
-    serve.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key-file", help="file holding the API key: Bearer auth on all but /healthz")
-    serve.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
-    serve.add_argument("--runtime", choices=["torch", "onnx", "openvino"], default="torch")
-    serve.add_argument("--device", default="auto")
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (MB)")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image (pixels)")
-    serve.add_argument("--threads", type=int, help="intra-op threads of torch / the runtime (default: all)")
+    _add_serve_options(serve)
 
     export = sub.add_parser("export", help="export a model to one ONNX / OpenVINO graph (extra: export)")
     export.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
@@ -373,15 +398,9 @@ def _run(args: argparse.Namespace) -> int:
             print(history_text(model))
         return 0
     if args.command == "serve":
-        from ..deploy.service import ServiceSettings, run_service
+        from ..deploy.service import run_service
 
-        settings = ServiceSettings(
-            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, runtime=args.runtime,
-            device=args.device, api_key_file=args.api_key_file,
-            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-            threads=args.threads,
-        )  # fmt: skip
-        run_service(args.model, settings, host=args.host, port=args.port)
+        run_service(args.model, _serve_settings(args))
         return 0
     if args.command == "export":
         from ..deploy.export import export_model

@@ -11,13 +11,14 @@ request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-__all__ = ["DynamicBatcher"]
+__all__ = ["DynamicBatcher", "PixelBudget"]
 
 
 class DynamicBatcher:
@@ -39,6 +40,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.on_batch = on_batch
+        self.dropped = 0  # items whose caller gave up before they were scored (never computed)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         # One thread per model: batches of one model run one after the other (the backend uses all cores
@@ -71,6 +73,9 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
+            if first[1].cancelled():  # its caller gave up (client gone) while it waited: dropped
+                self.dropped += 1
+                continue
             batch = [first]
             deadline = time.monotonic() + self.max_wait
             while len(batch) < self.max_batch:
@@ -85,7 +90,9 @@ class DynamicBatcher:
                 except TimeoutError:
                     break
             # Callers that gave up (client gone) are dropped before the work.
-            batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            self.dropped += len(batch) - len(live)
+            batch = live
             if not batch:
                 continue
             if self.on_batch is not None:
@@ -110,3 +117,56 @@ class DynamicBatcher:
                     future.set_exception(error)
                 else:
                     future.set_result(result)
+
+
+class PixelBudget:
+    """Pixels being decoded, scored and drawn at once, server-wide: a request holds its (weighted) pixel
+    count while it works and waits, first come first served, until it fits. Bounds the memory of many
+    concurrent large images (each pixel costs the same memory whoever sends it)."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, amount: int) -> AsyncIterator[None]:
+        if amount > self.capacity:
+            raise ValueError(f"{amount} pixels can never fit a budget of {self.capacity}")
+        if self._waiters or self.used + amount > self.capacity:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append((amount, future))
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._release(amount)  # granted just as its caller gave up
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove((amount, future))
+                    self._wake()
+                raise
+        else:
+            self.used += amount
+        try:
+            yield
+        finally:
+            self._release(amount)
+
+    def _release(self, amount: int) -> None:
+        self.used -= amount
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            amount, future = self._waiters[0]
+            if future.cancelled():
+                self._waiters.popleft()
+                continue
+            if self.used + amount > self.capacity:
+                return
+            self._waiters.popleft()
+            self.used += amount
+            future.set_result(None)

@@ -16,10 +16,11 @@ from ..data.transforms import ImageTransform
 from ..engine.records import Calibration, TestRanges
 from .errors import DeployError
 from .export import EXPORT_META, ONNX_FILE, OPENVINO_FILE
+from .settings import EXPORTED_RUNTIMES, Runtime
 
 __all__ = ["ExportedBackend", "RUNTIMES", "load_exported"]
 
-RUNTIMES = ("onnx", "openvino")
+RUNTIMES: tuple[str, ...] = tuple(r.value for r in EXPORTED_RUNTIMES)
 
 
 class ExportedBackend:
@@ -40,7 +41,7 @@ class ExportedBackend:
             raise DeployError(f"{meta_path} is unreadable or incomplete: {exc}") from exc
         self.runtime = runtime
         onnx_path, xml_path = folder / ONNX_FILE, folder / OPENVINO_FILE
-        if runtime == "onnx":
+        if runtime == Runtime.ONNX:
             if not onnx_path.is_file():
                 raise DeployError(f"{folder} holds no {ONNX_FILE} (export with --format onnx)")
             try:
@@ -52,7 +53,7 @@ class ExportedBackend:
                 options.intra_op_num_threads = threads
             self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             self._run = lambda x: self._session.run(None, {"images": x})
-        elif runtime == "openvino":
+        elif runtime == Runtime.OPENVINO:
             source = xml_path if xml_path.is_file() else onnx_path
             if not source.is_file():
                 raise DeployError(f"{folder} holds neither {OPENVINO_FILE} nor {ONNX_FILE}")
@@ -73,7 +74,7 @@ class ExportedBackend:
 
             self._run = run
         else:
-            raise DeployError(f"unknown runtime {runtime!r}; known: torch, {', '.join(RUNTIMES)}")
+            raise DeployError(f"unknown runtime {runtime!r}; known: {', '.join(r.value for r in Runtime)}")
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         outputs = self._run(np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32))

@@ -9,7 +9,7 @@ import PIL.Image
 
 from ..data.transforms import to_rgb
 
-__all__ = ["UploadError", "decode_upload"]
+__all__ = ["UploadError", "decode_upload", "declared_pixels"]
 
 
 class UploadError(ValueError):
@@ -53,3 +53,16 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, name: str = "upl
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated or corrupt data surfaces as one of these from the decoders.
         raise UploadError(400, f"{name}: cannot decode the image (truncated or corrupt): {exc}") from exc
+
+
+def declared_pixels(data: bytes) -> int | None:
+    """The pixel count an image's header announces (width x height x frames), read without decoding any
+    pixel; None if the data is no image PIL can open (decoding will say why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                return width * height * max(int(getattr(image, "n_frames", 1)), 1)
+    except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
+        return None

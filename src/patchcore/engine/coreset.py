@@ -230,7 +230,7 @@ def _pruned_greedy_select(
     progress: ProgressCallback | None,
     stats: dict | None,
 ) -> np.ndarray:
-    from ._greedy_kernel import CHUNKS, greedy_picks
+    from .greedy_kernel import CHUNKS, greedy_picks
 
     z_np = np.ascontiguousarray(z.numpy() if isinstance(z, torch.Tensor) else z, dtype=np.float32)
     bound = prefix_bound_data(torch.from_numpy(z_np))

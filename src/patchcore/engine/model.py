@@ -724,11 +724,15 @@ class PatchCore:
         if not len(rows):
             return
         with self._build_lock:
-            self.memory_bank_ = np.concatenate([self.memory_bank_, rows])
             row_versions = np.broadcast_to(np.asarray(versions, dtype=np.int64), (len(rows),))
             self.row_versions_ = np.concatenate([self.row_versions_, row_versions])
-            if self._index is not None:
-                _index_add(self, rows)
+            index = self._index
+            if index is not None:
+                index.add(rows)  # in place: no kind rebuilds the rows it holds
+                # The index's rows are the bank, in order (one copy, grown in amortised O(rows added)).
+                self.memory_bank_ = _bank_of(index, len(self.row_versions_))
+            else:
+                self.memory_bank_ = np.concatenate([self.memory_bank_, rows])
             if self._space_bank is not None:
                 if projected is None:
                     self._space_bank = None  # projected again on next use
@@ -740,10 +744,13 @@ class PatchCore:
         if n_rows == len(self.memory_bank_):
             return
         with self._build_lock:
-            self.memory_bank_ = self.memory_bank_[:n_rows].copy()
             self.row_versions_ = self.row_versions_[:n_rows].copy()
-            if self._index is not None:
-                _index_truncate(self, n_rows)
+            index = self._index
+            if index is not None:
+                index.truncate(n_rows)  # searches then answer as they did with those rows
+                self.memory_bank_ = _bank_of(index, n_rows)
+            else:
+                self.memory_bank_ = self.memory_bank_[:n_rows].copy()
             if self._space_bank is not None:
                 self._space_bank = self._space_bank[:n_rows].clone()
 
@@ -806,24 +813,12 @@ PatchCore.__doc__ = (PatchCore.__doc__ or "") + "\n    Parameters\n    ---------
 # --------------------------------------------------------------------- helpers
 
 
-def _index_add(model: PatchCore, rows: np.ndarray) -> None:
-    # TEMPORARY (until MemoryBankIndex.add lands from the search branch): rebuild from the grown bank.
-    index = model._index
-    if hasattr(index, "add"):
-        index.add(rows)
-    else:
-        model._index = None
-        model._search_index()
-
-
-def _index_truncate(model: PatchCore, n_rows: int) -> None:
-    # TEMPORARY (until MemoryBankIndex.truncate lands from the search branch): rebuild from the kept bank.
-    index = model._index
-    if hasattr(index, "truncate"):
-        index.truncate(n_rows)
-    else:
-        model._index = None
-        model._search_index()
+def _bank_of(index: MemoryBankIndex, n_rows: int) -> np.ndarray:
+    """The index's rows as the model's bank (a view: the index owns them and grows them in place)."""
+    bank = index.bank
+    if not isinstance(bank, np.ndarray) or bank.shape[0] != n_rows:  # pragma: no cover - a kind's contract
+        raise RuntimeError(f"the search index holds {getattr(bank, 'shape', None)} rows, expected {n_rows}")
+    return bank
 
 
 def _flush(pending: list[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .search import SEARCH_KINDS
+
 __all__ = [
     "PARAMS",
     "Constraint",
@@ -157,8 +159,9 @@ PARAMS: tuple[Param, ...] = (
     Param("seed", int, 0, "every random choice of a fit (and random weights)", at_least(0), True, False),
     Param("work_dir", str | None, None, "folder for the streamed training features; null = system temp",
           None, False, False),
-    Param("index_kind", str, "flat", "nearest-neighbour index: flat, pruned (exact) or ivf, hnsw (approximate)",
-          choice("flat", "pruned", "ivf", "hnsw")),
+    Param("index_kind", str, "flat", "nearest-neighbour search: " + ", ".join(
+          f"{name} ({'exact' if kind.exact else 'approximate'})" for name, kind in SEARCH_KINDS.items()),
+          choice(*SEARCH_KINDS)),
     Param("nprobe", int, 8, "IVF lists searched", at_least(1)),
     Param("ef_search", int, 64, "HNSW search breadth", at_least(1)),
     Param("search_threads", int | None, None, "FAISS threads; null = its default", at_least(1)),

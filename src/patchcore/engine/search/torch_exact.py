@@ -1,4 +1,5 @@
-"""Exact k-nearest-neighbour search by torch matrix products: the GPU path when FAISS has no GPU build.
+"""``torch``: exact k-nearest-neighbour search by torch matrix products (the CUDA path of ``flat`` when
+FAISS has no GPU build, and of ``pruned``; on the CPU when asked for by name).
 
 Candidates come from ||q||^2 + ||b||^2 - 2 q.b in the device's float32 matrix product (which may run in
 TF32 on NVIDIA GPUs: 10-bit mantissa), then the candidates are re-ranked by float64 sums of squared
@@ -15,13 +16,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .base import Devices, GrowableRows, Placement, SearchKind, SearchSettings
+from .registry import register_search_kind
+
+__all__ = ["TorchExactSearch", "TorchSearch"]
+
 RELATIVE_ERROR = 2.0**-9  # > 2 * 2^-11 (TF32 rounding of both factors) + float32 accumulation over D terms
 EXTRA = 8  # candidates beyond k re-ranked in float64
 CHUNK_ROWS = 1024  # queries per product; the float64 re-ranking gathers (rows, k + extra, D)
 
 
 class TorchExactSearch:
-    """Exact L2 k-NN of a bank held on a torch device (CUDA in practice; also runs, and is tested, on CPU)."""
+    """Exact L2 k-NN of a bank held on a torch device (CUDA in practice; also runs, and is tested, on CPU).
+
+    :meth:`add` concatenates rows, centred on the build-time mean (any centre keeps the estimate's error
+    bound: it is stated in the centred norms, whose maximum grows with the new rows)."""
 
     def __init__(self, bank: np.ndarray, device: str | torch.device = "cuda", extra: int = EXTRA):
         self.device = torch.device(device)
@@ -35,6 +44,28 @@ class TorchExactSearch:
         self.bank_norm_max = float(torch.sqrt(squared.max()))
         self.extra = int(extra)
         self.last_fallbacks = 0
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def add(self, rows: np.ndarray) -> None:
+        new = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        centred = new - self.mean
+        squared = (centred.double() ** 2).sum(1)
+        self.bank = torch.cat([self.bank, new])
+        self.centred = torch.cat([self.centred, centred])
+        self.bank_sq = torch.cat([self.bank_sq, squared.float()])
+        if len(new):
+            self.bank_norm_max = max(self.bank_norm_max, float(torch.sqrt(squared.max())))
+
+    def truncate(self, n_rows: int) -> None:
+        """Keep the first ``n_rows`` rows (slices; the norm bound is recomputed over what stays)."""
+        if not 1 <= n_rows <= len(self):
+            raise ValueError(f"n_rows must be in [1, {len(self)}], got {n_rows}")
+        self.bank = self.bank[:n_rows]
+        self.centred = self.centred[:n_rows]
+        self.bank_sq = self.bank_sq[:n_rows]
+        self.bank_norm_max = float(torch.sqrt((self.centred.double() ** 2).sum(1).max()))
 
     @torch.no_grad()
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,3 +111,37 @@ class TorchExactSearch:
         )
         order = torch.sort(distances, stable=True).indices[:k]  # stable: ties keep index order
         return distances[order], order
+
+
+@register_search_kind
+class TorchSearch(SearchKind):
+    """The ``torch`` kind: :class:`TorchExactSearch` on CUDA when the model is on a CUDA device, else the CPU."""
+
+    name = "torch"
+    exact = True
+
+    def __init__(self, bank: np.ndarray, settings: SearchSettings, device: str = "cpu"):
+        self.kernel = TorchExactSearch(bank, device)
+        self.on_gpu = self.kernel.device.type == "cuda"
+        self._host_bank = GrowableRows(np.ascontiguousarray(bank, dtype=np.float32))
+
+    @classmethod
+    def place(cls, use_gpu: bool, devices: Devices) -> Placement:
+        if use_gpu and devices.torch_cuda:
+            return Placement("torch", "cuda", "on CUDA")
+        return Placement("torch", "cpu", "on the CPU" if not use_gpu else "no CUDA device visible to torch: the CPU")
+
+    @property
+    def bank(self) -> np.ndarray:
+        return self._host_bank.view
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.kernel.search(queries, k)
+
+    def add(self, rows: np.ndarray) -> None:
+        self.kernel.add(rows)
+        self._host_bank.append(rows)
+
+    def truncate(self, n_rows: int) -> None:
+        self.kernel.truncate(n_rows)
+        self._host_bank.truncate(n_rows)

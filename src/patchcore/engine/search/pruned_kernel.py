@@ -31,7 +31,8 @@ import torch
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .principal import principal_basis
+from ..principal import principal_basis
+from .base import GrowableRows
 
 log = logging.getLogger(__name__)
 
@@ -50,38 +51,51 @@ FP32_UNIT_ROUNDOFF = 2.0**-24
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
+BF16_FEATURES = ("amx_bf16", "avx512_bf16")  # CPU flags that make oneDNN's bf16 products fast, preferred first
+DETECT = "detect"  # cpu_feature=DETECT: read this machine's flags (cpu_bf16_matmul)
+
+
+def bf16_feature(cpuinfo: str) -> str | None:
+    """The native bf16 feature named in a /proc/cpuinfo text: the first of ``BF16_FEATURES`` (``amx_bf16``
+    before ``avx512_bf16``) among the flags of its first ``flags`` line; None when it has neither, or no
+    ``flags`` line (non-x86 kernels write ``Features``)."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split()) if ":" in line else set()
+            for feature in BF16_FEATURES:
+                if feature in flags:
+                    return feature
+            return None
+    return None
+
+
 @functools.cache
 def cpu_bf16_matmul() -> str | None:
-    """The CPU feature that makes oneDNN's bf16 matrix products fast (``amx_bf16``, ``avx512_bf16``), or None.
+    """This CPU's native bf16 feature (:func:`bf16_feature` of /proc/cpuinfo), or None.
 
-    Read from /proc/cpuinfo (Linux); elsewhere None, so the search stays in float32 (always exact, and bf16
+    Linux with oneDNN (mkldnn) only; elsewhere None, so the search stays in float32 (always exact, and bf16
     emulated in software would be slower than float32).
     """
     if not sys.platform.startswith("linux") or not torch.backends.mkldnn.is_available():
         return None
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    for feature in ("amx_bf16", "avx512_bf16"):
-                        if feature in flags:
-                            return feature
-                    return None
+            return bf16_feature(handle.read())
     except OSError:
         return None
-    return None
 
 
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
-    """``auto`` -> ``bf16`` on a CUDA device or a CPU with native bf16 products, else ``fp32``."""
+def resolve_precision(precision: str, device: torch.device | str = "cpu", cpu_feature: str | None = DETECT) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device or a CPU with native bf16 products (``cpu_feature``, by default
+    this machine's :func:`cpu_bf16_matmul`), else ``fp32``."""
     if precision not in PRECISIONS:
         raise ValueError(f"search precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     if torch.device(device).type == "cuda":
         return "bf16"  # pragma: no cover - no GPU here
-    return "bf16" if cpu_bf16_matmul() is not None else "fp32"
+    feature = cpu_bf16_matmul() if cpu_feature == DETECT else cpu_feature
+    return "bf16" if feature is not None else "fp32"
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -256,10 +270,11 @@ def pruned_knn(
 
 
 class PrunedExactSearch:
-    """Exact L2 k-NN over a bank, pruned by a principal-component prefix bound.
+    """Exact L2 k-NN over a bank, pruned by a principal-component prefix bound; grows in place.
 
     ``precision``: ``auto`` (bf16 where the CPU multiplies it natively, see :func:`cpu_bf16_matmul`),
-    ``bf16`` or ``fp32``; the result is the same, only the speed differs.
+    ``bf16`` or ``fp32``; the result is the same, only the speed differs. ``cpu_feature``: the CPU's native
+    bf16 feature as :func:`bf16_feature` names it (None: none); by default read from this machine.
 
     The bf16 allowance. With p, b the float32 prefixes and p~, b~ their bf16 roundings, the product returns
     fl(p~.b~) (float32 accumulation of exact bf16 products, then rounded to bf16), and
@@ -267,53 +282,50 @@ class PrunedExactSearch:
     (Cauchy-Schwarz; gamma = 2m u_fp32 covers the accumulation, u_bf16 = 2^-8 the output rounding). Every
     factor is a per-vector norm, computed in float64 and rounded up, so the allowance on the squared distance,
     2 (r_q n_b + n_q r'_b) with r'_b = r_b + (gamma + u_bf16(1 + gamma)) n_b, is a certified one.
+
+    Growing (:meth:`add`). Every per-row quantity (the prefix, its bf16 copy, the bf16 copy of the centred
+    row and its residual, the margins) depends on that row and on the mean and basis fixed at build time,
+    nothing else; added rows are projected on that basis. The bound needs no more: for any orthonormal
+    basis and any centre, the distance over a subset of the rotated coordinates is at most the full
+    distance, whether or not the basis is the principal one of the rows it is applied to (a basis that fits
+    the added rows less well only prunes less). :meth:`truncate` drops the last rows; what stays is what the
+    index held before they were added, bit for bit.
     """
 
-    def __init__(self, bank: np.ndarray, prefix_dim: int = PREFIX_DIM, precision: str = "auto"):
-        self.precision = resolve_precision(precision)
-        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-        mean, basis = principal_basis(torch.from_numpy(self.bank), prefix_dim)
+    def __init__(
+        self, bank: np.ndarray, prefix_dim: int = PREFIX_DIM, precision: str = "auto", cpu_feature: str | None = DETECT
+    ):
+        feature = cpu_bf16_matmul() if cpu_feature == DETECT else cpu_feature
+        self.precision = resolve_precision(precision, cpu_feature=feature)
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        self._mean64, basis = principal_basis(torch.from_numpy(bank), prefix_dim)
+        self._basis64 = basis
         self.basis = basis.float().contiguous()
-        self.mean32 = mean.float()
-        n, dim = self.bank.shape
-        prefix = torch.empty((n, basis.shape[1]), dtype=torch.float32)
-        self.margin_bank = np.empty(n, dtype=np.float32)
-        # A bfloat16 copy of the centred bank screens the candidates the prefix bound leaves: half the bytes
-        # of a float32 row per candidate (the search is bound by memory traffic there). Its residual
-        # ||b_c - b~|| is exact in float64 (float32 inputs), rounded up; centring at the float32 mean.
-        self.reduced_bank = np.empty((n, dim), dtype=np.uint16)
-        self.reduced_residual = np.empty(n, dtype=np.float64)
-        mean_of_32 = self.mean32.double()
-        for start in range(0, n, BUILD_ROWS):  # float64 temporaries one chunk at a time
-            rows = torch.from_numpy(self.bank[start : start + BUILD_ROWS]).double()
-            stop = start + len(rows)
-            centred = rows - mean
-            prefix[start:stop] = (centred @ basis).float()
-            # The bank's prefix is computed in float64: its float32 rounding, and the float32 products and sums
-            # of the squared-distance formula, err by far less than 1e-3 of the centred squared norms (the
-            # query's float32 projection has its own worst-case allowance, see search).
-            self.margin_bank[start:stop] = (RELATIVE_MARGIN * (centred**2).sum(1) + 1e-6).float().numpy()
-            centred_exact = rows - mean_of_32
-            reduced = centred_exact.to(torch.bfloat16)
-            self.reduced_bank[start:stop] = reduced.view(torch.uint16).numpy()
-            residual = torch.linalg.vector_norm(centred_exact - reduced.double(), dim=1)
-            self.reduced_residual[start:stop] = (residual * (1 + 1e-9)).numpy()
-        self.bank_prefix = prefix
-        self.bank_prefix_sq = (prefix.double() ** 2).sum(1).float().numpy()
-        self.dim = prefix.shape[1]
+        self.mean32 = self._mean64.float()
         self.mean_np = self.mean32.numpy()
+        self._mean_of_32 = self.mean32.double()
+        n, dim = bank.shape
+        self.dim = basis.shape[1]
         unit = FP32_UNIT_ROUNDOFF
         gamma = dim * unit / (1 - dim * unit)
         self.projection_error = (np.sqrt(self.dim) * (gamma + unit) + unit) * (1 + 1e-6)
+        self._bank = GrowableRows(bank)
+        # Per-row data, one buffer each (filled chunk by chunk: float64 temporaries stay one chunk).
+        fields = {
+            "prefix": ((self.dim,), np.float32),
+            "prefix_sq": ((), np.float32),
+            "margin": ((), np.float32),
+            "reduced": ((dim,), np.uint16),
+            "residual": ((), np.float64),
+            "cross": ((2,), np.float32),
+        }
         if self.precision == "bf16":
-            self.bank_prefix_bf16 = prefix.to(torch.bfloat16)
-            self.cross_bank = _cross_terms(prefix, self.bank_prefix_bf16, self.dim, bank_side=True)
-        else:
-            self.bank_prefix_bf16 = None
-            # (|p_b|, 0): the per-pair term of the projection allowance; no bf16 rounding in float32.
-            norms = torch.linalg.vector_norm(prefix.double(), dim=1) * (1 + 1e-6)
-            self.cross_bank = torch.stack([norms, torch.zeros_like(norms)], dim=1).float().numpy()
-        feature = cpu_bf16_matmul()
+            fields["prefix_bf16"] = ((self.dim,), np.uint16)
+        self._rows = {name: GrowableRows.allocate(n, shape, dtype) for name, (shape, dtype) in fields.items()}
+        for start in range(0, n, BUILD_ROWS):
+            data = self._row_data(bank[start : start + BUILD_ROWS])
+            for name, values in data.items():
+                self._rows[name].view[start : start + len(values)] = values
         log.info(
             "exact search: %s prefix products (CPU bf16 support: %s%s), float64 re-ranking of what the "
             "certified bound cannot exclude",
@@ -323,6 +335,119 @@ class PrunedExactSearch:
         )
         self.last_exact_fraction = 0.0
         self.last_screened_fraction = 0.0
+
+    def _row_data(self, rows32: np.ndarray) -> dict[str, np.ndarray]:
+        """The per-row quantities of float32 ``rows32`` (one chunk), as the search reads them."""
+        rows = torch.from_numpy(rows32).double()
+        centred = rows - self._mean64
+        prefix = (centred @ self._basis64).float()
+        # The bank's prefix is computed in float64: its float32 rounding, and the float32 products and sums
+        # of the squared-distance formula, err by far less than 1e-3 of the centred squared norms (the
+        # query's float32 projection has its own worst-case allowance, see search).
+        margin = (RELATIVE_MARGIN * (centred**2).sum(1) + 1e-6).float()
+        # A bfloat16 copy of the centred bank screens the candidates the prefix bound leaves: half the bytes
+        # of a float32 row per candidate (the search is bound by memory traffic there). Its residual
+        # ||b_c - b~|| is exact in float64 (float32 inputs), rounded up; centring at the float32 mean.
+        centred_exact = rows - self._mean_of_32
+        reduced = centred_exact.to(torch.bfloat16)
+        residual = torch.linalg.vector_norm(centred_exact - reduced.double(), dim=1) * (1 + 1e-9)
+        data = {
+            "prefix": prefix.numpy(),
+            "prefix_sq": (prefix.double() ** 2).sum(1).float().numpy(),
+            "margin": margin.numpy(),
+            "reduced": reduced.view(torch.uint16).numpy(),
+            "residual": residual.numpy(),
+        }
+        if self.precision == "bf16":
+            prefix_bf16 = prefix.to(torch.bfloat16)
+            data["prefix_bf16"] = prefix_bf16.view(torch.uint16).numpy()
+            data["cross"] = _cross_terms(prefix, prefix_bf16, self.dim, bank_side=True)
+        else:
+            # (|p_b|, 0): the per-pair term of the projection allowance; no bf16 rounding in float32.
+            norms = torch.linalg.vector_norm(prefix.double(), dim=1) * (1 + 1e-6)
+            data["cross"] = torch.stack([norms, torch.zeros_like(norms)], dim=1).float().numpy()
+        return data
+
+    # The per-row data, as the kernel reads it (views of the first len(self) rows).
+    @property
+    def bank(self) -> np.ndarray:
+        return self._bank.view
+
+    @property
+    def bank_prefix(self) -> torch.Tensor:
+        return torch.from_numpy(self._rows["prefix"].view)
+
+    @property
+    def bank_prefix_bf16(self) -> torch.Tensor | None:
+        if "prefix_bf16" not in self._rows:
+            return None
+        return torch.from_numpy(self._rows["prefix_bf16"].view).view(torch.bfloat16)
+
+    @property
+    def bank_prefix_sq(self) -> np.ndarray:
+        return self._rows["prefix_sq"].view
+
+    @property
+    def margin_bank(self) -> np.ndarray:
+        return self._rows["margin"].view
+
+    @property
+    def reduced_bank(self) -> np.ndarray:
+        return self._rows["reduced"].view
+
+    @property
+    def reduced_residual(self) -> np.ndarray:
+        return self._rows["residual"].view
+
+    @property
+    def cross_bank(self) -> np.ndarray:
+        return self._rows["cross"].view
+
+    def __len__(self) -> int:
+        return len(self._bank)
+
+    def add(self, rows: np.ndarray) -> None:
+        """Append float32 (n, D) rows: projected on the build-time basis, the rows already held untouched."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"rows must have shape (n, {self.bank.shape[1]}), got {rows.shape}")
+        for start in range(0, len(rows), BUILD_ROWS):
+            chunk = rows[start : start + BUILD_ROWS]
+            for name, values in self._row_data(chunk).items():
+                self._rows[name].append(values)
+            self._bank.append(chunk)
+
+    def truncate(self, n_rows: int) -> None:
+        """Keep the first ``n_rows`` rows (O(1): the buffers keep their capacity)."""
+        if not 1 <= n_rows <= len(self):
+            raise ValueError(f"n_rows must be in [1, {len(self)}], got {n_rows}")
+        self._bank.truncate(n_rows)
+        for buffer in self._rows.values():
+            buffer.truncate(n_rows)
+
+    def _block_inputs(self, block: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The kernel's per-query inputs for a block of float32 queries: (dots, query_sq, margin_q, cross_q)."""
+        centred = block - self.mean32
+        prefix = centred @ self.basis
+        prefix_sq = (prefix.double() ** 2).sum(1)
+        query_sq = prefix_sq.float().numpy()
+        centred_sq = (centred.double() ** 2).sum(1)
+        # The float32 projection errs by at most E_q = |q_c| (sqrt(m) (gamma_D + u) + u) (the centring,
+        # the basis' float32 rounding and a D-term dot product per coordinate, worst case); the squared
+        # prefix distance then by at most 2 E_q (|p_q| + |p_b|): the |p_q| part joins the query's
+        # allowance, the |p_b| part the per-pair term through cross_q[:, 0] x |p_b| (cross_bank[:, 0]).
+        error = torch.sqrt(centred_sq) * self.projection_error
+        margin_q = (RELATIVE_MARGIN * centred_sq + 1e-6 + 2 * error * torch.sqrt(prefix_sq)).float().numpy()
+        bank_prefix_bf16 = self.bank_prefix_bf16
+        if bank_prefix_bf16 is not None:
+            reduced = prefix.to(torch.bfloat16)
+            dots = (reduced @ bank_prefix_bf16.T).view(torch.uint16).numpy()
+            cross_q = _cross_terms(prefix, reduced, self.dim, bank_side=False)
+        else:
+            dots = (prefix @ self.bank_prefix.T).numpy()
+            cross_q = np.zeros((len(block), 2), dtype=np.float32)
+        cross_q[:, 0] += (error * (1 + 1e-6)).float().numpy()
+        return dots, query_sq, margin_q, cross_q
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -334,25 +459,7 @@ class PrunedExactSearch:
         screened = np.empty(n, dtype=np.int64)
         for start in range(0, n, QUERY_BLOCK):
             block = torch.from_numpy(queries[start : start + QUERY_BLOCK])
-            centred = block - self.mean32
-            prefix = centred @ self.basis
-            prefix_sq = (prefix.double() ** 2).sum(1)
-            query_sq = prefix_sq.float().numpy()
-            centred_sq = (centred.double() ** 2).sum(1)
-            # The float32 projection errs by at most E_q = |q_c| (sqrt(m) (gamma_D + u) + u) (the centring,
-            # the basis' float32 rounding and a D-term dot product per coordinate, worst case); the squared
-            # prefix distance then by at most 2 E_q (|p_q| + |p_b|): the |p_q| part joins the query's
-            # allowance, the |p_b| part the per-pair term through cross_q[:, 0] x |p_b| (cross_bank[:, 0]).
-            error = torch.sqrt(centred_sq) * self.projection_error
-            margin_q = (RELATIVE_MARGIN * centred_sq + 1e-6 + 2 * error * torch.sqrt(prefix_sq)).float().numpy()
-            if self.precision == "bf16":
-                reduced = prefix.to(torch.bfloat16)
-                dots = (reduced @ self.bank_prefix_bf16.T).view(torch.uint16).numpy()
-                cross_q = _cross_terms(prefix, reduced, self.dim, bank_side=False)
-            else:
-                dots = (prefix @ self.bank_prefix.T).numpy()
-                cross_q = np.zeros((len(block), 2), dtype=np.float32)
-            cross_q[:, 0] += (error * (1 + 1e-6)).float().numpy()
+            dots, query_sq, margin_q, cross_q = self._block_inputs(block)
             stop = start + len(block)
             pruned_knn(
                 block.numpy(), self.bank, dots, query_sq, self.bank_prefix_sq, margin_q, self.margin_bank,
@@ -363,6 +470,46 @@ class PrunedExactSearch:
         self.last_exact_fraction = float(computed.sum()) / max(1, n * len(self.bank))
         self.last_screened_fraction = float(screened.sum()) / max(1, n * len(self.bank))
         return out_d2, out_index
+
+    def first_level_bounds(self, queries: np.ndarray) -> np.ndarray:
+        """(n, M) float32: the certified lower bound of ||q - b||^2 that the kernel's first pass computes for
+        every (query, bank row) pair, by the kernel's own code (:func:`prefix_lower_bounds`). For tests and
+        diagnostics: every entry must be <= the exact squared distance."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        out = np.empty((len(queries), len(self.bank)), dtype=np.float32)
+        for start in range(0, len(queries), QUERY_BLOCK):
+            block = torch.from_numpy(queries[start : start + QUERY_BLOCK])
+            dots, query_sq, margin_q, cross_q = self._block_inputs(block)
+            prefix_lower_bounds(
+                dots, query_sq, self.bank_prefix_sq, margin_q, self.margin_bank, cross_q, self.cross_bank,
+                out[start : start + len(block)],
+            )  # fmt: skip
+        return out
+
+    def reduced_lower_bounds(self, query: np.ndarray) -> np.ndarray:
+        """(M,) float64: the second-level bound (||q_c - b~|| - ||b_c - b~||)^2 from the bfloat16 copy, for one
+        query and every bank row, by the kernel's own code. Every entry must be <= the exact squared distance."""
+        centred = np.asarray(query, dtype=np.float32).astype(np.float64) - self.mean_np.astype(np.float64)
+        return _reduced_lower_bounds(centred, self.reduced_bank, self.reduced_residual)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def prefix_lower_bounds(dots, query_sq, bank_sq, margin_q, margin_b, cross_q, cross_b, out) -> None:  # fmt: skip
+    """The first-level bounds of :func:`pruned_knn` (its :func:`_prefix_pass`) for every query, into out (B, M)."""
+    estimates = np.empty(bank_sq.shape[0], dtype=np.float32)
+    for q in range(dots.shape[0]):
+        _prefix_pass(
+            dots[q], query_sq[q], bank_sq, margin_q[q], margin_b, cross_q[q, 0], cross_q[q, 1], cross_b,
+            estimates, out[q],
+        )  # fmt: skip
+
+
+@njit(cache=True, fastmath=_FAST)
+def _reduced_lower_bounds(centred_query, reduced, residual):  # fmt: skip
+    out = np.empty(reduced.shape[0], dtype=np.float64)
+    for j in range(reduced.shape[0]):
+        out[j] = _reduced_lower_bound(centred_query, reduced[j], residual[j])
+    return out
 
 
 def _cross_terms(prefix: torch.Tensor, reduced: torch.Tensor, dim: int, bank_side: bool) -> np.ndarray:
@@ -380,9 +527,13 @@ def _cross_terms(prefix: torch.Tensor, reduced: torch.Tensor, dim: int, bank_sid
 
 
 __all__ = [
+    "BF16_FEATURES",
+    "DETECT",
     "PRECISIONS",
     "PrunedExactSearch",
+    "bf16_feature",
     "cpu_bf16_matmul",
+    "prefix_lower_bounds",
     "pruned_knn",
     "resolve_precision",
 ]
