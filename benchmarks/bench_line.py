@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.01, help="false-alarm rate the threshold is set at")
     parser.add_argument("--stream-limit", type=int, default=None, metavar="N", help="first N stream images")
     parser.add_argument("--test-limit", type=int, default=None, metavar="N", help="N test images (spread)")
+    parser.add_argument(
+        "--latency-probe", type=int, default=20, metavar="N",
+        help="also time one-image updates of the start model on N stream images (the stream may raise few)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="folder for the JSON")
@@ -147,6 +151,17 @@ def run_object(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {obj.name}: {i + 1}/{len(stream)} line images, {sum(flagged)} false alarms, "
                   f"bank {len(model.memory_bank_)}", file=sys.stderr, flush=True)  # fmt: skip
     stream_seconds = time.perf_counter() - t_stream
+
+    # Latency of one-image updates, whatever the stream raised: each of N stream images taught to a copy
+    # of the start model (extraction, scoring, the coreset's continuation and the index's growth).
+    probe: list[float] = []
+    probe_rows: list[int] = []
+    for path in stream[: args.latency_probe]:
+        copy = PatchCore.from_state_dict(start_model.state_dict(), device=args.device)
+        copy.score([path])  # builds the extractor and the index first, as a running station has them
+        t1 = time.perf_counter()
+        probe_rows.append(copy.partial_fit([path], force=True).rows_added)
+        probe.append(time.perf_counter() - t1)
     per_100 = [int(sum(flagged[k : k + 100])) for k in range(0, len(flagged), 100)]
     per_100_sizes = [len(flagged[k : k + 100]) for k in range(0, len(flagged), 100)]
 
@@ -182,6 +197,13 @@ def run_object(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
             "bank_every_50": bank_sizes[49::50],
             "seconds": round(stream_seconds, 1),
         },
+        "latency_probe": {
+            "updates": len(probe),
+            "p50_s": _percentile(probe, 50),
+            "p95_s": _percentile(probe, 95),
+            "max_s": max(probe) if probe else None,
+            "rows_added_p50": _percentile(probe_rows, 50),
+        },
         "recalibration": note,
         "test": {
             "streamed_start_threshold": streamed,
@@ -196,7 +218,8 @@ def run_object(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| object | line images | false alarms per 100 (blocks) | updates | latency p50 / p95 (s) | bank start "
+        "| object | line images | false alarms per 100 (blocks) | updates | latency p50 / p95 (s), probe p50 / p95 "
+        "| bank start "
         "-> end (refit) | AUROC streamed / no updates / refit | false-alarm rate test goods streamed / no "
         "updates / refit |",
         "|---|---|---|---|---|---|---|---|",
@@ -205,9 +228,11 @@ def table(results: list[dict[str, Any]]) -> str:
         s, t = r["stream"], r["test"]
         p50 = "n/a" if s["update_latency_p50_s"] is None else f"{s['update_latency_p50_s']:.3f}"
         p95 = "n/a" if s["update_latency_p95_s"] is None else f"{s['update_latency_p95_s']:.3f}"
+        lp = r["latency_probe"]
+        probe = "n/a" if lp["p50_s"] is None else f"{lp['p50_s']:.3f} / {lp['p95_s']:.3f} (n={lp['updates']})"
         lines.append(
             f"| {r['object']} | {r['images']['stream']} | {' '.join(map(str, s['false_alarms_per_100']))} "
-            f"| {s['updates']} | {p50} / {p95} | {s['bank_start']} -> {s['bank_end']} "
+            f"| {s['updates']} | {p50} / {p95}, {probe} | {s['bank_start']} -> {s['bank_end']} "
             f"({t['full_refit']['bank']}) | {t['streamed_start_threshold']['image_auroc']} / "
             f"{t['no_updates']['image_auroc']} / {t['full_refit']['image_auroc']} | "
             f"{t['streamed_start_threshold']['false_alarm_rate_test_goods']} / "
@@ -226,9 +251,28 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     objects = {o.name: o for o in load_elpv(objects=args.objects)}
-    results = [run_object(objects[name], args) for name in args.objects]
-    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = {
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"line_{'_'.join(args.objects)}_{stamp}.json"
+    results: list[dict[str, Any]] = []
+    for name in args.objects:
+        results.append(run_object(objects[name], args))
+        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        atomic_write_json(path, _document(args, argv, machine, results, began))  # each object as it ends
+    out = _document(args, argv, machine, results, began)
+    text = table(results)
+    print(text)
+    print(f"load average at start {machine['load_average_at_start']}, at end {machine['load_average_at_end']}")
+    atomic_write_json(path, {**out, "table": text})
+    print(path)
+    return 0
+
+
+def _document(
+    args: argparse.Namespace, argv: list[str] | None, machine: dict[str, Any], results: list[dict[str, Any]],
+    began: float,
+) -> dict[str, Any]:
+    return {
         "benchmark": "bench_line",
         "patchcore": patchcore_version,
         "command": " ".join(["benchmarks/bench_line.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -237,16 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "results": results,
         "total_seconds": round(time.perf_counter() - began, 1),
+        "table": table(results),
     }  # fmt: skip
-    text = table(results)
-    print(text)
-    print(f"load average at start {machine['load_average_at_start']}, at end {machine['load_average_at_end']}")
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"line_{'_'.join(args.objects)}_{stamp}.json"
-    atomic_write_json(path, {**out, "table": text})
-    print(path)
-    return 0
 
 
 if __name__ == "__main__":

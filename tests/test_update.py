@@ -223,6 +223,35 @@ def test_removing_one_update_keeps_the_rows_and_the_effect_of_the_later_ones(mod
         model.remove_update(0)
 
 
+def test_predictions_running_during_updates_see_one_version_or_the_next_never_half_an_update(model, images):
+    import threading
+
+    probe = _paths(images["new"][3:4])
+    versions = [float(model.score(probe)[0])]
+    seen: list[float] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def predict_loop() -> None:
+        try:
+            while not done.is_set():
+                seen.append(float(model.score(probe)[0]))
+        except BaseException as exc:  # pragma: no cover - the failure this test looks for
+            errors.append(exc)
+
+    thread = threading.Thread(target=predict_loop)
+    thread.start()
+    try:
+        for i in range(3):
+            model.partial_fit(_paths(images["new"][i : i + 1]), until=7)
+            versions.append(float(model.score(probe)[0]))
+    finally:
+        done.set()
+        thread.join(timeout=120)
+    assert not errors and seen
+    assert set(seen) <= set(versions)
+
+
 # ----------------------------------------------------------------------------- the guard
 
 

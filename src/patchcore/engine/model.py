@@ -8,6 +8,7 @@ feature extractor, and loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import io
@@ -132,18 +133,26 @@ class PatchCore:
         # Guards the lazy construction of the extractor and the index: predict() may be called from many
         # threads at once and must build each only once.
         self._build_lock = threading.RLock()
+        # Searches read the bank together; a change of it (partial_fit, rollback, remove_update) waits for
+        # them and holds them off while it runs; updates run one at a time.
+        self._bank_lock = _ReadWriteLock()
+        self._update_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled (copied, or sent to another process): the extractor, the index and the lock are rebuilt
         # on first use there.
         state = dict(self.__dict__)
-        state.update(_features=None, _index=None, _build_lock=None, _space_bank=None)
+        state.update(
+            _features=None, _index=None, _build_lock=None, _space_bank=None, _bank_lock=None, _update_lock=None
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_space_bank", None)
         self._build_lock = threading.RLock()
+        self._bank_lock = _ReadWriteLock()
+        self._update_lock = threading.Lock()
 
     # ----------------------------------------------------------------- configuration
 
@@ -474,7 +483,8 @@ class PatchCore:
             rows = rows.cpu().numpy()
             _check_finite(rows, len(batch), done, "patch features")
             t1 = time.perf_counter()
-            scores, image = self._score_rows(index, rows, len(batch))
+            with self._bank_lock.read():
+                scores, image = self._score_rows(index, rows, len(batch))
             _check_finite(scores, len(batch), done, "patch scores")
             _check_finite(image, len(batch), done, "image scores")
             t2 = time.perf_counter()
@@ -545,6 +555,18 @@ class PatchCore:
         None: no guard. The calibration is not changed here (see ``patchcore.deploy.calibration``: a bank
         that only grew can only lower the scores of good images).
         """
+        with self._update_lock:
+            return self._partial_fit(images, note, force, progress, until, guard)
+
+    def _partial_fit(
+        self,
+        images: Any,
+        note: str | None,
+        force: bool,
+        progress: ProgressCallback | None,
+        until: str | float | int,
+        guard: float | None,
+    ) -> UpdateRecord:
         self._check_fitted()
         rule = UpdateRule.parse(until)
         if guard is not None and (isinstance(guard, bool) or not float(guard) > 0 or not np.isfinite(guard)):
@@ -575,7 +597,8 @@ class PatchCore:
             rows, _ = features(batch.to(device, non_blocking=True))
             rows = rows.cpu().numpy()
             _check_finite(rows, len(batch), n_images, "patch features")
-            _, image = self._score_rows(index, rows, len(batch))
+            with self._bank_lock.read():
+                _, image = self._score_rows(index, rows, len(batch))
             parts.append(rows)
             scores.append(image)
             if refs is None:
@@ -598,7 +621,8 @@ class PatchCore:
         picks = continue_coreset(z, min_distances, target, rule.limit(len(new)))
         after = float(min_distances.max())
         version = (self.history_[-1].version if self.history_ else 0) + 1
-        self._append_rows(new[picks], z[torch.as_tensor(picks, dtype=torch.long)], version)
+        with self._bank_lock.write():
+            self._append_rows(new[picks], z[torch.as_tensor(picks, dtype=torch.long)], version)
         record = UpdateRecord(
             version=version,
             time=utc_now(),
@@ -654,36 +678,38 @@ class PatchCore:
         history; scores are then those of that version, bit for bit (an update removed before is not
         restored). Returns self."""
         self._check_fitted()
-        version = self._known_version(version, allow_fit=True)
-        keep = int(np.searchsorted(self.row_versions_, version, side="right"))
-        dropped = self.row_versions_[keep:]
-        self._invalidate_calibration(dropped, f"the model was rolled back to version {version}")
-        self._truncate_rows(keep)
-        self.history_ = tuple(r for r in self.history_ if r.version <= version)
-        self.version_ = version
+        with self._update_lock, self._bank_lock.write():
+            version = self._known_version(version, allow_fit=True)
+            keep = int(np.searchsorted(self.row_versions_, version, side="right"))
+            dropped = self.row_versions_[keep:]
+            self._invalidate_calibration(dropped, f"the model was rolled back to version {version}")
+            self._truncate_rows(keep)
+            self.history_ = tuple(r for r in self.history_ if r.version <= version)
+            self.version_ = version
         return self
 
     def remove_update(self, version: int) -> PatchCore:
         """Take one update's rows out of the bank (a defect taught as good, say), keeping the later
         updates; its record stays in the history, marked removed. Returns self."""
         self._check_fitted()
-        version = self._known_version(version, allow_fit=False)
-        position = next(i for i, r in enumerate(self.history_) if r.version == version)
-        record = self.history_[position]
-        if record.removed:
-            raise UpdateError(f"update {version} was already removed ({record.removed})")
-        start = int(np.searchsorted(self.row_versions_, version, side="left"))
-        stop = int(np.searchsorted(self.row_versions_, version, side="right"))
-        self._invalidate_calibration(self.row_versions_[start:stop], f"update {version} was removed")
-        tail = self.memory_bank_[stop:].copy()
-        tail_versions = self.row_versions_[stop:].copy()
-        tail_projected = None if self._space_bank is None else self._space_bank[stop:].clone()
-        self._truncate_rows(start)
-        if len(tail):
-            self._append_rows(tail, tail_projected, tail_versions)
-        history = list(self.history_)
-        history[position] = replace(record, removed=utc_now())
-        self.history_ = tuple(history)
+        with self._update_lock, self._bank_lock.write():
+            version = self._known_version(version, allow_fit=False)
+            position = next(i for i, r in enumerate(self.history_) if r.version == version)
+            record = self.history_[position]
+            if record.removed:
+                raise UpdateError(f"update {version} was already removed ({record.removed})")
+            start = int(np.searchsorted(self.row_versions_, version, side="left"))
+            stop = int(np.searchsorted(self.row_versions_, version, side="right"))
+            self._invalidate_calibration(self.row_versions_[start:stop], f"update {version} was removed")
+            tail = self.memory_bank_[stop:].copy()
+            tail_versions = self.row_versions_[stop:].copy()
+            tail_projected = None if self._space_bank is None else self._space_bank[stop:].clone()
+            self._truncate_rows(start)
+            if len(tail):
+                self._append_rows(tail, tail_projected, tail_versions)
+            history = list(self.history_)
+            history[position] = replace(record, removed=utc_now())
+            self.history_ = tuple(history)
         return self
 
     def _known_version(self, version: int, allow_fit: bool) -> int:
@@ -811,6 +837,46 @@ PatchCore.__doc__ = (PatchCore.__doc__ or "") + "\n    Parameters\n    ---------
 
 
 # --------------------------------------------------------------------- helpers
+
+
+class _ReadWriteLock:
+    """Many readers (searches of the bank) at once, or one writer (a change of the bank); a waiting writer
+    holds off new readers, so an update is not starved by a steady stream of predictions."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._condition:
+            while self._writing or self._writers_waiting:
+                self._condition.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                if not self._readers:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._condition:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._condition.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()
 
 
 def _bank_of(index: MemoryBankIndex, n_rows: int) -> np.ndarray:
