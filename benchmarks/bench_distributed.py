@@ -36,10 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import load_average, markdown_table
 from PIL import Image
 
+from patchcore.app.cmd_federated import federated
 from patchcore.app.config import Config, config_from_dict
-from patchcore.app.federated import federated
 from patchcore.app.train import SampleImages, build_model, evaluation_settings, load_objects, train
 from patchcore.distributed.ray_runner import RayOptions, run_ray
 from patchcore.distributed.sharded import sharded_fit
@@ -330,24 +331,18 @@ def print_tables(results: dict[str, Any]) -> str:
             )
         lines.append("")
     if results.get("federated"):
-        lines += [
-            "## Federated vs centralised (same test split)",
-            "",
-            "| data | partition | clients | object | bank fed/central | image AUROC fed / central (diff) | pixel AUROC | AUC-sPRO@0.3 / AU-PRO |",
-            "|---|---|---:|---|---:|---:|---:|---:|",
-        ]
+        rows = []
         for row in results["federated"]:
             f, c = row["federated"], row.get("centralised", {})
-            cells = []
+            cells = [row["dataset"], row["partition"], row["clients"], row["object"], f"{row['bank']}/{row.get('central_bank')}"]
             for k in ("image_auroc", "pixel_auroc"):
                 cells.append(f"{_pct(f.get(k))} / {_pct(c.get(k))} ({_pp(_diff(f.get(k), c.get(k)))})")
             spro = "au_spro@0.3" if "au_spro@0.3" in f else "au_pro"
             cells.append(f"{_pct(f.get(spro))} / {_pct(c.get(spro))}")
-            lines.append(
-                f"| {row['dataset']} | {row['partition']} | {row['clients']} | {row['object']} | {row['bank']}/{row.get('central_bank')} | "
-                + " | ".join(cells)
-                + " |"
-            )
+            rows.append(cells)
+        columns = ["data", "partition", "clients", "object", "bank fed/central", "image AUROC fed / central (diff)",
+                   "pixel AUROC", "AUC-sPRO@0.3 / AU-PRO"]  # fmt: skip
+        lines += ["## Federated vs centralised (same test split)", "", markdown_table(columns, rows, "llrlrrrr")]
     text = "\n".join(lines)
     print(text)
     return text
@@ -377,7 +372,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-distributed-"))
     results: dict[str, Any] = {
         "args": vars(args),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_start": os.getloadavg()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_start": load_average()},
     }
     synthetic = make_synthetic(work / "synthetic") if "synthetic" in args.datasets else Path()
     roots = {"elpv": Path(), "synthetic": synthetic}
@@ -402,7 +397,7 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    results["machine"]["load_end"] = os.getloadavg()
+    results["machine"]["load_end"] = load_average()
     atomic_write_json(out_json, results)
     text = print_tables(results)
     out_json.with_suffix(".md").write_text(text + "\n")

@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import cpu_model, elpv_split, meminfo_gib
 from torch.utils.data import DataLoader, Dataset
 
 from patchcore import PatchCore
 from patchcore import __version__ as patchcore_version
-from patchcore.data import ImageDataset, collate_samples, load_elpv
+from patchcore.data import ImageDataset, collate_samples
 from patchcore.engine.coreset import (
     ApproximateGreedyCoreset,
     coreset_size,
@@ -153,34 +154,14 @@ def set_threads(threads: int | None) -> None:
         pass
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _meminfo_gib(field: str) -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return round(int(line.split()[1]) / 2**20, 2)
-    except OSError:
-        pass
-    return None
-
-
 def machine_info() -> dict[str, Any]:
     import faiss
 
     info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_total_gib": _meminfo_gib("MemTotal"),
+        "memory_total_gib": meminfo_gib("MemTotal"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         # Another job on the CPUs skews every timing (OpenMP threads wait for busy cores): flagged here.
         "busy_at_start": os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1),
@@ -231,8 +212,7 @@ def model_for(args: argparse.Namespace, percentage: float) -> PatchCore:
 
 
 def split(args: argparse.Namespace):
-    obj = load_elpv(objects=[args.object])[0]
-    return obj.train[: args.train_limit], obj.test[: args.test_limit]
+    return elpv_split(args.object, args.train_limit, args.test_limit)
 
 
 class PerturbedTrainSet(Dataset):

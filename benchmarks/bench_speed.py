@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import cpu_flags, elpv_split, load_average
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -111,28 +112,8 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(
-                    f for f in flags if "bf16" in f or "amx" in f or f in ("avx512f", "avx512_vnni")
-                )
-    except OSError:
-        pass
-    return []
-
-
 def split(args: argparse.Namespace):
-    from patchcore.data import load_elpv
-
-    obj = load_elpv(objects=[args.object])[0]
-    return obj.train[: args.train_limit], obj.test[: args.test_limit]
+    return elpv_split(args.object, args.train_limit, args.test_limit)
 
 
 def make_model(args: argparse.Namespace, **overrides) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,3 +15,8 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# No test reaches the network by accident: the backbones' first-use download (engine/weights.py) is off
+# unless a test turns it on (tests/test_weights.py serves files from a loopback server).
+os.environ.setdefault("PATCHCORE_OFFLINE", "1")

@@ -159,20 +159,22 @@ def read_object(maps_dir: Path, object_dir: Path, loco: bool) -> list[Image_]:
     return images
 
 
-def official_numbers(maps_dir: Path, object_dir: Path, loco: bool) -> dict:
+def official_numbers(
+    maps_dir: Path, object_dir: Path, loco: bool, limits: tuple[float, ...] = LIMITS
+) -> dict:
     """{"au_spro": {limit: value}, "per_type": {...}, "image_auroc": {kind: value, "mean": value}}."""
     images = read_object(maps_dir, object_dir, loco)
     thresholds = refined_thresholds(images)  # refined on the curve over all images, as both scripts do
 
     def aucs(subset: list[Image_]) -> dict[float, float]:
         spro, fpr = point_values(subset, thresholds)
-        return {limit: area_up_to(fpr, spro, limit) for limit in LIMITS}
+        return {limit: area_up_to(fpr, spro, limit) for limit in limits}
 
     kinds = sorted({i.kind for i in images} - {"good"})
     good = [i for i in images if i.kind == "good"]
     per_type = {k: aucs([i for i in images if i.kind == k] + good) for k in kinds}
     if loco:
-        overall = {limit: float(np.mean([per_type[k][limit] for k in kinds])) for limit in LIMITS}
+        overall = {limit: float(np.mean([per_type[k][limit] for k in kinds])) for limit in limits}
     else:
         overall = aucs(images)
     image_auroc = {}

@@ -27,14 +27,14 @@ def _write(path: Path, data) -> Path:
 # ----------------------------------------------------------------------------- shipped configs
 
 
-@pytest.mark.parametrize("name", ["elpv", "mvtec", "autovi", "mvtec_loco", "visa"])
+@pytest.mark.parametrize("name", ["elpv", "mvtec", "autovi", "mvtec_loco", "visa", "mvtec_ad2"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / f"{name}.yaml")
     assert config.data.kind == name
     assert config.source == str(CONFIGS / f"{name}.yaml")
 
 
-@pytest.mark.parametrize("name", ["mvtec", "autovi", "mvtec_loco", "visa"])
+@pytest.mark.parametrize("name", ["mvtec", "autovi", "mvtec_loco", "visa", "mvtec_ad2"])
 def test_mvtec_and_autovi_configs_have_the_papers_settings(name):
     m = load_config(CONFIGS / f"{name}.yaml").model
     assert m.backbone == "wideresnet50"

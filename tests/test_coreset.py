@@ -85,7 +85,7 @@ def test_greedy_select_rejects_unknown_methods():
         greedy_select(z, 1, torch.zeros(4), method="fast")
 
 
-def test_pruned_loop_with_a_two_level_prefix_matches_the_reference_loop(monkeypatch):
+def test_pruned_loop_with_a_two_level_prefix_matches_the_reference_loop():
     # 96 dims: a 64-dim prefix whose last 32 coordinates are read only where the 32-dim head cannot exclude.
     import patchcore.engine.coreset as coreset
 

@@ -149,7 +149,7 @@ def test_autovi_loads_both_nestings_with_several_masks(tmp_path, nested):
     (obj, *rest) = load_autovi(tmp_path)
     assert not rest
     assert obj.name == "pipe_clip" and obj.root == obj_dir
-    assert obj.mask_format == "autovi" and obj.has_masks and obj.defects_config == AUTOVI_CONFIG
+    assert obj.mask_format == "valued" and obj.has_masks and obj.defects_config == AUTOVI_CONFIG
     assert [s.name for s in obj.train] == ["train/good/0000", "train/good/0001"]
     assert [s.name for s in obj.test] == ["test/good/0000", "test/missing/0000"]
     defect = obj.test[1]
@@ -438,9 +438,9 @@ def test_load_mask_reads_channel_zero_of_all_modes(tmp_path):
 
 
 def test_load_dataset_dispatches_and_rejects_unknown_kind(tmp_path):
-    assert set(DATASETS) == {"mvtec", "autovi", "folder", "elpv", "mvtec_loco", "visa"}
+    assert set(DATASETS) == {"mvtec", "autovi", "folder", "elpv", "mvtec_loco", "visa", "mvtec_ad2", "real_iad"}
     _mvtec_class(tmp_path, "bottle")
     assert [o.name for o in load_dataset("mvtec", tmp_path)] == ["bottle"]
     assert [o.name for o in load_dataset("elpv", None, ["poly"], train_fraction=0.5)] == ["poly"]
-    with pytest.raises(ValueError, match="mvtec, autovi, folder, elpv, mvtec_loco, visa"):
+    with pytest.raises(ValueError, match="mvtec, autovi, folder, elpv, mvtec_loco, visa, mvtec_ad2, real_iad"):
         load_dataset("btad", tmp_path)

@@ -63,7 +63,7 @@ def test_duplicate_pixel_value_keeps_the_last_entry_like_the_official_script_and
 def test_loco_layout_loads_validation_goods_and_per_type_labels(tmp_path):
     make_object(tmp_path, loco=True)
     (obj,) = load_dataset("mvtec_loco", tmp_path, ["toy"])
-    assert obj.protocol == "mvtec_loco" and obj.mask_format == "autovi"
+    assert obj.protocol.name == "mvtec_loco" and obj.mask_format == "valued"
     assert [s.name for s in obj.validation] == ["validation/good/000", "validation/good/001"]
     assert {s.label for s in obj.test} == {"good", "logical_anomalies", "structural_anomalies"}
     assert len([s for s in obj.test if s.label == "logical_anomalies"][0].mask_paths) == 2

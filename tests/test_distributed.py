@@ -24,6 +24,7 @@ import pytest
 import torch
 from test_workflow import make_mvtec, read_csv, run_cli, write_config
 
+from patchcore.app.runs import run_state
 from patchcore.distributed.federated import (
     ClientSpec,
     NoiseSpec,
@@ -287,10 +288,15 @@ def test_resume_keeps_finished_objects_and_redoes_damaged_or_changed_ones(data, 
     assert bottle.stat().st_mtime_ns == before[bottle][1]
     assert screw.read_bytes() != before[screw][0][:100] and PatchCore.load(screw).memory_bank_.shape[0] == 21
     assert [r["object"] for r in read_csv(run_dir / "results.csv")] == ["bottle", "screw", "mean"]
-    # Another coreset size is another config: both objects are trained again.
+    # Another coreset size is another config: refused as it is (nothing touched), both objects trained again
+    # with --restart-changed, and the log names the changed key.
     code, _, err = run_cli("train", "--resume", run_dir, "model.percentage=0.05")
+    assert code == 2 and "model.percentage: 0.1 -> 0.05" in err and "--restart-changed" in err
+    assert PatchCore.load(bottle).memory_bank_.shape[0] == 21
+    code, _, err = run_cli("train", "--resume", run_dir, "--restart-changed", "model.percentage=0.05")
     assert code == 0, err
     assert "kept" not in err
+    assert "--restart-changed: model.percentage: 0.1 -> 0.05" in (run_dir / "run.log").read_text()
     assert PatchCore.load(bottle).memory_bank_.shape[0] == int(216 * 0.05)
 
 
@@ -306,6 +312,8 @@ def test_resume_of_a_missing_run_folder_exits_2(tmp_path):
 
 
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_runs_models(data, tmp_path):
+    """Catches: a resume that loses or refits finished work, or takes a half-written object for finished;
+    asserts that the kill really landed mid-run (not after the run had finished)."""
     config = write_config(tmp_path / "c.yaml", "mvtec", data, tmp_path / "out", evaluation={"heatmaps": 0})
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "patchcore.app.cli", "train", "-c", str(config), "--no-progress"]
@@ -320,6 +328,11 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_runs_models(data, tm
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert record.exists()
+    # The kill landed mid-run (else this test proves nothing about resuming): the process died of it, the
+    # run is still marked incomplete, and an object is unfinished.
+    assert process.returncode == -signal.SIGKILL
+    state = run_state(run_dir)
+    assert not state.complete and state.objects.get("screw") != "done"
     # What a kill leaves is never taken for finished: only recorded objects have model files.
     recorded = {p.stem for p in (run_dir / "completed").glob("*.json")}
     models = {p.stem.removeprefix("patchcore_") for p in (run_dir / "models").glob("*.pt")}

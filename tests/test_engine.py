@@ -33,7 +33,6 @@ from patchcore.engine.coreset import (
     start_distances,
 )
 from patchcore.engine.features import patch_features
-from patchcore.engine.scoring import anomaly_maps
 from patchcore.engine.store import FeatureStore
 from patchcore.fileio import atomic_write
 
@@ -416,12 +415,66 @@ def test_reweighting_follows_eq7_and_never_raises_scores(train_images, query_ima
     assert np.all(weighted_scores > 0)
 
 
-def test_anomaly_maps_are_the_smoothed_upsampled_patch_scores(fitted, query_images):
-    prediction = fitted.predict(query_images)
-    assert prediction.anomaly_maps.shape == (3, 64, 64)
-    np.testing.assert_array_equal(
-        prediction.anomaly_maps, anomaly_maps(prediction.patch_scores, (64, 64), 4.0)
+def bilinear_half_pixel(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A slow float64 bilinear resize with half-pixel centres (output pixel i samples the input at
+    (i + 0.5) * in / out - 0.5, clamped to the edge): the PatchCore reference's F.interpolate(...,
+    align_corners=False)."""
+
+    def taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        source = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        low = np.minimum(np.floor(source).astype(int), n_in - 1)
+        return low, np.minimum(low + 1, n_in - 1), source - low
+
+    y0, y1, fy = taps(height, grid.shape[0])
+    x0, x1, fx = taps(width, grid.shape[1])
+    g = grid.astype(np.float64)
+    top = g[y0][:, x0] * (1 - fx) + g[y0][:, x1] * fx
+    bottom = g[y1][:, x0] * (1 - fx) + g[y1][:, x1] * fx
+    return top * (1 - fy)[:, None] + bottom * fy[:, None]
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """A slow float64 separable gaussian: kernel radius int(4 sigma + 0.5), weights normalised to 1, edges
+    mirrored with the edge pixel repeated (scipy.ndimage's default 'reflect', numpy's 'symmetric')."""
+    radius = int(4.0 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = image.astype(np.float64)
+    for axis in (0, 1):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="symmetric")
+        out = sum(
+            w * np.take(padded, np.arange(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(kernel)
+        )
+    return out
+
+
+@pytest.mark.parametrize("width", [64, 96])
+def test_anomaly_maps_are_the_smoothed_upsampled_patch_scores(fitted, width):
+    """Against an oracle written here (hand-made bilinear resize and gaussian, float64), on square and wide
+    images. Catches transposed or flipped maps, align_corners=True or nearest upsampling, a missing or
+    mis-sized smoothing (sigma, truncation, edge mode), and maps smoothed before upsampling."""
+    images = random_images(2, height=64, width=width, seed=40)
+    prediction = fitted.predict(images)
+    assert prediction.anomaly_maps.shape == (2, 64, width)
+    assert prediction.patch_scores.shape == (2, 8, width // 8)
+    for scores, produced in zip(prediction.patch_scores, prediction.anomaly_maps, strict=True):
+        expected = gaussian_blur(bilinear_half_pixel(scores, 64, width), fitted.smoothing_sigma)
+        # float32 interpolation and storage against float64: a few units in the last place of the scores
+        np.testing.assert_allclose(produced, expected, rtol=0, atol=1e-5 * float(scores.max()))
+    one = fitted.predict(images[:1])
+    unsmoothed = PatchCore.from_state_dict(fitted.state_dict(), device="cpu")
+    unsmoothed.set_params(smoothing_sigma=0.0)
+    np.testing.assert_allclose(
+        unsmoothed.predict(images[:1]).anomaly_maps[0],
+        bilinear_half_pixel(one.patch_scores[0], 64, width),
+        rtol=0,
+        atol=1e-5 * float(one.patch_scores.max()),
     )
+
+
+def test_image_scores_are_the_maximum_patch_scores(fitted, query_images):
+    prediction = fitted.predict(query_images)
     np.testing.assert_array_equal(prediction.image_scores, prediction.patch_scores.reshape(3, -1).max(axis=1))
     assert fitted.predict(query_images, return_maps=False).anomaly_maps is None
 
@@ -549,13 +602,49 @@ def test_weights_file_of_another_architecture_is_rejected(resnet18_weights_file)
 # --------------------------------------------------------------------------- 10: precision
 
 
-def test_bf16_autocast_stores_a_float32_bank_and_scores_close_to_fp32(train_images, query_images, fitted):
-    model = make_model(precision="bf16").fit(train_images)
+def cpu_autocast_output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a convolution returns under CPU autocast to ``dtype`` in this torch (float32 where unsupported:
+    torch then warns and disables autocast)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device_type="cpu", dtype=dtype):
+            return torch.nn.Conv2d(3, 2, 1)(torch.zeros(1, 3, 2, 2)).dtype
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_precision_runs_the_backbone_in_that_dtype_and_keeps_the_bank_float32(
+    train_images, query_images, fitted, precision, dtype
+):
+    """A forward hook on every convolution of the backbone records the dtype it computed in. Catches
+    ``precision`` being ignored (the convolutions would run in float32 and the bank would equal fp32's bit
+    for bit), autocast leaking past the backbone (bank or scores not float32), and an autocast dtype mix-up
+    (bf16 for fp16 or the reverse)."""
+    if cpu_autocast_output_dtype(dtype) != dtype:
+        pytest.skip(f"this torch ({torch.__version__}) has no {precision} autocast on the CPU")
+    model = make_model(precision=precision).fit(train_images)
     assert model.memory_bank_.dtype == np.float32
-    prediction = model.predict(query_images)
-    assert prediction.image_scores.dtype == np.float32
+    seen: set[torch.dtype] = set()
+    backbone = model._patch_features().extractor.backbone
+    convolutions = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype)) for m in convolutions]
+    try:
+        prediction = model.predict(query_images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == {dtype}
+    assert prediction.image_scores.dtype == np.float32 and prediction.anomaly_maps.dtype == np.float32
     reference = fitted.predict(query_images)
-    np.testing.assert_allclose(prediction.image_scores, reference.image_scores, rtol=0.02)
+    if precision == "fp32":
+        np.testing.assert_array_equal(model.memory_bank_, fitted.memory_bank_)
+    else:  # reduced precision moves the features, a little: bf16 keeps 8 significant bits, fp16 11
+        assert not np.array_equal(model.memory_bank_, fitted.memory_bank_)
+        np.testing.assert_allclose(prediction.image_scores, reference.image_scores, rtol=0.02)
+
+
+def test_unknown_precision_is_rejected(train_images):
     with pytest.raises(ValueError, match="precision"):
         make_model(precision="int8").fit(train_images)
 
@@ -623,14 +712,50 @@ def test_images_of_different_sizes_in_one_batch_are_rejected(fitted):
         fitted.predict([random_images(1)[0], random_images(1, width=96)[0]])
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_approximate_index_scores_are_never_below_exact_scores(fitted, query_images, kind):
-    exact = fitted.predict(query_images, return_maps=False)
-    approximate_model = PatchCore.from_state_dict(fitted.state_dict(), device="cpu")
-    approximate_model.set_params(index_kind=kind, nprobe=2, ef_search=16)
-    approximate = approximate_model.predict(query_images, return_maps=False)
-    assert np.all(approximate.patch_scores >= exact.patch_scores * (1 - 1e-4))
-    assert np.all(approximate.image_scores >= exact.image_scores * (1 - 1e-4))
+def smooth_images(n: int, seed: int, size: int = 64) -> torch.Tensor:
+    """Low-frequency random images plus a little noise: their patch features are not clustered by patch
+    position alone (as pure noise's are, where one IVF cell already holds every near neighbour)."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 8, 8, generator=generator)
+    images = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    return images + 0.3 * torch.randn(n, 3, size, size, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def large_bank_model() -> PatchCore:
+    """1,024 bank rows (identity sampler, 16 images x 8 x 8 patches): IVF gets 26 cells."""
+    return make_model(sampler="identity", search_threads=1).fit(smooth_images(16, seed=30))
+
+
+@pytest.mark.parametrize(
+    "kind, low, high", [("ivf", {"nprobe": 1}, {"nprobe": 26}), ("hnsw", {"ef_search": 1}, {"ef_search": 256})]
+)
+def test_approximate_index_scores_are_never_below_exact_and_low_settings_cost_recall(
+    large_bank_model, kind, low, high
+):
+    """Scores through the estimator with each approximate kind, at a low and a high setting. Measured here:
+    ivf nprobe 1 recall@1 0.86 (13 % of patch scores above exact), nprobe 26 (every cell) 1.0; hnsw
+    ef_search 1 0.76, 256 1.0. Catches an approximate kind that scores below exact (it may only miss
+    neighbours), nprobe / ef_search not reaching the index through set_params (low and high would agree),
+    and an exhaustive search behind the approximate names (no score above exact at the low setting)."""
+    model = PatchCore.from_state_dict(large_bank_model.state_dict(), device="cpu")
+    queries = smooth_images(3, seed=31)
+    exact = model.predict(queries, return_maps=False)
+    rows = model._patch_features()(queries)[0].numpy()
+    recalls = {}
+    for name, settings in (("low", low), ("high", high)):
+        model.set_params(index_kind=kind, **settings)
+        approximate = model.predict(queries, return_maps=False)
+        assert np.all(approximate.patch_scores >= exact.patch_scores * (1 - 1e-4))
+        assert np.all(approximate.image_scores >= exact.image_scores * (1 - 1e-4))
+        index = model._search_index()
+        assert index.kind == kind and not index.exact
+        if kind == "ivf":
+            assert index.nlist == 26 and index.searcher.index.nprobe == settings["nprobe"]
+        recalls[name] = index.recall(rows)
+        above = np.mean(approximate.patch_scores > exact.patch_scores * (1 + 1e-3))
+        assert above > 0.05 if name == "low" else above == 0.0
+    assert recalls["low"] < 0.95 and recalls["high"] == 1.0
 
 
 def test_unknown_index_kind_is_rejected(train_images):
@@ -647,7 +772,7 @@ def test_flat_and_pruned_indexes_give_the_float64_nearest_distances_within_their
     the probabilistic form of that bound (Higham & Mary 2019), lambda sqrt(D + 3) eps with lambda = 10,
     which a sum of D independently rounded terms exceeds with probability below 2 exp(-lambda^2 / 2), about
     4e-22 per distance, and is about 30x tighter than the worst case.
-    The pruned index's exact distances are float64: the same bound with eps64. A euclidean score sqrt(d2) then moves by at most that error / (sqrt(d2) + ...),
+    The pruned and torch indexes' exact distances are float64: the same bound with eps64. A euclidean score sqrt(d2) then moves by at most that error / (sqrt(d2) + ...),
     bounded here by err / max(sqrt(d2), sqrt(err)). (Comparing the two indexes to each other with rtol 1e-5
     failed on some machines: float32 cancellation reaches 1e-5 relative on near-zero distances.)
     """
@@ -662,7 +787,7 @@ def test_flat_and_pruned_indexes_give_the_float64_nearest_distances_within_their
     # by at most the largest error over the candidates: bound with the largest bank norm.
     scale = np.maximum(scale, (np.linalg.norm(rows, axis=1) + np.linalg.norm(bank, axis=1).max()) ** 2)
     dim = bank.shape[1]
-    for kind, eps in (("flat", np.finfo(np.float32).eps), ("pruned", np.finfo(np.float64).eps)):
+    for kind, eps in (("flat", np.finfo(np.float32).eps), ("pruned", np.finfo(np.float64).eps), ("torch", np.finfo(np.float64).eps)):
         model = PatchCore.from_state_dict(fitted.state_dict(), device="cpu")
         model.set_params(index_kind=kind)
         got = model.predict(query_images).patch_scores.reshape(-1).astype(np.float64)

@@ -55,7 +55,9 @@ def make_partly_annotated_folder(root: Path) -> Path:
     return root
 
 
-def _train(tmp: Path, kind: str, data: Path, objects: list[str] | None, resize: int) -> Path:
+def _train(
+    tmp: Path, kind: str, data: Path, objects: list[str] | None, resize: int, save_maps: bool = False
+) -> Path:
     config = {
         "project": "report",
         "group": kind,
@@ -69,7 +71,7 @@ def _train(tmp: Path, kind: str, data: Path, objects: list[str] | None, resize: 
             "resize": resize,
             "imagesize": None,
         },
-        "evaluation": {"heatmaps": 0},
+        "evaluation": {"heatmaps": 0, "save_autovi_maps": save_maps},
         "logging": {"progress": False},
     }
     path = tmp / f"{kind}.yaml"
@@ -84,13 +86,40 @@ def _train(tmp: Path, kind: str, data: Path, objects: list[str] | None, resize: 
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     loco = _train(tmp, "mvtec_loco", make_object(tmp / "loco", loco=True), ["toy"], 36)
-    folder = _train(tmp, "folder", make_partly_annotated_folder(tmp / "cells"), None, 40)
-    return {"loco": loco, "folder": folder}
+    folder = _train(tmp, "folder", make_partly_annotated_folder(tmp / "cells"), None, 40, save_maps=True)
+    return {"loco": loco, "folder": folder, "cells": tmp / "cells"}
 
 
 def test_folder_data_with_masks_for_some_defects_reports_pixel_metrics_over_those(runs):
+    """Pixel AUROC and AUROC on defect images equal sklearn's over the good images and the annotated defect
+    images only, from the saved maps and the mask PNGs. Catches an unannotated defect image counted as all
+    good pixels (its detected square then reads as false positives: the figure drops, checked below)."""
+    from sklearn.metrics import roc_auc_score
+
     summary = json.loads((runs["folder"] / "summary.json").read_text())["objects"][0]
-    assert summary["metrics"]["pixel_auroc"] is not None and summary["metrics"]["au_pro"] is not None
+    maps_dir = runs["folder"] / "anomaly_maps" / "cells" / "test"
+
+    def saved_map(label: str, i: int) -> np.ndarray:
+        with Image.open(maps_dir / label / f"{i:03d}.png") as image:
+            return np.asarray(image, dtype=np.float64)
+
+    def mask(i: int) -> np.ndarray:
+        return np.asarray(Image.open(runs["cells"] / "ground_truth" / "scratch" / f"{i:03d}_mask.png")) > 0
+
+    good = [(saved_map("good", i), np.zeros((40, 40), bool)) for i in range(2)]
+    annotated = [(saved_map("scratch", i), mask(i)) for i in range(2)]
+    unannotated = [(saved_map("scratch", i), np.zeros((40, 40), bool)) for i in (2, 3)]
+
+    def auroc(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        return roc_auc_score(
+            np.concatenate([m.ravel() for _, m in pairs]), np.concatenate([a.ravel() for a, _ in pairs])
+        )
+
+    metrics = summary["metrics"]
+    assert metrics["pixel_auroc"] == pytest.approx(auroc(good + annotated), abs=1e-3)
+    assert metrics["pixel_auroc_anomalous"] == pytest.approx(auroc(annotated), abs=1e-3)
+    assert auroc(good + annotated) - auroc(good + annotated + unannotated) > 0.01  # the wrong one is far off
+    assert metrics["au_pro"] is not None
     assert summary["stats"]["pixel_metric_images"] == 4  # 2 good + the 2 annotated defect images
     assert (summary["stats"]["pixel_metric_defect_images"], summary["stats"]["defect_images"]) == (2, 4)
     assert (
@@ -156,13 +185,20 @@ def test_empty_ground_truth_is_a_warning_naming_the_file_never_silent_negatives(
     assert (stats["pixel_metric_defect_images"], stats["defect_images"]) == (1, 4)
 
     obj = make_object(tmp_path / "autovi", loco=False) / "toy"
-    _save(obj / "ground_truth" / "hole" / "000" / "009.png", np.zeros((36, 48, 3), dtype=np.uint8))
-    run = _train(tmp_path, "autovi", obj.parent, ["toy"], 36)
-    assert (
-        f"ground-truth file {obj / 'ground_truth' / 'hole' / '000' / '009.png'}"
-        in (run / "run.log").read_text()
-    )
-    assert json.loads((run / "summary.json").read_text())["objects"][0]["metrics"]["au_spro@1"] is not None
+    empty = obj / "ground_truth" / "hole" / "000" / "009.png"
+    _save(empty, np.zeros((36, 48, 3), dtype=np.uint8))
+    run = _train(tmp_path, "autovi", obj.parent, ["toy"], 36, save_maps=True)
+    assert f"ground-truth file {empty}" in (run / "run.log").read_text()
+    # sPRO leaves the all-zero file out and keeps the image's other defects: the official script's numbers on
+    # the same saved maps with that file removed (a wrong one counting it as a defect never found, or
+    # dropping the whole image, differs).
+    from official_spro import LIMITS, official_numbers
+
+    empty.unlink()
+    official = official_numbers(run / "anomaly_maps" / "toy" / "test", obj, loco=False)
+    metrics = json.loads((run / "summary.json").read_text())["objects"][0]["metrics"]
+    for limit in LIMITS:
+        assert metrics[f"au_spro@{limit:g}"] == pytest.approx(official["au_spro"][limit], abs=2e-3), limit
 
 
 def test_histograms_get_the_calibrated_decision_threshold_when_the_run_has_one(runs):

@@ -101,7 +101,7 @@ GEOMETRIES = {
 }
 
 
-def run_train(tmp_path: Path, kind: str, data: Path, geometry: dict) -> Path:
+def run_train(tmp_path: Path, kind: str, data: Path, geometry: dict, **evaluation) -> Path:
     config = {
         "project": "official",
         "group": "run",
@@ -109,7 +109,7 @@ def run_train(tmp_path: Path, kind: str, data: Path, geometry: dict) -> Path:
         "output_dir": str(tmp_path / "out"),
         "data": {"kind": kind, "root": str(data), "objects": ["toy"], "num_workers": 0},
         "model": {"backbone": "resnet18", "weights": "random", "batch_size": 4, **geometry},
-        "evaluation": {"heatmaps": 0, "save_autovi_maps": True},
+        "evaluation": {"heatmaps": 0, "save_autovi_maps": True, **evaluation},
         "logging": {"progress": False},
     }
     path = tmp_path / "config.yaml"
@@ -168,3 +168,19 @@ def test_loco_spro_equals_the_official_script_per_anomaly_type(tmp_path, loco_da
     assert len(maps) == 12 and maps[0] == "good/000.tiff"
     with Image.open(run_dir / "anomaly_maps" / "toy" / "test" / maps[0]) as image:
         assert image.mode == "F" and image.size == (WIDTH, HEIGHT)  # float TIFF at native size
+
+
+@pytest.mark.parametrize(("kind", "loco"), [("autovi", False), ("mvtec_loco", True)])
+def test_non_default_spro_fpr_limits_are_the_ones_computed(tmp_path, autovi_data, loco_data, kind, loco):
+    """evaluation.spro_fpr_limits [0.02, 0.2]: exactly those columns, each equal to the official script's
+    value at that limit. Catches limits ignored (the defaults computed) or one limit used for all."""
+    data = loco_data if loco else autovi_data
+    run_dir = run_train(tmp_path, kind, data, GEOMETRIES["square_crop"], spro_fpr_limits=[0.02, 0.2])
+    row, _ = project_numbers(run_dir)
+    assert sorted(k for k in row if k.startswith("au_spro")) == ["au_spro@0.02", "au_spro@0.2"]
+    official = official_numbers(
+        run_dir / "anomaly_maps" / "toy" / "test", data / "toy", loco, limits=(0.02, 0.2)
+    )
+    for limit in (0.02, 0.2):
+        assert float(row[f"au_spro@{limit:g}"]) == pytest.approx(official["au_spro"][limit], abs=2e-3), limit
+    assert abs(official["au_spro"][0.02] - official["au_spro"][0.2]) > 0.01  # the two limits tell apart

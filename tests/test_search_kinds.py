@@ -24,6 +24,16 @@ from patchcore.engine.search.pruned_kernel import PREFIX_DIM, PrunedExactSearch
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
+
+@pytest.fixture(autouse=True)
+def restore_faiss_threads():
+    """``threads=1`` (deterministic HNSW graphs) sets FAISS's process-wide thread count: put it back."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    yield
+    faiss.omp_set_num_threads(before)
+
 DIM = 256  # above the pruned kernel's 192-dim prefix, so its bound is a real (partial) one
 U32 = 2.0**-24  # float32 unit roundoff
 U64 = 2.0**-53

@@ -222,6 +222,91 @@ def test_train_results_csv_has_one_row_per_object_and_the_mean(mvtec_run):
     assert int(rows[0]["memory_size"]) == int(216 * 0.1)
 
 
+def _slow_au_pro(masks: list[np.ndarray], maps: list[np.ndarray], limit: float) -> float:
+    """AU-PRO written out: every distinct score a threshold (``map >= t``), PRO the mean over all 8-connected
+    regions of all images of the covered fraction, FPR over all good pixels, trapezoids up to ``limit``
+    (interpolated there), divided by ``limit``. Slow on purpose: one pass over every pixel per threshold."""
+    from scipy.ndimage import label
+
+    regions = []
+    for i, mask in enumerate(masks):
+        labelled, count = label(mask, structure=np.ones((3, 3)))
+        regions += [(i, labelled == k) for k in range(1, count + 1)]
+    n_good = sum(int((~m).sum()) for m in masks)
+    fpr, pro = [0.0], [0.0]
+    for t in np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]:
+        hit = [m >= t for m in maps]
+        fpr.append(sum(int((h & ~m).sum()) for h, m in zip(hit, masks, strict=True)) / n_good)
+        pro.append(float(np.mean([(hit[i] & r).sum() / r.sum() for i, r in regions])))
+    area = 0.0
+    for k in range(1, len(fpr)):
+        x0, x1, y0, y1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+        if x1 <= limit:
+            area += 0.5 * (y0 + y1) * (x1 - x0)
+        else:
+            area += 0.5 * (y0 + y0 + (y1 - y0) * (limit - x0) / (x1 - x0)) * (limit - x0)
+            break
+    return area / limit
+
+
+def test_train_pixel_metrics_equal_sklearn_and_a_slow_au_pro_on_the_saved_maps_and_masks(tmp_path):
+    """Pixel AUROC (all images, defect images only) and AU-PRO recomputed from the files: the maps the run
+    saved (16-bit, native size) and the mask PNGs read here. Catches masks transposed, flipped or resized
+    to the wrong shape on their way to the metrics (the defects are thin, off-centre, non-square boxes on
+    non-square images: each of those moves the ground truth off the detected region), metrics over the
+    wrong images, and an ignored ``pro_fpr_limit`` (0.05 here; the value at 0.3 differs)."""
+    from sklearn.metrics import roc_auc_score
+
+    height, width = 48, 64
+    boxes = [(6, 10, 14, 40), (30, 36, 36, 60), (4, 44, 22, 52)]  # (top, left, bottom, right)
+    root = tmp_path / "data"
+    d = root / "bottle"
+    for i in range(6):
+        save(d / "train" / "good" / f"{i:03d}.png", texture(width, height, i))
+    for i, box in enumerate(boxes):
+        save(d / "test" / "good" / f"{i:03d}.png", texture(width, height, 10 + i))
+        save(d / "test" / "broken" / f"{i:03d}.png", with_square(texture(width, height, 20 + i), box))
+        save(d / "ground_truth" / "broken" / f"{i:03d}_mask.png", box_mask(width, height, box))
+    config = write_config(
+        tmp_path / "c.yaml", "mvtec", root, tmp_path / "out",
+        model={"resize": [height, width], "imagesize": None},
+        evaluation={"heatmaps": 0, "save_autovi_maps": True, "pro_fpr_limit": 0.05},
+    )  # fmt: skip
+    code, _, err = run_cli("train", "-c", config)
+    assert code == 0, err
+    run_dir = tmp_path / "out" / "tiny" / "run"
+    row = read_csv(run_dir / "results.csv")[0]
+    maps, masks, defect = [], [], []
+    for label in ("good", "broken"):
+        for i in range(3):
+            with Image.open(run_dir / "anomaly_maps" / "bottle" / "test" / label / f"{i:03d}.png") as image:
+                maps.append(np.asarray(image, dtype=np.float64))
+            mask_path = d / "ground_truth" / label / f"{i:03d}_mask.png"
+            masks.append(
+                np.asarray(Image.open(mask_path)) > 0
+                if label == "broken"
+                else np.zeros((height, width), bool)
+            )
+            defect.append(label == "broken")
+    assert maps[0].shape == (height, width)
+    truth = np.concatenate([m.ravel() for m in masks])
+    scores = np.concatenate([m.ravel() for m in maps])
+    expected_auroc = roc_auc_score(truth, scores)
+    anomalous = [i for i, is_defect in enumerate(defect) if is_defect]
+    expected_anomalous = roc_auc_score(
+        np.concatenate([masks[i].ravel() for i in anomalous]),
+        np.concatenate([maps[i].ravel() for i in anomalous]),
+    )
+    # The saved maps are the run's maps quantised to 16 bits: ties move the figures by far less than 1e-3.
+    assert float(row["pixel_auroc"]) == pytest.approx(expected_auroc, abs=1e-3)
+    assert float(row["pixel_auroc_anomalous"]) == pytest.approx(expected_anomalous, abs=1e-3)
+    assert float(row["au_pro"]) == pytest.approx(_slow_au_pro(masks, maps, 0.05), abs=2e-3)
+    assert abs(_slow_au_pro(masks, maps, 0.05) - _slow_au_pro(masks, maps, 0.3)) > 0.01
+    # What a transposed / flipped ground truth would give, on these boxes: far from the run's figures.
+    flipped = roc_auc_score(np.concatenate([m[::-1].ravel() for m in masks]), scores)
+    assert abs(flipped - float(row["pixel_auroc"])) > 0.05
+
+
 def test_train_leaves_no_temporary_files_and_no_autovi_maps_unless_asked(mvtec_run):
     run_dir = mvtec_run["run_dir"]
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
@@ -566,3 +651,64 @@ def test_train_reuses_cached_features_when_only_the_coreset_changes(tmp_path):
         o["stats"]["memory_size"] > p["stats"]["memory_size"]
         for o, p in zip(second["objects"], first["objects"], strict=True)
     )
+
+
+# ----------------------------------------------------------------------------- VisA end to end
+
+
+def make_visa(root: Path, size: int = 48) -> Path:
+    """VisA layout (split_csv/1cls.csv, Data/Images/{Normal,Anomaly}, class-id masks): one object, 6 train
+    normal, 3 test normal, 3 anomalous with a bright box, the last one without a mask."""
+    box = (16, 8, 26, 40)
+    rows = ["object,split,label,image,mask"]
+    images = root / "candle" / "Data" / "Images"
+    for i in range(9):
+        save(images / "Normal" / f"{i:03d}.png", texture(size, size, i))
+        rows.append(f"candle,{'train' if i < 6 else 'test'},normal,candle/Data/Images/Normal/{i:03d}.png,")
+    for i in range(3):
+        save(images / "Anomaly" / f"{i:03d}.png", with_square(texture(size, size, 20 + i), box))
+        mask = ""
+        if i < 2:
+            save(
+                root / "candle" / "Data" / "Masks" / "Anomaly" / f"{i:03d}.png", box_mask(size, size, box, 3)
+            )
+            mask = f"candle/Data/Masks/Anomaly/{i:03d}.png"
+        rows.append(f"candle,test,anomaly,candle/Data/Images/Anomaly/{i:03d}.png,{mask}")
+    (root / "split_csv").mkdir(parents=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_train_end_to_end_on_the_shipped_visa_config_with_small_settings(tmp_path):
+    """`patchcore train -c configs/visa.yaml` on a tiny VisA tree: catches a VisA run that loses the CSV's
+    split (Normal/ test images trained on), reads class-id masks (value 3) as good pixels, or counts the
+    defect without a mask in the pixel metrics."""
+    from sklearn.metrics import roc_auc_score
+
+    data = make_visa(tmp_path / "visa")
+    config = Path(__file__).resolve().parents[1] / "configs" / "visa.yaml"
+    code, _, err = run_cli(
+        "train", "-c", config, f"data.root={data}", f"output_dir={tmp_path / 'out'}", "data.num_workers=0",
+        "model.backbone=resnet18", "model.weights=random", "model.resize=48", "model.imagesize=48",
+        "model.batch_size=4", "evaluation.heatmaps=0", "evaluation.save_autovi_maps=true", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    run_dir = tmp_path / "out" / "visa" / "wrn50_l23_p3_c10"
+    row = read_csv(run_dir / "results.csv")[0]
+    assert row["object"] == "candle" and int(row["n_train_images"]) == 6 and int(row["n_test_images"]) == 6
+    summary = json.loads((run_dir / "summary.json").read_text())["objects"][0]["stats"]
+    assert (summary["pixel_metric_defect_images"], summary["defect_images"]) == (2, 3)
+    maps_dir = run_dir / "anomaly_maps" / "candle" / "test"
+    pairs = []
+    for label, count in (("good", 3), ("anomaly", 2)):
+        for path in sorted((maps_dir / label).glob("*.png"))[:count]:
+            score_map = np.asarray(Image.open(path), dtype=np.float64)
+            truth = np.zeros(score_map.shape, bool)
+            if label == "anomaly":
+                truth = np.asarray(Image.open(data / "candle" / "Data" / "Masks" / "Anomaly" / path.name)) > 0
+            pairs.append((score_map, truth))
+    expected = roc_auc_score(
+        np.concatenate([t.ravel() for _, t in pairs]), np.concatenate([m.ravel() for m, _ in pairs])
+    )
+    assert float(row["pixel_auroc"]) == pytest.approx(expected, abs=1e-3)
+    assert float(row["image_auroc"]) >= 0.9

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,10 +70,25 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block): ``patchcore train: error: ...``, exit status 2."""
+    """argparse with a one-line error (no usage block): ``patchcore train: error: ...``, exit status 2.
+
+    ``epilog_fn`` (optional): the epilog, computed when help is shown (the data kinds need an import).
+    """
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        epilog_fn = getattr(self, "epilog_fn", None)
+        if epilog_fn is not None:
+            self.epilog = epilog_fn()
+        return super().format_help()
+
+
+def _data_kinds_epilog() -> str:
+    from .starter import data_kinds_help
+
+    return data_kinds_help()
 
 
 def _positive_int(text: str) -> int:
@@ -155,13 +173,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="fit, save and evaluate one model per object of a data set")
+    train = sub.add_parser(
+        "train", help="fit, save and evaluate one model per object of a data set",
+        usage="%(prog)s [-c CONFIG | FOLDER] [KEY=VALUE ...] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    train.epilog_fn = _data_kinds_epilog  # type: ignore[attr-defined]
     train.add_argument(
-        "--config", "-c", help="YAML configuration (configs/elpv.yaml, mvtec.yaml, autovi.yaml)"
+        "--config", "-c", help="YAML configuration (configs/elpv.yaml, mvtec.yaml, autovi.yaml; patchcore init)"
     )
     train.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="override any key, e.g. model.percentage=0.01 (every key: patchcore params)",
+        "overrides", nargs="*", metavar="FOLDER | KEY=VALUE",
+        help="a folder of your images instead of a config (kind folder, the paper's settings), and/or "
+        "overrides of any key, e.g. model.percentage=0.01 (every key: patchcore params)",
     )  # fmt: skip
     train.add_argument(
         "--log-online", choices=["wandb", "mlflow"], help="send metrics to W&B or MLflow (extras)"
@@ -174,6 +198,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue an interrupted run in RUN_DIR: finished objects with the same config are kept",
+    )  # fmt: skip
+    train.add_argument(
+        "--restart-changed", action="store_true",
+        help="with --resume: accept a configuration that differs from the run's (each changed key is logged)",
     )  # fmt: skip
 
     federated = sub.add_parser(
@@ -276,6 +304,21 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
     export.add_argument("--chunk", type=int, default=4096, help="memory-bank rows per distance block")
 
+    for command in (train, federated, evaluate, predict, calibrate, serve, export):
+        command.add_argument(
+            "--offline", action="store_true",
+            help="never download backbone weights (as PATCHCORE_OFFLINE=1): a missing file is an error",
+        )  # fmt: skip
+
+    init = sub.add_parser(
+        "init", help="write a commented YAML configuration to start from",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    init.epilog_fn = _data_kinds_epilog  # type: ignore[attr-defined]
+    init.add_argument("kind", nargs="?", default="folder", help="data set kind (default folder; list below)")
+    init.add_argument("--out", "-o", default="patchcore.yaml", help="file to write (default patchcore.yaml; - = stdout)")
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+
     sub.add_parser("backbones", help="list the registered backbones")
     sub.add_parser(
         "params", help="every configuration key and estimator parameter: type, default, constraint, help"
@@ -289,6 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `--ray key=value`: the optional ADDRESS took an override (a Ray address has no "=").
         args.overrides.append(args.ray)
         args.ray = ""
+    if getattr(args, "offline", False):
+        from ..engine.weights import OFFLINE_ENV
+
+        os.environ[OFFLINE_ENV] = "1"  # read where the weights are resolved, here and in worker processes
+    if args.command in ("train", "federated", "evaluate") and threading.current_thread() is threading.main_thread():
+        # A run ends on SIGTERM: cleanup runs (finally blocks), the run folder keeps its `incomplete` marker.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     except _user_errors() as exc:
@@ -297,10 +347,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished objects and their reports are kept", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated (SIGTERM); finished objects and their reports are kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt (a BaseException: no ``except Exception`` stops it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
 
     if args.command == "backbones":
         from ..engine.backbones import available_backbones
@@ -314,26 +375,38 @@ def _run(args: argparse.Namespace) -> int:
         print("# configuration keys (YAML or KEY=VALUE)\n" + keys_table())
         print("\n# PatchCore(...) parameters (the model section above, plus seed and work_dir)\n" + params_table())
         return 0
+    if args.command == "init":
+        from .starter import write_starter
+
+        target = write_starter(args.kind, args.out, force=args.force)
+        if target is not None:
+            print(f"wrote {target}: edit data.root, then `patchcore train -c {target}`", file=sys.stderr)
+        return 0
     if args.command == "train":
+        from .starter import folder_overrides
         from .train import train
 
         config_path = args.config
         if args.resume and config_path is None:
             config_path = str(Path(args.resume) / "config.yaml")  # the run's own configuration
-        overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
+        # `patchcore train parts/`: a folder instead of a config (app/starter.py).
+        overrides = folder_overrides(args.overrides, config_path)
+        overrides = _with_ray(_with_progress(overrides, args.no_progress), args.ray)
         config = load_config(config_path, overrides)
-        summary = train(config, online=args.log_online, resume=args.resume)
+        if args.restart_changed and not args.resume:
+            raise ConfigError("--restart-changed needs --resume RUN_DIR")
+        summary = train(config, online=args.log_online, resume=args.resume, restart_changed=args.restart_changed)
         print(summary.reports["markdown"].read_text())
         return 0
     if args.command == "federated":
-        from .federated import federated
+        from .cmd_federated import federated
 
         overrides = _with_ray(_with_progress(args.overrides, args.no_progress), args.ray)
         report = federated(load_config(args.config, overrides))
         print(report.read_text())
         return 0
     if args.command == "evaluate":
-        from .evaluate import evaluate_models
+        from .cmd_evaluate import evaluate_models
 
         overrides = list(args.overrides)
         if args.data:

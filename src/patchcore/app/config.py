@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..data import DATASETS
+from ..data import DATASETS, dataset_kind
 from ..engine.params import (
     PARAMS,
     Constraint,
@@ -61,16 +61,29 @@ def key(default: Any, help: str, constraint: Constraint | None = None) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def _kinds_taking(option: str) -> str:
+    """Which data-set kinds' loaders take ``option`` (their declaration, data/__init__.py)."""
+    kinds = [name for name in DATASETS if option in dataset_kind(name).options]
+    return f"(data kinds that take it: {', '.join(kinds) or 'none'})"
+
+
 @dataclass
 class DataConfig:
     kind: str = key("elpv", "data set format", choice(*DATASETS))
-    root: str | None = key(None, "data set folder (elpv: the pip package's data when null)")
+    root: str | None = key(
+        None,
+        "data set folder (null: the kind's bundled data, for kinds that have one: "
+        + ", ".join(k for k in DATASETS if not dataset_kind(k).needs_root)
+        + ")",
+    )
     objects: list[str] | None = key(None, "objects to run; null = every object found")
     num_workers: int = key(2, "DataLoader worker processes for image decoding", at_least(0))
     train_fraction: float = key(
-        2 / 3, "ELPV: fraction of good cells used for training", in_range(0, 1, low_open=True, high_open=True)
+        2 / 3, f"fraction of good images used for training {_kinds_taking('train_fraction')}", in_range(0, 1, low_open=True, high_open=True)
     )
-    include_uncertain: bool = key(False, "ELPV: include the uncertain (p=1/3, 2/3) cells")
+    include_uncertain: bool = key(
+        False, f"include the uncertain (p=1/3, 2/3) cells {_kinds_taking('include_uncertain')}"
+    )
 
 
 def _model_section() -> type:
@@ -225,7 +238,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
 
 def _validate_values(config: Config) -> None:
     """What involves more than one key (each key's own type and range are checked as it is read)."""
-    if config.data.kind != "elpv" and not config.data.root:
+    if dataset_kind(config.data.kind).needs_root and not config.data.root:
         raise ConfigError(
             f"{config.source}: data.kind {config.data.kind!r} needs 'data.root' (the data set folder)"
         )

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_json, safe_name
+from ..fileio import atomic_write_json, atomic_write_text, safe_name
 
 __all__ = [
     "INCOMPLETE_MARKER",
@@ -27,8 +27,10 @@ __all__ = [
     "Progress",
     "RunState",
     "begin_run",
+    "check_run_folder",
     "clean_stale_temp",
     "finish_run",
+    "lock_run",
     "make_run_dir",
     "mark_object",
     "prepare_output_dir",
@@ -39,6 +41,8 @@ __all__ = [
     "metrics_line",
     "seed_everything",
     "setup_logging",
+    "start_run",
+    "unlock_run",
 ]
 
 log = logging.getLogger("patchcore")
@@ -172,6 +176,59 @@ def run_state(run_dir: Path) -> RunState:
         return RunState(False, dict(data.get("objects", {})), data.get("pid"), data.get("host"))
     except (OSError, ValueError, AttributeError):
         return RunState(False)
+
+
+def check_run_folder(path: str | os.PathLike, what: str = "--resume") -> Path:
+    """``path`` if it is a run folder (its config.yaml, and the run.log or ``incomplete`` marker every run
+    writes), else OutputError: a folder that merely holds a config.yaml is not taken for a run."""
+    run_dir = Path(path)
+    if not (run_dir / "config.yaml").is_file():
+        raise OutputError(f"{what} {run_dir}: not a run folder (no config.yaml in it)")
+    if not ((run_dir / INCOMPLETE_MARKER).is_file() or (run_dir / "run.log").is_file()):
+        raise OutputError(
+            f"{what} {run_dir}: not a run folder (a config.yaml but neither the run.log nor the "
+            f"{INCOMPLETE_MARKER!r} marker that every run writes)"
+        )
+    return run_dir
+
+
+def lock_run(run_dir: Path) -> int | None:
+    """Take the run folder's writer lock (an exclusive ``flock`` on the folder itself: no extra file, and the
+    kernel drops it when the process ends, however it ends). Returns the descriptor to pass to
+    :func:`unlock_run`; OutputError when another live process writes the run."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        return None
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        state = run_state(run_dir)
+        who = f" (process {state.pid} on {state.host})" if state.pid is not None else ""
+        raise OutputError(
+            f"run {run_dir} is being written by another process{who}; wait for it to end or stop it first"
+        ) from None
+    return fd
+
+
+def unlock_run(fd: int | None) -> None:
+    """Release a lock taken by :func:`lock_run` (None: nothing to release)."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def start_run(run_dir: Path, objects: list[str], level: str, config_text: str | None = None) -> None:
+    """The start every command's run shares: logging to ``run.log``, stale temporary files of killed runs of
+    the project removed, the configuration saved (``config.yaml``, when given) and the ``incomplete`` marker
+    with every object pending. The caller holds the folder's lock (:func:`lock_run`)."""
+    setup_logging(run_dir, level)
+    clean_stale_temp(run_dir.parent)  # temporary files of runs of this project killed before
+    if config_text is not None:
+        atomic_write_text(run_dir / "config.yaml", config_text)
+    begin_run(run_dir, objects)
 
 
 def run_temp_dir(run_dir: Path) -> Path:

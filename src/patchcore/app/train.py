@@ -20,28 +20,40 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..data import DataError, ObjectData, load_dataset
+from ..data import DataError, ObjectData, dataset_kind, load_dataset
 from ..data.check import check_samples
 from ..data.loading import iterate_batches, make_loader
+from ..engine.backbones import ensure_weights
 from ..engine.model import NonFiniteError, PatchCore
 from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
-from ..fileio import atomic_write_text
 from .cache import fit_cached
 from .calibrate import calibrate_fitted, check_calibration_settings, split_calibration
-from .completion import ObjectOutput, completed_result, config_hash, forget_object, object_paths, write_object
+from .completion import (
+    ObjectOutput,
+    completed_result,
+    config_changes,
+    config_hash,
+    fitted_model,
+    forget_object,
+    object_paths,
+    recorded_objects,
+    write_fitted,
+    write_object,
+)
 from .config import Config, ConfigError, config_to_dict
 from .runs import (
     Progress,
-    begin_run,
-    clean_stale_temp,
+    check_run_folder,
     finish_run,
+    lock_run,
     make_run_dir,
     mark_object,
     metrics_line,
     run_temp_dir,
     seed_everything,
-    setup_logging,
+    start_run,
+    unlock_run,
 )
 from .tracking import check_tracker, make_tracker
 
@@ -110,12 +122,8 @@ def run_header(config: Config) -> dict[str, Any]:
 
 
 def load_objects(config: Config) -> list[ObjectData]:
-    options: dict[str, Any] = {}
-    if config.data.kind == "elpv":
-        options = {
-            "train_fraction": config.data.train_fraction,
-            "include_uncertain": config.data.include_uncertain,
-        }
+    """The configured data set's objects; the loader's options are the data keys its kind declares."""
+    options = {key: getattr(config.data, key) for key in dataset_kind(config.data.kind).options}
     return load_dataset(config.data.kind, config.data.root, config.data.objects, **options)
 
 
@@ -126,8 +134,12 @@ def check_objects(objects: list[ObjectData], model: PatchCore, train: bool, test
             if not obj.train:
                 raise DataError(f"{obj.name}: no training images")
             check_samples(obj.train, model.transform, f"{obj.name} train")
+            if obj.validation:  # held-out goods (calibration; MVTec AD 2's segmentation threshold)
+                check_samples(obj.validation, model.transform, f"{obj.name} validation")
         if test:
             check_samples(obj.test, model.transform, f"{obj.name} test")
+            for split, samples in obj.unlabelled.items():  # scored for a benchmark server only
+                check_samples(samples, model.transform, f"{obj.name} {split}")
 
 
 def name_bad_images(exc: NonFiniteError, samples: list[Any]) -> NonFiniteError:
@@ -138,10 +150,12 @@ def name_bad_images(exc: NonFiniteError, samples: list[Any]) -> NonFiniteError:
 
 @dataclass
 class ObjectTask:
-    """One object to train: everything :func:`train_object` needs, picklable (it may travel to a worker)."""
+    """One object to train: everything :func:`train_object` needs, picklable (it may travel to a worker).
+    ``fitted``: a saved, verified model of this object and config (a resumed run): evaluated, not refitted."""
 
     config: Config
     obj: ObjectData
+    fitted: Path | None = None
 
 
 class SampleImages:
@@ -224,18 +238,10 @@ def train_object(
     object marked ``fitted``: an evaluation that fails never loses the fit.
     """
     config, obj = task.config, task.obj
-    train_samples, calibration_samples = split_calibration(obj, config.evaluation.calibration_fraction, config.seed)
-    work_dir = run_temp_dir(out_dir) if out_dir is not None else None
-    model = fit_object(config, obj, progress, train_samples, work_dir)
-    model.stats_ = replace(model.stats_, object=obj.name)
-    if calibration_samples:
-        calibrate_fitted(
-            model, calibration_samples, config.evaluation.false_alarm_rate,
-            f"{obj.name}: {len(calibration_samples)} held-out good images",
-        )  # fmt: skip
-    if out_dir is not None and config.evaluation.enabled:
-        model.save(object_paths(out_dir, obj.name)["model"])  # rewritten with the evaluation's records
-        mark_object(out_dir, obj.name, "fitted")
+    if task.fitted is not None:
+        model = PatchCore.load(task.fitted, device=config.model.device)
+    else:
+        model = _fit_and_calibrate(config, obj, out_dir, progress)
     stats = model.stats_.to_dict()
     metrics: dict[str, float | None] = {}
     files: dict[str, bytes] = {}
@@ -262,6 +268,25 @@ def train_object(
     return ObjectOutput(obj.name, model.state_dict(), metadata, metrics, stats, files)
 
 
+def _fit_and_calibrate(config: Config, obj: ObjectData, out_dir: Path | None, progress: Progress | None) -> PatchCore:
+    """Fit one object (and calibrate it on its held-out good images). With ``out_dir`` and an evaluation to
+    come, the model file is saved at once, its fitted record written and the object marked ``fitted``."""
+    train_samples, calibration_samples = split_calibration(obj, config.evaluation.calibration_fraction, config.seed)
+    work_dir = run_temp_dir(out_dir) if out_dir is not None else None
+    model = fit_object(config, obj, progress, train_samples, work_dir)
+    model.stats_ = replace(model.stats_, object=obj.name)
+    if calibration_samples:
+        calibrate_fitted(
+            model, calibration_samples, config.evaluation.false_alarm_rate,
+            f"{obj.name}: {len(calibration_samples)} held-out good images",
+        )  # fmt: skip
+    if out_dir is not None and config.evaluation.enabled:
+        model.save(object_paths(out_dir, obj.name)["model"])  # rewritten with the evaluation's records
+        write_fitted(out_dir, obj.name, config_hash(config))
+        mark_object(out_dir, obj.name, "fitted")
+    return model
+
+
 def model_record(
     model: PatchCore, name: str, stats: dict[str, Any], metrics: dict[str, float | None]
 ) -> dict[str, Any]:
@@ -277,55 +302,94 @@ def model_record(
     }
 
 
-def train(config: Config, online: str | None = None, resume: str | Path | None = None) -> RunSummary:
+def train(
+    config: Config, online: str | None = None, resume: str | Path | None = None, restart_changed: bool = False
+) -> RunSummary:
     """Fit, save and (optionally) evaluate one model per object; write the summary reports.
 
-    ``resume``: the folder of an interrupted run to continue (objects finished with the same config hash
-    are kept, the others trained again).
+    ``resume``: the folder of an interrupted run to continue: objects finished with the same config hash
+    are kept, a saved and verified model whose evaluation did not finish is evaluated only, the others are
+    trained again. A config that differs from the run's in a setting that determines models or metrics is
+    refused unless ``restart_changed`` (the log then names each changed key).
     """
-    if resume is not None and not (Path(resume) / "config.yaml").is_file():
-        raise ConfigError(f"--resume {resume}: not a run folder (no config.yaml in it)")
-    # Bad input (missing data folder, an unreadable image or mask, images that cannot be batched, tracker
-    # not installed) fails before a run folder is taken.
-    objects = load_objects(config)
-    check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
-    check_objects(objects, build_model(config), train=True, test=config.evaluation.enabled)
-    check_tracker(online or config.logging.online)
-    if config.execution.engine == "ray":
-        from ..distributed.ray_runner import import_ray
-
-        import_ray()
+    lock: int | None = None
+    changes: list[str] = []
     if resume is not None:
-        run_dir = Path(resume)
-    else:
-        run_dir = make_run_dir(config.output_dir, config.project, config.group)
-    setup_logging(run_dir, config.logging.level)
-    clean_stale_temp(run_dir.parent)  # temporary files of runs of this project killed before
+        # Refused before anything is read or written: a folder that is not a run, a run another process is
+        # writing (its lock), a changed configuration.
+        run_dir = check_run_folder(resume)
+        lock = lock_run(run_dir)
     try:
-        return _train_in(run_dir, config, objects, online, resume)
+        if resume is not None:
+            changes = config_changes(run_dir, config)
+            if changes and not restart_changed:
+                raise ConfigError(
+                    f"--resume {run_dir}: the configuration differs from the run's in {len(changes)} setting(s) "
+                    f"({'; '.join(changes)}); pass --restart-changed to retrain under the new one, or resume "
+                    "without them"
+                )
+        # Bad input (missing data folder, an unreadable image or mask, images that cannot be batched, tracker
+        # not installed, a Ray address that cannot be reached) fails before a run folder is taken.
+        objects = load_objects(config)
+        check_calibration_settings(config.evaluation.calibration_fraction, config.evaluation.false_alarm_rate)
+        check_objects(objects, build_model(config), train=True, test=config.evaluation.enabled)
+        # The backbone's weights are on this machine (downloaded now on first use) before the run folder.
+        ensure_weights(config.model.backbone, config.model.weights, progress=config.logging.progress)
+        check_tracker(online or config.logging.online)
+        if config.execution.engine == "ray":
+            from ..distributed.ray_runner import check_ray_address
+
+            check_ray_address(config.execution.address)
+        if resume is None:
+            run_dir = make_run_dir(config.output_dir, config.project, config.group)
+            lock = lock_run(run_dir)
+        try:
+            return _train_in(run_dir, config, objects, online, resume, changes)
+        finally:
+            shutil.rmtree(run_dir / "tmp", ignore_errors=True)  # the streamed features of this run
     finally:
-        shutil.rmtree(run_dir / "tmp", ignore_errors=True)  # the streamed features of this run
+        unlock_run(lock)
 
 
 def _train_in(
-    run_dir: Path, config: Config, objects: list[ObjectData], online: str | None, resume: str | Path | None
+    run_dir: Path,
+    config: Config,
+    objects: list[ObjectData],
+    online: str | None,
+    resume: str | Path | None,
+    changes: list[str],
 ) -> RunSummary:
     import yaml
 
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    config_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    start_run(run_dir, [o.name for o in objects], config.logging.level, config_text)
     log.info("%s folder: %s", "resuming run" if resume is not None else "run", run_dir)
+    for change in changes:
+        log.warning("--restart-changed: %s", change)
     log.info("data: %s, objects: %s", config.data.kind, ", ".join(o.name for o in objects))
     digest = config_hash(config)
     header = run_header(config)
     done: dict[str, ObjectResult] = {}
-    begin_run(run_dir, [o.name for o in objects])  # the run folder's `incomplete` marker (app/runs.py)
+    fitted: dict[str, Path] = {}
+    if resume is not None:
+        for name in sorted(set(recorded_objects(run_dir)) - {o.name for o in objects}):
+            forget_object(run_dir, name)
+            log.warning("%s: not in this configuration's data: its model and records removed", name)
     for obj in objects:
         kept = completed_result(run_dir, obj.name, digest) if resume is not None else None
+        saved = None
+        if kept is None and resume is not None and config.execution.engine != "ray":
+            saved = fitted_model(run_dir, obj.name, digest)
         if kept is not None:
             done[obj.name] = kept[0]
             header["layers"] = kept[1]["layers"]
             mark_object(run_dir, obj.name, "done")
             log.info("%s: finished before with this config, kept", obj.name)
+        elif saved is not None:
+            forget_object(run_dir, obj.name, keep_fitted=True)
+            fitted[obj.name] = saved
+            mark_object(run_dir, obj.name, "fitted")
+            log.info("%s: fitted before with this config (model file verified): evaluated, not refitted", obj.name)
         else:
             forget_object(run_dir, obj.name)
     todo = [o for o in objects if o.name not in done]
@@ -350,8 +414,9 @@ def _train_in(
         else:
             with Progress(config.logging.progress) as progress:
                 for obj in todo:
-                    log.info("%s: fitting on %d good images", obj.name, _n_train(config, obj))
-                    finish(train_object(ObjectTask(config, obj), run_dir, progress))
+                    if obj.name not in fitted:
+                        log.info("%s: fitting on %d good images", obj.name, _n_train(config, obj))
+                    finish(train_object(ObjectTask(config, obj, fitted.get(obj.name)), run_dir, progress))
         results = [done[o.name] for o in objects if o.name in done]
         reports = write_reports(run_dir, results, header)
         means = mean_metrics(results)

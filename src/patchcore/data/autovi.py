@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .base import (
+    AUTOVI_PROTOCOL,
     DataError,
     ObjectData,
     Sample,
@@ -168,10 +169,9 @@ def load_autovi_object(obj_dir: Path, name: str | None = None) -> ObjectData:
         train=train,
         test=test,
         has_masks=True,
-        mask_format="autovi",
         defects_config=config,
         root=obj_dir,
-        protocol="autovi",
+        protocol=AUTOVI_PROTOCOL,
     )
 
 

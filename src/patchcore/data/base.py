@@ -7,10 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "AUTOVI_PROTOCOL",
     "IMAGE_EXTENSIONS",
+    "LOCO_PROTOCOL",
+    "MVTEC_PROTOCOL",
     "DataError",
+    "DatasetKind",
+    "EvaluationProtocol",
     "ObjectData",
     "Sample",
+    "check_mask_size",
     "find_mask",
     "is_image_file",
     "list_images",
@@ -26,6 +32,65 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".
 
 class DataError(ValueError):
     """Bad input data: message names the offending path(s)."""
+
+
+@dataclass(frozen=True)
+class EvaluationProtocol:
+    """How the test split of a data set is evaluated: declared by its loader, read by ``evaluation``.
+
+    ``mvtec`` (MVTec AD, VisA, own folders, ELPV): pooled image AUROC, pixel AUROC and AU-PRO at model
+    resolution. ``autovi`` / ``mvtec_loco``: the official scripts' numbers from maps saved at native size in
+    16-bit levels (sPRO replaces AU-PRO; its regions are logical, not connected). ``mvtec_ad2`` and
+    ``real_iad`` are declared by their loaders (data/mvtec_ad2.py, data/real_iad.py).
+    """
+
+    name: str
+    # "binary": any non-zero mask pixel is a defect; "valued": one file per defect, its value a defects_config
+    # pixel_value (with a saturation threshold per defect).
+    mask_kind: str = "binary"
+    native_spro: bool = False  # sPRO and the class-mean image AUROC from native-size 16-bit maps
+    spro_per_type: bool = (
+        False  # one sPRO curve per anomaly type, the object's value their mean (else pooled)
+    )
+    map_format: str = "png"  # saved native maps: "png" (16-bit levels) or "tiff" (float, LOCO's evaluator)
+    pro_curve: bool = True  # the AU-PRO curve is drawn in the report
+    # MVTec AD 2 (its public code): from float16 native maps, AU-PRO up to this FPR limit, image AUROC of the
+    # map maximum and the segmentation F1 at the validation goods' mean + 3 std; None: not this protocol.
+    native_pro_limit: float | None = None
+    sample_level: bool = False  # Real-IAD: also AUROC / F1 over samples (the views in one folder)
+
+    def __post_init__(self) -> None:
+        if self.mask_kind not in ("binary", "valued"):
+            raise ValueError(f"unknown mask kind {self.mask_kind!r}")
+        if self.map_format not in ("png", "tiff"):
+            raise ValueError(f"unknown map format {self.map_format!r}")
+
+
+MVTEC_PROTOCOL = EvaluationProtocol("mvtec")
+AUTOVI_PROTOCOL = EvaluationProtocol("autovi", mask_kind="valued", native_spro=True, pro_curve=False)
+LOCO_PROTOCOL = EvaluationProtocol(
+    "mvtec_loco", mask_kind="valued", native_spro=True, spro_per_type=True, map_format="tiff", pro_curve=False
+)
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """What the application must know of a data-set kind beyond its loader, declared by the loader's module:
+    the ``data`` section keys its loader takes as options, and whether it needs ``data.root``."""
+
+    options: tuple[str, ...] = ()
+    needs_root: bool = True
+
+
+def check_mask_size(
+    mask_path: Path, mask_shape: tuple[int, int], image_path: Path, image_shape: tuple[int, int]
+) -> None:
+    """The one mask-size rule: a mask is exactly the size of its image (shapes (height, width))."""
+    if tuple(mask_shape) != tuple(image_shape):
+        raise DataError(
+            f"mask {mask_path} is {mask_shape[1]}x{mask_shape[0]} but its image {image_path} is "
+            f"{image_shape[1]}x{image_shape[0]} (width x height)"
+        )
 
 
 @dataclass(frozen=True)
@@ -51,15 +116,20 @@ class ObjectData:
     train: list[Sample]  # defect-free only (train/good)
     test: list[Sample]
     has_masks: bool  # whether pixel ground truth exists for this data set
-    mask_format: str = "binary"  # "binary" (MVTec/folder/VisA) or "autovi" (channel value = pixel_value)
     defects_config: list[dict] | None = None  # AutoVI / LOCO defects_config.json entries
     root: Path | None = None
     # Defect-free images held out from training (MVTec LOCO validation/good): for calibration, never scored.
     validation: list[Sample] = field(default_factory=list)
-    # Evaluation protocol of the data set: "mvtec" (pooled image AUROC, pixel AUROC, AU-PRO), "autovi"
-    # (official AutoVI script: sPRO over all test images at native size) or "mvtec_loco" (sPRO per anomaly
-    # type, mean of logical and structural).
-    protocol: str = "mvtec"
+    # How its test split is evaluated (and what its masks mean): declared by the loader.
+    protocol: EvaluationProtocol = MVTEC_PROTOCOL
+
+    @property
+    def mask_format(self) -> str:
+        """The mask kind of the protocol: "binary" or "valued" (one file per defect, value = pixel_value)."""
+        return self.protocol.mask_kind
+    # Test sets without ground truth, by name (MVTec AD 2's test_private, test_private_mixed): maps are
+    # written for a benchmark server, never scored here.
+    unlabelled: dict[str, list[Sample]] = field(default_factory=dict)
 
 
 def is_image_file(path: Path) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import PIL.Image
 
-from .base import DataError, Sample
+from .base import DataError, Sample, check_mask_size
 from .transforms import ImageTransform
 
 __all__ = ["check_samples", "image_size"]
@@ -41,12 +41,7 @@ def check_samples(samples: Sequence[Sample], transform: ImageTransform, what: st
     for sample in samples:
         size = image_size(sample.image_path)
         for mask_path in sample.mask_paths:
-            mask_size = image_size(mask_path)
-            if mask_size != size:
-                raise DataError(
-                    f"mask {mask_path} is {mask_size[1]}x{mask_size[0]} but its image {sample.image_path} is "
-                    f"{size[1]}x{size[0]} (width x height)"
-                )
+            check_mask_size(mask_path, image_size(mask_path), sample.image_path, size)
         out = transform.output_size(size)
         if first is None:
             first = (sample.image_path, size, out)

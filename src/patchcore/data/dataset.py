@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .base import DataError, Sample
+from .base import Sample, check_mask_size
 from .transforms import ImageTransform, load_image, load_mask
 
 __all__ = ["ImageDataset", "collate_samples"]
@@ -48,11 +48,7 @@ class ImageDataset(Dataset):
             channels = []
             for mask_path in sample.mask_paths:
                 arr = load_mask(mask_path)
-                if arr.shape != original_size:
-                    raise DataError(
-                        f"mask {mask_path} has size {arr.shape[1]}x{arr.shape[0]} but its image "
-                        f"{sample.image_path} has size {original_size[1]}x{original_size[0]} (width x height)"
-                    )
+                check_mask_size(mask_path, arr.shape, sample.image_path, original_size)
                 channels.append(self.transform.mask(arr))
             h, w = tensor.shape[-2:]
             stacked = torch.stack(channels) if channels else torch.zeros((0, h, w), dtype=torch.uint8)

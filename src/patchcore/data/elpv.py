@@ -7,9 +7,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import DataError, ObjectData, Sample, resolve_root
+from .base import DataError, DatasetKind, ObjectData, Sample, resolve_root
 
-__all__ = ["ELPV_OBJECTS", "elpv_data_dir", "load_elpv"]
+__all__ = ["ELPV_KIND", "ELPV_OBJECTS", "elpv_data_dir", "load_elpv"]
 
 ELPV_OBJECTS: tuple[str, ...] = ("mono", "poly")
 
@@ -47,6 +47,9 @@ def _read_labels(csv_path: Path) -> list[tuple[str, float, str]]:
     if not rows:
         raise DataError(f"no rows in ELPV labels {csv_path}")
     return rows
+
+# The application passes these ``data`` keys to load_elpv; without data.root the pip package's copy is used.
+ELPV_KIND = DatasetKind(options=("train_fraction", "include_uncertain"), needs_root=False)
 
 
 def load_elpv(

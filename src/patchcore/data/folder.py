@@ -51,7 +51,6 @@ def load_folder_object(obj_dir: Path, name: str | None = None) -> ObjectData:
         train=train,
         test=test,
         has_masks=any(s.mask_paths for s in test),
-        mask_format="binary",
         root=obj_dir,
     )
 

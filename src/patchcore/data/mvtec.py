@@ -62,7 +62,6 @@ def load_mvtec_object(class_dir: Path, name: str | None = None) -> ObjectData:
         train=train,
         test=test,
         has_masks=True,
-        mask_format="binary",
         root=class_dir,
     )
 

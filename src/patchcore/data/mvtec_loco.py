@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .autovi import channel_test_samples, load_defects_config
 from .base import (
+    LOCO_PROTOCOL,
     DataError,
     ObjectData,
     Sample,
@@ -53,11 +54,10 @@ def load_mvtec_loco_object(obj_dir: Path, name: str | None = None) -> ObjectData
         train=train,
         test=test,
         has_masks=True,
-        mask_format="autovi",  # same mask semantics: one PNG per defect, its value a pixel_value
         defects_config=config,
         root=obj_dir,
         validation=validation,
-        protocol="mvtec_loco",
+        protocol=LOCO_PROTOCOL,  # AutoVI's mask semantics: one PNG per defect, its value a pixel_value
     )
 
 

@@ -78,7 +78,7 @@ def _object_data(root: Path, name: str, rows: list[dict[str, str]]) -> ObjectDat
         train=train,
         test=test,
         has_masks=any(s.mask_paths for s in test),
-        mask_format="binary",  # class ids 1..9 or 0/255: non-zero is defect
+        # class ids 1..9 or 0/255: non-zero is defect (the default protocol's binary masks)
         root=root / name,
     )
 

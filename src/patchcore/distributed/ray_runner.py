@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ __all__ = [
     "DistributedError",
     "Outcome",
     "RayOptions",
+    "check_ray_address",
     "import_ray",
     "ray_session",
     "run_local",
@@ -76,6 +78,45 @@ def import_ray():
     return ray
 
 
+# How long a cluster's address may take to accept a connection before it counts as unreachable. Ray's own
+# connect retries for minutes, inside C++ where no signal handler runs (SIGTERM then waits too).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, within ``timeout`` seconds and in one line, a Ray address that cannot be used: not
+    ``host:port``, ``auto`` with no cluster on this machine, or a port that does not accept a connection.
+    None (a local cluster is started, unless ``RAY_ADDRESS`` names one) passes."""
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        return
+    import_ray()
+    shown = address if address is not None else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
+    if address is not None and address.startswith("ray://"):  # Ray Client: host:port after the scheme
+        target: str | None = address.removeprefix("ray://")
+    else:
+        try:  # Ray's own reading of the address (RAY_ADDRESS, "auto": the cluster started on this machine)
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # pragma: no cover - a Ray without it: its own connect decides
+            return
+        try:
+            target = canonicalize_bootstrap_address(address)
+        except (ConnectionError, ValueError, OSError) as exc:
+            raise DistributedError(f"Ray address {shown}: {' '.join(str(exc).split())}") from None
+        if target is None:  # "local": a cluster is started here
+            return
+    host, _, port_text = (target or "").rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise DistributedError(f"Ray address {shown}: expected host:port (e.g. 10.0.0.5:6379), auto or ray://host:port")
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise DistributedError(
+            f"cannot reach the Ray cluster at {shown} ({host}:{port_text}: {reason}, tried for up to {timeout:g} s)"
+        ) from None
+
+
 @contextlib.contextmanager
 def ray_session(options: RayOptions) -> Iterator[Any]:
     """Ray connected for the block: joins a running session as it is, else starts or joins a cluster and
@@ -84,6 +125,7 @@ def ray_session(options: RayOptions) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    check_ray_address(options.address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if options.address is None and not os.environ.get("RAY_ADDRESS"):
         kwargs.update(num_cpus=options.local_cpus, object_store_memory=options.object_store_memory)

@@ -3,9 +3,10 @@
 `load_backbone(name, weights)` builds a network by name; `FeatureExtractor` collects the outputs of named
 layers through forward hooks and stops the forward pass after the last one it needs.
 
-Weights never come from the network at run time: torchvision weights are read from the torch hub cache
-(where torchvision itself would have put them) or from a file the user names; a missing file gives an
-error that says which file to put where. `weights="random"` builds a randomly initialised network (seeded),
+Torchvision weights are read from the torch hub cache (where torchvision itself puts them), downloaded
+there on first use (engine/weights.py: SHA-256 prefix checked, atomic; ``PATCHCORE_OFFLINE=1`` refuses with
+an error that says which file to put where; ``PATCHCORE_WEIGHTS_MIRROR`` names an internal server), or read
+from a file the user names. `weights="random"` builds a randomly initialised network (seeded),
 which the tests use.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "BackboneError",
     "FeatureExtractor",
     "available_backbones",
+    "ensure_weights",
     "load_backbone",
     "register_backbone",
 ]
@@ -174,6 +176,44 @@ def _hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def _pretrained_file(spec: BackboneSpec, progress: bool = True) -> Path:
+    """The hub-cache file of a torchvision backbone's ImageNet weights, downloaded on first use
+    (engine/weights.py: hash-checked, atomic; ``PATCHCORE_OFFLINE=1`` refuses, a mirror may serve it)."""
+    from .weights import WeightsUnavailableError, fetch_weights
+
+    assert spec.weights_file is not None and spec.weights_url is not None
+    try:
+        return fetch_weights(
+            spec.weights_file, spec.weights_url, _hub_checkpoint_dir(),
+            f"the ImageNet weights of backbone {spec.name!r}", progress=progress,
+        )  # fmt: skip
+    except WeightsUnavailableError as exc:
+        raise BackboneError(str(exc)) from None
+
+
+def ensure_weights(name: str, weights: str | os.PathLike | None = None, progress: bool = True) -> Path | None:
+    """Make sure the weights ``load_backbone(name, weights)`` will read are on this machine, downloading a
+    torchvision backbone's ImageNet weights now if they are not: the up-front check a run makes before it
+    creates its folder. Returns the file (None where nothing is read from a file: random weights, timm,
+    bundled packages); an unknown name or a missing weights file is a BackboneError.
+    """
+    if name.startswith("timm:") or weights == "random":
+        return None
+    if name not in _REGISTRY:
+        raise BackboneError(
+            f"unknown backbone {name!r}; known: {', '.join(available_backbones())}, or timm:<model name>"
+        )
+    spec = _REGISTRY[name]
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise BackboneError(f"weights file {path} does not exist")
+        return path
+    if spec.load_pretrained is not None or spec.weights_file is None:
+        return None
+    return _pretrained_file(spec, progress)
+
+
 def _build_timm(model_name: str, weights: str | os.PathLike | None) -> tuple[nn.Module, str]:
     if importlib.util.find_spec("timm") is None:
         raise BackboneError(f"backbone 'timm:{model_name}' needs timm: pip install 'patchcore[timm]'")
@@ -231,15 +271,7 @@ def load_backbone(
         _load_state_dict_file(model, Path(weights))
         wid = f"file:{_sha256(Path(weights))[:16]}"
     else:
-        assert spec.weights_file is not None
-        path = _hub_checkpoint_dir() / spec.weights_file
-        if not path.is_file():
-            raise BackboneError(
-                f"the ImageNet weights of backbone {name!r} are not on this machine and cannot be downloaded "
-                f"here. Put the file {spec.weights_file} into {path.parent} (download it from "
-                f"{spec.weights_url}), or pass weights=PATH to a copy of it."
-            )
-        _load_state_dict_file(model, path)
+        _load_state_dict_file(model, _pretrained_file(spec))
         wid = spec.weights_label
     # eval() before any forward pass: a train-mode pass would move the BatchNorm running statistics.
     model.eval()

@@ -94,10 +94,8 @@ GREEDY_METHODS = ("auto", "pruned", "fused")
 _FLOAT_FORMULA_C = 1e-4  # allowance c of the reference's float32 squared-distance formula (see prefix_bound_data)
 # Principal components in the pruning bound, and how many of them are tested for every point before the
 # rest is read (per point, only where the head cannot exclude it). Every pick streams the head's bytes for
-# all points, so the head sets the cost and the full prefix the number of exact distances. ELPV, first
-# 12,000 picks, ms per pick (exact distances, % of N): one level m = 32: mono 1.88 (1.9), poly 6.12 (6.9);
-# m = 48: mono 1.56, poly 5.04; m = 64, head 16 / 24 / 32: mono 1.62 / 1.23 / 1.13 (0.35), poly - / - /
-# 4.32 (0.71); m = 96, head 32: mono 1.34, poly 4.72. The same picks in every case.
+# all points, so the head sets the cost and the full prefix the number of exact distances. Chosen by
+# measurement (NOTES.md, "Exactness of the pruned coreset"); every choice gives the same picks.
 PREFIX_DIM = 64
 HEAD_DIM = 32
 

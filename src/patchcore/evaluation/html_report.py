@@ -22,7 +22,7 @@ from PIL import Image
 from ..fileio import atomic_write_text, safe_name
 from ..heatmaps import colorize
 from .plot_data import GALLERY_SIZE, read_plot_data
-from .reports import METRIC_LEGEND, ObjectResult, legend_applies, mean_metrics
+from .results import METRIC_LEGEND, ObjectResult, legend_applies, mean_metrics
 
 __all__ = ["write_html_report"]
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import ObjectData, load_image, load_mask
+from ..data.base import check_mask_size
 from ..engine.model import PatchCore
 from ..fileio import atomic_write
 from ..heatmaps import normalize_maps
@@ -77,7 +78,7 @@ def write_plot_data(
         curves.append("PRO (all defect images)")
     if accumulator is not None:
         limit = max(spro_limits)
-        if obj.protocol == "mvtec_loco":
+        if obj.protocol.spro_per_type:
             groups: list[tuple[str, list[str] | None]] = [(t, [t]) for t in accumulator.anomaly_labels]
         else:
             groups = [("all test images", None)]
@@ -104,8 +105,8 @@ def write_plot_data(
         truth = np.zeros(sizes[i], dtype=bool)
         for mask_path in sample.mask_paths:
             values = load_mask(mask_path)
-            if values.shape == truth.shape:
-                truth |= values != 0
+            check_mask_size(mask_path, values.shape, sample.image_path, truth.shape)
+            truth |= values != 0
         truth_small = (
             np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
         )

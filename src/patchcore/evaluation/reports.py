@@ -9,37 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_json, atomic_write_text
+from .html_report import write_html_report
+from .results import METRIC_LEGEND, ObjectResult, legend_applies, mean_metrics
+from .results import metric_columns as _metric_columns
 
 __all__ = ["ObjectResult", "mean_metrics", "write_reports"]
 
-# Preferred column order; any other metric keys follow in sorted order.
-METRIC_ORDER = (
-    "image_auroc",
-    "image_auroc_class_mean",
-    "image_f1_max",
-    "pixel_auroc",
-    "pixel_auroc_anomalous",
-    "au_pro",
-    "au_spro@0.01",
-    "au_spro@0.05",
-    "au_spro@0.1",
-    "au_spro@0.3",
-    "au_spro@1",
-)
-# What each metric is, in the summary: two image AUROCs exist and must not be confused.
-METRIC_LEGEND = {
-    "image_auroc": "pooled image AUROC of the model's image score, all defect types together (MVTec AD convention)",
-    "image_auroc_class_mean": "AutoVI / MVTec LOCO official image AUROC: AUROC of the native map's maximum, "
-    "each defect folder against the good images, averaged over the folders",
-    "au_spro@L": "AUC-sPRO up to FPR L (0.01 ... 1), as the official AutoVI (all test images, one curve) or MVTec LOCO "
-    "(mean of the per-type curves) script computes it from the saved native-size maps",
-    "au_pro": "AU-PRO up to FPR 0.3 at model resolution (MVTec AD definition)",
-}
 STAT_COLUMNS = (
     "n_train_images",
     "n_test_images",
@@ -51,35 +30,6 @@ STAT_COLUMNS = (
     "index_seconds",
     "predict_seconds",
 )
-
-
-@dataclass
-class ObjectResult:
-    name: str
-    metrics: dict[str, float | None]
-    stats: dict[str, Any] = field(default_factory=dict)
-    model_path: str | None = None
-
-
-def legend_applies(metric_keys: list[str], legend_key: str) -> bool:
-    """Whether a METRIC_LEGEND entry describes one of the columns (``au_spro@L`` stands for every limit)."""
-    if legend_key.endswith("@L"):
-        return any(k.startswith(legend_key[:-1]) for k in metric_keys)
-    return legend_key in metric_keys
-
-
-def _metric_columns(results: list[ObjectResult]) -> list[str]:
-    keys = {k for r in results for k in r.metrics}
-    return [k for k in METRIC_ORDER if k in keys] + sorted(keys - set(METRIC_ORDER))
-
-
-def mean_metrics(results: list[ObjectResult]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for key in _metric_columns(results):
-        values = [r.metrics.get(key) for r in results]
-        values = [v for v in values if v is not None and not math.isnan(v)]
-        out[key] = sum(values) / len(values) if values else None
-    return out
 
 
 def _fmt(value: Any, percent: bool = False) -> str:
@@ -159,8 +109,6 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
             "mean": means,
         },
     )
-    from .html_report import write_html_report  # imports this module: import here, not at the top
-
     paths["html"] = write_html_report(run_dir, results, header)
     return paths
 

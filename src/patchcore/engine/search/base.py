@@ -149,6 +149,10 @@ class SearchKind(ABC):
     on_gpu: bool = False
     search_precision: str = "fp32"  # the precision of the products that rank candidates (pruned: bf16 or fp32)
 
+    @abstractmethod
+    def __init__(self, bank: np.ndarray, settings: SearchSettings, device: str = "cpu") -> None:
+        """Build over ``bank`` (float32 (M, D), M >= 1) on ``device`` (``cpu`` or ``cuda``)."""
+
     @classmethod
     def place(cls, use_gpu: bool, devices: Devices) -> Placement:
         """Where this kind runs when the model is on a CUDA device (``use_gpu``) and ``devices`` are there;

@@ -11,8 +11,8 @@ certified bound from a bfloat16 copy of the bank (half the bytes of a float32 ro
 memory traffic), and what that cannot exclude gets its exact distance (float64 sum of squared
 differences); the k smallest are the answer, ranked in float64 (ties: the smaller bank index).
 
-Measured on ELPV mono (bank 30,732 x 1024, EfficientNet-Lite0, 2 Zen 4 cores, bf16 products): prefix 96 /
-128 / 192 / 256 dims: 178 / 110 / 77 / 78 ms per image (784 queries); 192 keeps the products small.
+The prefix has 192 dimensions, chosen by measurement (NOTES.md, "Exactness of the pruned coreset"): fewer
+let more candidates through, more make the products larger.
 
 The matrix product runs in bfloat16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16: oneDNN,
 2.5-4x float32's speed) and in float32 otherwise (``precision``). In bf16 the bound widens by what the
@@ -145,7 +145,8 @@ def _reduced_lower_bound(centred_query: np.ndarray, reduced_row: np.ndarray, res
     total = 0.0
     for i in range(centred_query.shape[0]):
         # bfloat16 is the high half of a float32: widening is exact.
-        d = centred_query[i] - np.float64(_float32_from_bits(np.uint32(reduced_row[i]) << np.uint32(16)))
+        bits = np.uint32(reduced_row[i]) << np.uint32(16)
+        d = centred_query[i] - np.float64(_float32_from_bits(bits))  # type: ignore[call-arg]  # numba intrinsic
         total += d * d
     # (1 - 1e-12) covers the float64 error of the sum and the root; the subtraction is exact where it cancels.
     lower = np.sqrt(total) * (1.0 - 1e-12) - residual

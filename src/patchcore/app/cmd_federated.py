@@ -15,6 +15,7 @@ Partitions (``federated.partition``):
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,23 @@ import numpy as np
 from ..data import DataError, ObjectData, Sample
 from ..data.loading import expand_images
 from ..distributed.federated import ClientSpec, NoiseSpec, federated_fit, gaussian_sigma, run_clients
+from ..engine.backbones import ensure_weights
 from ..engine.model import PatchCore
 from ..evaluation.evaluate import evaluate_object
 from ..evaluation.reports import ObjectResult, write_reports
 from ..fileio import atomic_write_json, atomic_write_text, safe_name
 from .config import Config, ConfigError, config_to_dict
-from .runs import Progress, make_run_dir, metrics_line, seed_everything, setup_logging
+from .runs import (
+    Progress,
+    finish_run,
+    lock_run,
+    make_run_dir,
+    mark_object,
+    metrics_line,
+    seed_everything,
+    start_run,
+    unlock_run,
+)
 from .train import (
     SampleImages,
     build_model,
@@ -86,11 +98,34 @@ def partitions(config: Config, objects: list[ObjectData]) -> list[Partition]:
             f"{config.source}: federated.partition folders evaluates on one object; data gives "
             f"{', '.join(o.name for o in objects)} (set data.objects)"
         )
+    _check_distinct_sites(config, fed.sites)
     clients = []
+    owner: dict[Path, str] = {}
     for k, site in enumerate(fed.sites):
         images = expand_images([site])
+        for image in images:
+            other = owner.setdefault(image.resolve(), site)
+            if other != site:
+                raise ConfigError(
+                    f"{config.source}: federated.sites {other} and {site} share the image {image}: each image "
+                    "belongs to one site (nested site folders?)"
+                )
         clients.append((f"site{k}:{Path(site).name}", [Sample(p, "good", (), p.stem) for p in images]))
     return [Partition(objects[0].name, clients, [objects[0]], [s for _, samples in clients for s in samples])]
+
+
+def _check_distinct_sites(config: Config, sites: list[str]) -> None:
+    """Refuse a site listed twice (compared by resolved path: ``sites/a``, ``./sites/a/`` and a link to it are
+    one folder): its images would be counted, and weighted, twice."""
+    seen: dict[Path, str] = {}
+    for site in sites:
+        resolved = Path(site).expanduser().resolve()
+        if resolved in seen:
+            raise ConfigError(
+                f"{config.source}: federated.sites lists the folder {resolved} twice ({seen[resolved]!r} and "
+                f"{site!r}): each site is one client; list it once"
+            )
+        seen[resolved] = site
 
 
 def _evaluate(
@@ -116,14 +151,25 @@ def federated(config: Config) -> Path:
     if fed.noise_epsilon is not None:
         noise = NoiseSpec(fed.noise_epsilon, fed.noise_delta, fed.noise_clip)
     if config.execution.engine == "ray":
-        from ..distributed.ray_runner import import_ray
+        from ..distributed.ray_runner import check_ray_address
 
-        import_ray()
+        check_ray_address(config.execution.address)  # bounded, before the run folder exists
+    ensure_weights(config.model.backbone, config.model.weights, progress=config.logging.progress)  # before the run folder
     run_dir = make_run_dir(config.output_dir, config.project, config.group)
-    setup_logging(run_dir, config.logging.level)
+    lock = lock_run(run_dir)
+    try:
+        return _federated_in(run_dir, config, plan, noise)
+    finally:
+        shutil.rmtree(run_dir / "tmp", ignore_errors=True)
+        unlock_run(lock)
+
+
+def _federated_in(run_dir: Path, config: Config, plan: list[Partition], noise: NoiseSpec | None) -> Path:
     import yaml
 
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    fed = config.federated
+    evaluated = [obj.name for part in plan for obj in part.evaluate_on]
+    start_run(run_dir, evaluated, config.logging.level, yaml.safe_dump(config_to_dict(config), sort_keys=False))
     log.info("federated run folder: %s", run_dir)
     fraction = (
         fed.local_percentage if fed.local_percentage is not None else min(1.0, 2 * config.model.percentage)
@@ -177,12 +223,14 @@ def federated(config: Config) -> Path:
                     row["central_bank"] = c.stats["memory_size"]
                     log.info("%s centralised: %s", obj.name, metrics_line(c.metrics, c.stats))
                 rows.append(row)
+                mark_object(run_dir, obj.name, "done")
     write_reports(run_dir, fed_results, header)
     if central_results:
         write_reports(run_dir / "centralised", central_results, header)
     atomic_write_json(run_dir / "federated.json", {"header": header, "rows": rows})
     report = run_dir / "federated.md"
     atomic_write_text(report, _markdown(rows, header))
+    finish_run(run_dir)
     return report
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import DataError
+from ..data import DataError, ObjectData
 from ..engine.model import ModelFileError, PatchCore
 from ..evaluation.evaluate import evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
@@ -18,13 +18,14 @@ from .config import Config
 from .runs import (
     INCOMPLETE_MARKER,
     Progress,
-    begin_run,
     finish_run,
+    lock_run,
     make_run_dir,
     mark_object,
     metrics_line,
     run_state,
-    setup_logging,
+    start_run,
+    unlock_run,
 )
 from .train import RunSummary, check_objects, evaluation_settings, load_objects, run_header
 
@@ -114,8 +115,23 @@ def evaluate_models(
         )  # fmt: skip
     del models  # loaded again one at a time: the banks of many objects need not all be in memory
     run_dir = make_run_dir(config.output_dir, config.project, f"{config.group}_eval")
-    begin_run(run_dir, [p.stem.removeprefix("patchcore_") for p in files])
-    setup_logging(run_dir, config.logging.level)
+    lock = lock_run(run_dir)
+    try:
+        return _evaluate_in(run_dir, config, files, objects, settings, device, weights)
+    finally:
+        unlock_run(lock)
+
+
+def _evaluate_in(
+    run_dir: Path,
+    config: Config,
+    files: list[Path],
+    objects: dict[str, ObjectData],
+    settings: dict[str, Any],
+    device: str,
+    weights: str | os.PathLike | None,
+) -> RunSummary:
+    start_run(run_dir, [p.stem.removeprefix("patchcore_") for p in files], config.logging.level)
     results: list[ObjectResult] = []
     header = run_header(config)
     header.update(settings)
