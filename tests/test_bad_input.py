@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_workflow import make_folder, make_mvtec, read_csv, save, texture, write_config
+from test_workflow import make_folder, make_mvtec, read_csv, save, texture, with_square, write_config
 from test_workflow import run_cli as workflow_cli
 
 from patchcore import PatchCore
@@ -100,9 +100,23 @@ def test_changing_a_feature_setting_after_fit_unfits_the_model_so_predict_and_sa
 
 
 def test_changing_a_search_setting_after_fit_keeps_the_fit(fitted):
+    """The bank stays bit for bit, and the scores are those of the new setting on that bank: the mean of
+    the 2 nearest bank rows' Euclidean distances per patch (a float64 brute force written here), maximum
+    per image. Catches: set_params unfitting or re-sampling the bank, the old index (k = 1) kept, and the
+    new kind searching another bank."""
     model = PatchCore.from_state_dict(fitted.state_dict(), device="cpu")
+    images = random_images(2, seed=1)
+    before = model.predict(images).image_scores
     model.set_params(num_neighbors=2, index_kind="pruned")
-    assert model.predict(random_images(1, seed=1)).image_scores.shape == (1,)
+    np.testing.assert_array_equal(model.memory_bank_, fitted.memory_bank_)
+    after = model.predict(images).image_scores
+    rows, grid = model._patch_features()(images)
+    features = rows.double().numpy()
+    bank = fitted.memory_bank_.astype(np.float64)
+    distances = np.sqrt(((features[:, None, :] - bank[None]) ** 2).sum(-1))
+    expected = np.sort(distances, axis=1)[:, :2].mean(1).reshape(len(images), -1).max(1)
+    np.testing.assert_allclose(after, expected, rtol=1e-5)
+    assert not np.allclose(after, before, rtol=1e-3)  # k = 2 really differs from k = 1 here
 
 
 # ------------------------------------------------------------- two runs share cache_dir
@@ -595,3 +609,446 @@ def test_same_seed_and_threads_is_bit_identical_and_other_thread_counts_agree_wi
     assert bank2.shape == bank1.shape
     np.testing.assert_allclose(two.image_scores, one.image_scores, rtol=1e-4)
     np.testing.assert_allclose(two.patch_scores, one.patch_scores, rtol=1e-4)
+
+
+# ============================================================= issue 24: hostile input (non-service rows)
+#
+# One test (or group) per row of issue 24's table that is not the service's, in its order. Service rows
+# (1, 5, 6, 7b, 17, 18, 21, 22's serve flags) are in tests/test_service*.py.
+
+
+@pytest.fixture(scope="module")
+def model_file(fitted, tmp_path_factory) -> Path:
+    return fitted.save(tmp_path_factory.mktemp("issue24") / "patchcore_obj.pt")
+
+
+def textures(folder: Path, n: int, seed: int = 0, size: int = 32) -> list[Path]:
+    return [save(folder / f"{i:03d}.png", texture(size, size, seed + i)) for i in range(n)]
+
+
+@pytest.fixture
+def count_scoring(monkeypatch) -> list[int]:
+    """How many batches the torch backend scored (every scoring path goes through it)."""
+    from patchcore.deploy.inference import TorchBackend
+
+    calls: list[int] = []
+    original = TorchBackend.score
+
+    def counted(self, batch):
+        calls.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(TorchBackend, "score", counted)
+    return calls
+
+
+# ------------------------------------------------------------- row 2: a tampered exported graph
+
+
+def _export(model: Path, out: Path, *extra: str) -> tuple[int, str]:
+    code, _, err = run_cli("export", "-m", model, "--format", "onnx", "--out", out, *extra)
+    return code, err
+
+
+def test_exported_graph_with_a_scaled_bank_initializer_is_refused_at_load(model_file, tmp_path):
+    """Row 2. Catches: an export folder loaded without checking its files against the export's digests."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from patchcore.deploy.errors import DeployError
+    from patchcore.deploy.inference import Predictor
+
+    out = tmp_path / "exported"
+    assert _export(model_file, out)[0] == 0
+    meta = json.loads((out / "patchcore_export.json").read_text())
+    assert meta["model_digest"] == torch.load(model_file, weights_only=True)["digest"]
+    Predictor.load(out, runtime="onnx")  # the untouched export loads
+    graph = onnx.load(out / "patchcore.onnx")
+    fitted_bank = torch.load(model_file, weights_only=True)["memory_bank"]
+    (bank,) = [t for t in graph.graph.initializer if list(t.dims) == list(fitted_bank.T.shape)]  # (D, M)
+    bank.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bank) * 1.5, bank.name))
+    onnx.save(graph, out / "patchcore.onnx")
+    with pytest.raises(DeployError, match="patchcore.onnx does not belong to the export"):
+        Predictor.load(out, runtime="onnx")
+    # An edited threshold in the JSON is refused too.
+    assert _export(model_file, out, "--overwrite")[0] == 0
+    meta = json.loads((out / "patchcore_export.json").read_text())
+    meta["info"]["stats"]["memory_size"] = 1
+    (out / "patchcore_export.json").write_text(json.dumps(meta))
+    with pytest.raises(DeployError, match="modified after the export"):
+        Predictor.load(out, runtime="onnx")
+
+
+# ------------------------------------------------------------- rows 3 and 4d: one decoding path
+
+
+def test_an_upload_decodes_exactly_as_predict_reads_the_file_exif_orientation_included(tmp_path):
+    """Row 3. Catches: the service's upload path skipping exif_transpose (or any second decoder)."""
+    from patchcore.deploy.uploads import decode_upload
+
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :10] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "camera.jpg"
+    image.save(path, exif=exif, quality=95)
+    uploaded = np.asarray(decode_upload(path.read_bytes(), 1 << 20, 10_000, "camera.jpg"))
+    assert uploaded.shape == (40, 20, 3) and uploaded[:10].mean() > 200  # upright
+    np.testing.assert_array_equal(uploaded, np.asarray(load_image(path)))
+
+
+def test_sixteen_bit_images_differing_in_one_pixel_decode_to_the_same_scale(tmp_path, fitted):
+    """Row 4d. Catches: a wide image scaled by its own maximum (4095 -> 255, but 4096 -> 128)."""
+    from patchcore.deploy.uploads import decode_upload
+
+    base = (np.random.default_rng(0).integers(0, 4095, (32, 32))).astype(np.uint16)
+    base[0, 0] = 4095
+    other = base.copy()
+    other[0, 0] = 4096
+    paths = []
+    for name, array in (("a.png", base), ("b.png", other)):
+        Image.fromarray(array).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    a, b = (np.asarray(load_image(p)).astype(int) for p in paths)
+    assert np.abs(a - b).max() <= 1  # the 16-bit container's scale for both: 65535 -> 255
+    np.testing.assert_array_equal(a[..., 0], np.rint(base * (255 / 65535)).astype(int))
+    np.testing.assert_array_equal(np.asarray(decode_upload(paths[1].read_bytes(), 1 << 20, 10_000)), b)
+    scores = PatchCore.from_state_dict(fitted.state_dict(), device="cpu").score([str(p) for p in paths])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-2)
+
+
+# ------------------------------------------------------------- row 4b: the same images given twice
+
+
+def test_calibration_counts_each_distinct_image_once(model_file, tmp_path, caplog):
+    """Row 4b. Catches: a calibration that counts repeated paths (or copies of one file) as new images."""
+    calib = tmp_path / "calib"
+    paths = textures(calib, 10)
+    (tmp_path / "copy.png").write_bytes(paths[0].read_bytes())
+    model = tmp_path / "m.pt"
+    model.write_bytes(model_file.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="patchcore"):
+        code, out, err = run_cli("calibrate", "-m", model, calib, calib, paths[0], paths[0], tmp_path / "copy.png")
+    assert code == 0, err
+    assert json.loads(out)["n_images"] == 10
+    assert "23 image files given, 10 distinct images (13 repeats" in caplog.text
+
+
+# ------------------------------------------------------------- rows 4c and 11: export into a used folder
+
+
+def test_export_into_a_non_empty_folder_is_refused_unless_overwrite_and_then_holds_one_export(
+    model_file, fitted, tmp_path
+):
+    """Rows 4c and 11. Catches: an export that writes into (or deletes from) a used folder, and a loader
+    that serves a folder whose graph and JSON come from two exports."""
+    pytest.importorskip("onnxruntime")
+    from patchcore.deploy.errors import DeployError
+    from patchcore.deploy.inference import Predictor
+
+    out = tmp_path / "x"
+    assert _export(model_file, out)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = _export(model_file, out)
+    assert code == 2
+    assert error_line(err, "export").startswith(f"patchcore export: error: --out folder {out} is not empty (2 entries")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Another model's export, then its graph copied beside the first export's JSON: refused at load.
+    other = tiny_model(seed=7).fit(random_images(4, seed=3)).save(tmp_path / "other.pt")
+    assert _export(other, tmp_path / "y")[0] == 0
+    (out / "patchcore.onnx").write_bytes((tmp_path / "y" / "patchcore.onnx").read_bytes())
+    with pytest.raises(DeployError, match="does not belong to the export"):
+        Predictor.load(out, runtime="onnx")
+    # A stray graph file of another format (an earlier OpenVINO export) is refused too.
+    assert _export(model_file, out, "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["patchcore.onnx", "patchcore_export.json"]
+    Predictor.load(out, runtime="onnx")
+    (out / "patchcore.xml").write_text("<net/>")
+    with pytest.raises(DeployError, match="mixes exports: patchcore.xml"):
+        Predictor.load(out, runtime="onnx")
+    assert _export(model_file, out, "--overwrite")[0] == 0  # --overwrite clears it
+    assert not (out / "patchcore.xml").exists()
+
+
+# ------------------------------------------------------------- row 4e: predict --out inside its inputs
+
+
+def test_predict_out_inside_an_input_folder_is_refused_and_writes_nothing(model_file, tmp_path, count_scoring):
+    """Row 4e. Catches: heatmaps written among the good images a later calibration reads."""
+    folder = tmp_path / "good"
+    textures(folder, 3)
+    before = sorted(p.name for p in folder.iterdir())
+    for out in (folder, folder / "predictions"):
+        code, _, err = run_cli("predict", "-m", model_file, folder, "--out", out, "--overwrite")
+        assert code == 2
+        assert error_line(err, "predict") == (
+            f"patchcore predict: error: --out folder {out} is inside the input folder {folder}: its heatmaps "
+            "would be mixed with the images; choose a folder outside the inputs"
+        )
+    assert sorted(p.name for p in folder.iterdir()) == before and count_scoring == []
+
+
+# ------------------------------------------------------------- rows 7c and 20: predict on long lists
+
+
+def test_predict_streams_each_result_before_the_next_batch_is_scored(model_file, tmp_path, count_scoring):
+    """Rows 7c and 20. Catches: results (and their maps) collected for all images and written at the end."""
+    from patchcore.app.predict import predict_images
+
+    paths = textures(tmp_path / "in", 8)
+    out = tmp_path / "out"
+    seen: list[tuple[int, int]] = []  # (batches scored so far, lines in predictions.jsonl) per record
+
+    def emit(record):
+        lines = (out / "predictions.jsonl").read_text().splitlines()
+        seen.append((len(count_scoring), len(lines)))
+        assert json.loads(lines[-1]) == record
+
+    state = torch.load(model_file, weights_only=True)
+    state["calibration"] = {}
+    calibrated = tmp_path / "calibrated.pt"
+    fitted_model = PatchCore.from_state_dict(state, device="cpu")
+    from patchcore.deploy.calibration import calibrate
+    from patchcore.deploy.inference import Predictor
+
+    fitted_model.calibration_ = calibrate(Predictor(fitted_model), paths[:4], 0.2)
+    fitted_model.save(calibrated)
+    count_scoring.clear()
+    assert predict_images(calibrated, paths, out, batch_size=2, emit=emit) == 8
+    assert seen[0] == (1, 1)  # the first line was out when one batch of four had been scored
+    assert [s[1] for s in seen] == list(range(1, 9))
+
+
+def test_predict_of_an_uncalibrated_model_writes_the_same_results_through_its_spill_file(model_file, tmp_path):
+    """Row 7c. Catches: the two-pass path (maps spilled to disk for the call's range) reading a map back
+    at the wrong offset or shape, or leaving its temporary file."""
+    from patchcore.app.predict import predict_images
+    from patchcore.deploy.inference import Predictor
+
+    paths = textures(tmp_path / "in", 5) + [save(tmp_path / "in" / "wide.png", texture(48, 32, 9))]
+    records: list[dict] = []
+    predict_images(model_file, paths, tmp_path / "out", batch_size=2, emit=records.append)
+    expected = Predictor.load(model_file, device="cpu").predict(paths)
+    assert [r["score"] for r in records] == [p.score for p in expected]
+    assert [r["normalized_score"] for r in records] == [p.normalized_score for p in expected]
+    for record, prediction in zip(records, expected, strict=True):
+        heat = np.asarray(Image.open(record["heatmap"]))
+        assert heat.shape[:2] == (prediction.original_size[0], 2 * prediction.original_size[1])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_truncated_image_last_in_the_list_stops_predict_before_any_scoring(model_file, tmp_path, count_scoring):
+    """Row 20. Catches: images decoded only as they are scored (the bad one found after the others)."""
+    paths = textures(tmp_path / "in", 6)
+    data = paths[-1].read_bytes()
+    paths[-1].write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("predict", "-m", model_file, *paths, "--out", out)
+    assert code == 2 and stdout == ""
+    line = error_line(err, "predict")
+    assert str(paths[-1]) in line and "truncated" in line and "--skip-bad" in line
+    assert count_scoring == [] and not out.exists()
+    # --skip-bad: scored without it, named on stderr.
+    code, stdout, err = run_cli("predict", "-m", model_file, *paths, "--out", out, "--skip-bad", "--no-progress")
+    assert code == 0, err
+    assert [json.loads(line)["image"] for line in stdout.splitlines()] == [str(p) for p in paths[:-1]]
+    assert sum(count_scoring) == 5
+
+
+def test_predict_shows_progress_on_stderr_unless_turned_off(model_file, tmp_path, capsys):
+    """Row 20. Catches: a long predict with nothing on stderr until it ends."""
+    from patchcore.app.predict import predict_images
+
+    paths = textures(tmp_path / "in", 3)
+    predict_images(model_file, paths, tmp_path / "a", progress=True, heatmaps=False)
+    err = capsys.readouterr().err
+    assert "predict check" in err and "predict score" in err and "3/3" in err
+    predict_images(model_file, paths, tmp_path / "b", progress=False, heatmaps=False)
+    assert "predict score" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- row 12: calibrations replacing each other
+
+
+def test_a_calibration_names_the_one_it_replaces(model_file, tmp_path, caplog):
+    """Row 12. Catches: a certified calibration replaced silently by a smaller one."""
+    model = tmp_path / "m.pt"
+    model.write_bytes(model_file.read_bytes())
+    assert run_cli("calibrate", "-m", model, *textures(tmp_path / "a", 30), "--false-alarm-rate", "0.05")[0] == 0
+    with caplog.at_level(logging.WARNING, logger="patchcore"):
+        code, _, err = run_cli("calibrate", "-m", model, *textures(tmp_path / "b", 3, 50), "--false-alarm-rate", "0.4")
+    assert code == 0, err
+    assert f"this calibration replaces the one in {model}: threshold" in caplog.text
+    assert "false-alarm rate 0.05 from 30 good images" in caplog.text
+
+
+def test_a_model_file_written_while_calibrating_is_not_overwritten(model_file, tmp_path, monkeypatch):
+    """Row 12. Catches: two calibrations at once, both rc 0, one result lost (no lock or compare-and-swap)."""
+    from patchcore.deploy.calibration import calibrate
+    from patchcore.deploy.inference import Predictor, TorchBackend
+
+    model = tmp_path / "m.pt"
+    model.write_bytes(model_file.read_bytes())
+    images = textures(tmp_path / "good", 4)
+    original = TorchBackend.score
+    written: list[bytes] = []
+
+    def other_writer(self, batch):  # another calibration finishes while this one scores
+        if not written:
+            written.append(b"")
+            other = PatchCore.load(model, device="cpu")
+            other.calibration_ = calibrate(Predictor(other), images[:2], 0.4)
+            other.save(model)
+            written[0] = model.read_bytes()
+        return original(self, batch)
+
+    monkeypatch.setattr(TorchBackend, "score", other_writer)
+    code, _, err = run_cli("calibrate", "-m", model, *images)
+    assert code == 2
+    assert error_line(err, "calibrate") == (
+        f"patchcore calibrate: error: {model} changed while this calibration ran (another calibration or a "
+        "training wrote it); nothing written: run calibrate again"
+    )
+    assert model.read_bytes() == written[0] != model_file.read_bytes()
+
+
+# ------------------------------------------------------------- rows 13 and 16: where calibrate writes
+
+
+def test_calibrate_refuses_a_read_only_model_file_or_folder_before_scoring(model_file, tmp_path, count_scoring):
+    """Rows 13 and 16. Catches: a mode-0444 model replaced (root ignores the mode), and a read-only target
+    found only after all the scoring."""
+    images = textures(tmp_path / "good", 3)
+    model = tmp_path / "m.pt"
+    model.write_bytes(model_file.read_bytes())
+    model.chmod(0o444)
+    code, _, err = run_cli("calibrate", "-m", model, *images)
+    assert code == 2
+    assert error_line(err, "calibrate") == (
+        f"patchcore calibrate: error: model file {model} is read-only (mode 0444); make it writable, or write "
+        "the calibrated model elsewhere with --out"
+    )
+    assert model.read_bytes() == model_file.read_bytes()
+    target = unwritable_folder(tmp_path) / "m.pt"
+    code, _, err = run_cli("calibrate", "-m", model, *images, "--out", target)
+    assert code == 2 and f"cannot write {target}" in error_line(err, "calibrate")
+    assert count_scoring == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_calibrate_batch_size_below_one_exits_2(model_file, value, capsys):
+    """Row 16. Catches: a batch size handed to the scorer unchecked (a traceback after loading)."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["calibrate", "-m", str(model_file), str(model_file), "--batch-size", value])
+    assert exited.value.code == 2
+    assert "argument --batch-size: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_export_out_a_file_under_a_file_or_unwritable_exits_2_writing_nothing(model_file, tmp_path):
+    """Row 16. Catches: export's --out created blindly (tracebacks, or a file replaced by a folder)."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    cases = {
+        a_file: f"--out folder {a_file} is an existing file, not a folder",
+        a_file / "sub": f"--out folder {a_file / 'sub'} is inside a file ({a_file}), not a folder",
+        unwritable_folder(tmp_path): f"cannot write the --out folder {unwritable_folder(tmp_path)}: ",
+    }
+    for out, message in cases.items():
+        code, err = _export(model_file, out)
+        assert code == 2
+        assert error_line(err, "export").startswith(f"patchcore export: error: {message}")
+    assert a_file.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.txt"] + (["locked"] if os.geteuid() else []))
+
+
+# ------------------------------------------------------------- row 22: pipes and wrong files
+
+
+def test_params_into_a_closed_pipe_ends_quietly():
+    """Row 22. Catches: `patchcore params | head` ending in a BrokenPipeError traceback."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "patchcore.app.cli", "params"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    process.stdout.close()  # the reader is gone before the first write
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0
+    assert err == ""
+
+
+@pytest.mark.parametrize("kind", ["png", "json", "pickle"])
+def test_a_file_that_is_not_a_model_gives_one_line_without_torchs_advice(model_file, tmp_path, kind):
+    """Row 22. Catches: torch.load's message (and its advice to set weights_only=False) passed on."""
+    path = tmp_path / f"wrong.{kind}"
+    if kind == "png":
+        save(path, texture(8, 8, 0))
+        expected = "is not a patchcore model file: it is a PNG image"
+    elif kind == "json":
+        path.write_text(json.dumps({"object": "bottle", "metrics": {}}))
+        expected = "it is JSON text (a model's .json sidecar? pass the .pt file beside it)"
+    else:
+        torch.save({"run": os.system}, path)  # a pickle that would call code
+        expected = "holds Python objects beyond plain tensors and numbers, which are refused"
+    image = save(tmp_path / "img.png", texture(32, 32, 0))
+    code, _, err = run_cli("predict", "-m", path, image, "--out", tmp_path / "p")
+    assert code == 2
+    line = error_line(err, "predict")
+    assert str(path) in line and expected in line and "weights_only" not in line
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("rate", ["1e-300", "nan", "0.5", "inf", "-0.01"])
+def test_false_alarm_rate_out_of_its_range_exits_2_in_one_line(model_file, rate, capsys):
+    """Row 22. Catches: a rate of 1e-300 accepted (a 300-digit image count 'needed')."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["calibrate", "-m", str(model_file), str(model_file), "--false-alarm-rate", rate])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "argument --false-alarm-rate: must be in [1e-06, 0.5)" in err
+
+
+def test_weights_that_are_a_text_file_give_one_clear_line(model_file, tmp_path):
+    """Row 22. Catches: 'cannot read weights file: 101' (torch's unpickler on a text file)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("101 things to remember\n")
+    image = save(tmp_path / "img.png", texture(32, 32, 0))
+    code, _, err = run_cli("predict", "-m", model_file, image, "--weights", notes, "--out", tmp_path / "p")
+    assert code == 2
+    assert error_line(err, "predict") == (
+        f"patchcore predict: error: weights file {notes} is not a PyTorch weights file: it is a text file"
+    )
+
+
+# ------------------------------------------------------------- row 4: defects among the "good" images
+
+
+def test_calibration_on_goods_half_full_of_defects_names_them_and_a_clean_set_raises_nothing(tmp_path, caplog):
+    """Row 4. Catches: a calibration that certifies a defect's score as the threshold without a word."""
+    from _deploy import make_images
+    from _deploy import tiny_model as textured_model
+
+    images = make_images(tmp_path / "images")
+    model = textured_model(images).save(tmp_path / "m.pt")
+    defects = [
+        save(tmp_path / "mixed" / f"defect_{i}.png", with_square(texture(48, 48, 400 + i), (10 + i, 10, 26 + i, 26)))
+        for i in range(10)
+    ]
+    for path in images["calib"][:10]:
+        (tmp_path / "mixed" / path.name).write_bytes(path.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="patchcore"):
+        assert run_cli("calibrate", "-m", model, images["calib"][0].parent, "--out", tmp_path / "clean.pt")[0] == 0
+    assert "outliers" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="patchcore"):
+        code, out, err = run_cli("calibrate", "-m", model, tmp_path / "mixed", "--out", tmp_path / "mixed.pt")
+    assert code == 0, err
+    (warning,) = [r.getMessage() for r in caplog.records if "outliers" in r.getMessage()]
+    assert warning.startswith("10 of 20 'good' images score as obvious outliers")
+    assert sum(str(p) in warning for p in defects) == 5 and "and 5 more" in warning  # the 5 highest shown
+    assert "so defects scoring like them would pass as good" in warning
+    assert not any(p.name in warning for p in images["calib"][:10])

@@ -51,8 +51,37 @@ def test_false_alarm_rate_interval_is_the_beta_law_of_the_order_statistic():
     assert low == pytest.approx(stats.beta.ppf(0.025, n + 1 - k, k))
     assert high == pytest.approx(stats.beta.ppf(0.975, n + 1 - k, k))
     assert low < 0.05 < high
-    lo_t, hi_t = record.image_threshold_ci95
-    assert lo_t <= record.image_threshold <= hi_t
+
+
+def test_both_intervals_have_their_95_percent_coverage_and_no_more_width_than_needed():
+    """The two 95 % intervals, checked against oracles computed here: the threshold interval's order
+    statistics from the binomial law's cumulative sums (scipy), and both intervals' coverage by simulation
+    on uniform scores (where the true 0.95-quantile is 0.95 and the achieved false-alarm rate at a threshold
+    t is 1 - t). Catches: an unbounded interval ((-inf, inf) passes `lo <= t <= hi`), an off-by-one order
+    statistic, a one-sided or mis-centred interval, and the rate interval taken from the wrong Beta law."""
+    n, rate = 100, 0.05
+    q = 1 - rate
+    cdf = stats.binom.cdf(np.arange(n + 1), n, q)  # cdf[j] = P(B <= j), B ~ Binomial(n, q)
+    # Lower order statistic l: the largest with P(B < l) <= 2.5 %; upper u: the smallest with P(B >= u) <= 2.5 %.
+    lower = max(j for j in range(1, n + 1) if cdf[j - 1] <= 0.025)
+    upper = min(j for j in range(1, n + 1) if 1 - cdf[j - 1] <= 0.025)
+    values = np.sort(np.random.default_rng(3).random(n))
+    record = _record(values, rate)
+    assert record.image_threshold_ci95 == (values[lower - 1], values[upper - 1])
+    assert cdf[upper - 1] - cdf[lower - 1] >= 0.95  # P(l <= B < u): the coverage it promises
+
+    rng = np.random.default_rng(4)
+    rounds = 4000
+    threshold_hits = rate_hits = 0
+    for _ in range(rounds):
+        record = _record(rng.random(n), rate)
+        lo_t, hi_t = record.image_threshold_ci95
+        threshold_hits += lo_t <= q <= hi_t
+        lo_r, hi_r = record.false_alarm_rate_ci95
+        rate_hits += lo_r <= 1 - record.image_threshold <= hi_r
+    # Binomial standard error at 95 % over 4000 rounds: 0.0034; 4 of them either side.
+    assert 0.95 - 0.014 <= rate_hits / rounds <= 0.95 + 0.014  # exact law: coverage 95 %
+    assert 0.95 - 0.014 <= threshold_hits / rounds <= 0.985  # conservative (discrete), never far above
 
 
 def test_new_good_images_exceed_the_threshold_at_most_at_the_chosen_rate_on_average():
@@ -144,7 +173,9 @@ def test_calibrate_command_stores_the_threshold_in_the_model_and_predict_uses_it
 
 def test_calibrate_refuses_a_bad_rate_and_a_missing_folder_in_one_line(model, images, tmp_path, capsys):
     path = model.save(tmp_path / "patchcore_tiny.pt")
-    assert run_cli("calibrate", "-m", path, images["calib"][0].parent, "--false-alarm-rate", "1.5")[0] == 2
+    with pytest.raises(SystemExit) as refused:  # an argparse type error: exit 2 while parsing
+        run_cli("calibrate", "-m", path, images["calib"][0].parent, "--false-alarm-rate", "1.5")
+    assert refused.value.code == 2
     code, _, err = run_cli("calibrate", "-m", path, tmp_path / "nowhere")
     assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
     assert torch.load(path, map_location="cpu", weights_only=True)["calibration"] == {}
@@ -207,3 +238,22 @@ def test_train_refuses_bad_calibration_settings_before_creating_a_run_folder(tmp
         code, _, err = run_cli("train", "--config", config)
         assert code == 2 and key in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_outlier_fence_flags_exactly_the_injected_defects_up_to_half_of_the_images():
+    """The rule of deploy/calibration.py (densest half of the scores, then 6 + sqrt(2 ln n) spreads).
+    Catches: a mean/standard-deviation rule (10 defects out of 20 inflate both, nothing is flagged), a
+    median/MAD rule (breaks at half), and a fence that flags the goods' own right tail."""
+    from patchcore.deploy.calibration import outlier_fence, outlier_report
+
+    rng = np.random.default_rng(7)
+    for n_defects in (1, 5, 10):
+        goods = rng.gumbel(2.4, 0.03, 20 - n_defects)
+        defects = goods[:n_defects] + rng.uniform(0.5, 20.0, n_defects)
+        scores = np.concatenate([goods, defects])
+        fence = outlier_fence(scores)
+        assert set(np.flatnonzero(scores > fence)) == set(range(len(goods), 20)), n_defects
+    clean_flags = sum(bool((draw > outlier_fence(draw)).any()) for draw in rng.gumbel(2.4, 0.03, (200, 50)))
+    assert clean_flags <= 10  # measured 0.3-5 % for this law; a fence on the goods' tail flags most draws
+    assert outlier_fence(rng.gumbel(2.4, 0.03, 7)) is None  # too few images to judge
+    assert outlier_report([1.0] * 10, [f"{i}" for i in range(10)], 1.0) is None

@@ -198,10 +198,14 @@ def test_one_line_keeps_the_original_message_of_a_data_loader_worker_error():
     assert cli._one_line(ValueError("first\n\n  second ")) == "first second"
 
 
-def test_tracker_package_missing_exits_2_saying_what_to_install(tmp_path, capsys):
-    missing = [name for name in ("wandb", "mlflow") if importlib.util.find_spec(name) is None]
-    if not missing:
-        pytest.skip("wandb and mlflow are both installed")
+def test_tracker_package_missing_exits_2_saying_what_to_install(tmp_path, capsys, monkeypatch):
+    """Catches a tracker that fails late (after the run folder exists) or with a traceback when its package
+    is missing. CI installs both trackers, so their absence is simulated: find_spec answers None for them."""
+    real_find_spec = importlib.util.find_spec
+    missing = ("wandb", "mlflow")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real_find_spec(name, *a)
+    )
     config = _config(tmp_path, _mvtec(tmp_path / "data"))
     for name in missing:
         assert cli.main(["train", "-c", str(config), "--log-online", name]) == 2
@@ -263,13 +267,58 @@ def test_undecodable_or_missing_image_exits_2_naming_it(model_file, tmp_path, ca
     assert str(empty) in _error_line(capsys, "predict")
 
 
+def _unit_from_heatmap(path: Path) -> np.ndarray:
+    """The [0, 1] map a heatmap PNG shows, read back from its pixels: the right half is the image blended
+    half and half with the colour scale, so colour = 2 * right - left; each colour is inverted to the
+    nearest value of a fine sampling of the scale (the palette's path is monotone in its values)."""
+    from patchcore.heatmaps import colorize
+
+    pixels = np.asarray(Image.open(path), dtype=np.float64)
+    width = pixels.shape[1] // 2
+    colour = 2.0 * pixels[:, width:] - pixels[:, :width]
+    values = np.linspace(0.0, 1.0, 2049)
+    palette = colorize(values).astype(np.float64)  # (2049, 3)
+    distances = ((colour.reshape(-1, 1, 3) - palette[None]) ** 2).sum(-1)
+    return values[distances.argmin(1)].reshape(colour.shape[:2])
+
+
 def test_predict_with_a_model_never_evaluated_uses_one_range_for_all_images(model_file, tmp_path, capsys):
-    images = [_image(tmp_path / f"{i}.png", 40 + i) for i in range(2)]
-    assert cli.main(["predict", "-m", str(model_file), *map(str, images), "-o", str(tmp_path / "p")]) == 0
+    """Three images with different score ranges, scored one per batch: every heatmap's pixels must show its
+    map scaled by ONE range, the minimum and maximum over all three maps (computed here from the estimator's
+    own maps, not from predict). Catches: a per-image range (every heatmap reaching the top colour), a
+    per-batch range (the same, with --batch-size 1), the first image's range, and normalised scores not
+    taken over the call (with two images min-max is always [0, 1]; with three the middle one must sit at its
+    own place)."""
+    images = [_image(tmp_path / "plain.png", 40)]
+    for name, box, value in (("spot", (20, 20, 26, 26), 255), ("patch", (6, 6, 30, 30), 0)):
+        pixels = np.asarray(Image.open(_image(tmp_path / f"{name}.png", 41))).copy()
+        top, left, bottom, right = box
+        pixels[top:bottom, left:right] = value
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        images.append(tmp_path / f"{name}.png")
+    out = tmp_path / "p"
+    argv = ["predict", "-m", str(model_file), *map(str, images), "-o", str(out), "--batch-size", "1"]
+    assert cli.main(argv) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(records) == 2
-    assert all(r["anomalous"] is None for r in records)  # no threshold without an evaluation
-    assert sorted(r["normalized_score"] for r in records) == [0.0, 1.0]
+    assert [r["anomalous"] for r in records] == [None, None, None]  # no threshold without a calibration
+
+    model = PatchCore.load(model_file, device="cpu")
+    batch = torch.stack([model.transform(Image.open(p)) for p in images])
+    reference = model.predict(batch)
+    maps, scores = reference.anomaly_maps, reference.image_scores
+    low, high = float(maps.min()), float(maps.max())
+    expected_scores = (scores - scores.min()) / (scores.max() - scores.min())
+    assert [r["score"] for r in records] == pytest.approx(scores.tolist(), rel=1e-5)
+    assert [r["normalized_score"] for r in records] == pytest.approx(expected_scores.tolist(), abs=1e-6)
+    assert 0.05 < sorted(expected_scores)[1] < 0.95  # the middle image is not at an end of the range
+    peaks = []
+    for record, amap in zip(records, maps, strict=True):
+        shown = _unit_from_heatmap(Path(record["heatmap"]))
+        expected = (amap - low) / (high - low)  # 48 x 48 images: the map is at native size
+        assert shown.shape == expected.shape
+        assert np.abs(shown - expected).max() < 0.03
+        peaks.append(float(expected.max()))
+    assert max(peaks) == pytest.approx(1.0) and min(peaks) < 0.9  # the ranges really differ
 
 
 # ----------------------------------------------------------------------------- the installed command

@@ -413,7 +413,9 @@ def test_sixteen_bit_and_rgba_images_load_as_rgb(tmp_path):
     img = load_image(path16)
     rgb = np.asarray(img)
     assert img.mode == "RGB" and rgb.shape == (8, 10, 3)
-    assert rgb[0, 9, 0] == 255 and rgb[1, 1, 0] == 0 and rgb[0, 0, 0] == 128  # scaled, not clipped
+    # Scaled (not clipped) by the container's 16 bits, never by the image's own maximum (issue 24 row 4d).
+    assert rgb[0, 9, 0] == round(4095 * 255 / 65535) and rgb[1, 1, 0] == 0
+    assert rgb[0, 0, 0] == round(2048 * 255 / 65535)
 
     rgba = _img(tmp_path / "alpha.png", (12, 9), mode="RGBA")
     img = load_image(rgba)

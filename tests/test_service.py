@@ -770,6 +770,8 @@ def test_every_serve_flag_comes_from_one_settings_field_with_its_default():
         "--allow-host": "cam1", "--runtime": "onnx", "--device": "cpu", "--threads": "2", "--max-batch": "4",
         "--max-wait-ms": "2.5", "--max-upload-mb": "1.5", "--max-pixels": "1000", "--max-request-pixels": "2000",
         "--max-pixels-in-flight": "3000", "--max-files": "3",
+        "--station-dir": "st", "--watch": "camera", "--watch-settle-s": "2", "--station-recent": "10",
+        "--drift-window": "20", "--audit-max-mb": "1",
     }  # fmt: skip
     argv = ["serve", "--model", "m.pt"]
     for _name, option, _ in serve_options():

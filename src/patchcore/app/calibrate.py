@@ -3,9 +3,13 @@ training-time hold-out (``evaluation.calibration_fraction`` or a data set's vali
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
-from collections.abc import Sequence
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +19,16 @@ from ..data.loading import expand_images
 from ..deploy.calibration import CalibrationError, calibrate, describe_calibration
 from ..deploy.inference import Predictor
 from ..engine.model import PatchCore
-from ..engine.records import Calibration
+from ..engine.records import Calibration, file_sha256
 
-__all__ = ["calibrate_fitted", "calibrate_model_file", "check_calibration_settings", "split_calibration"]
+__all__ = [
+    "calibrate_fitted",
+    "calibrate_model_file",
+    "check_calibration_settings",
+    "check_model_target",
+    "distinct_images",
+    "split_calibration",
+]
 
 log = logging.getLogger("patchcore")
 
@@ -65,6 +76,64 @@ def calibrate_fitted(
     return model.calibration_
 
 
+def check_model_target(target: Path) -> None:
+    """Refuse, before any scoring, a model file calibrate may not replace: a folder, a read-only file (mode
+    without any write bit: the owner asked for it to stay as it is, and root ignores permissions), or a
+    file in a folder nobody may create files in."""
+    if target.is_dir():
+        raise CalibrationError(f"{target} is a folder; --out takes a model file path")
+    if target.exists():
+        mode = target.stat().st_mode
+        if not mode & 0o222 or not os.access(target, os.W_OK):
+            raise CalibrationError(
+                f"model file {target} is read-only (mode {stat.S_IMODE(mode):04o}); make it writable, or write "
+                "the calibrated model elsewhere with --out"
+            )
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CalibrationError(f"cannot write {target}: {folder} is a file, not a folder")
+    try:  # a probe file, not os.access (wrong for root and for read-only mounts)
+        with tempfile.TemporaryFile(dir=folder, prefix=".patchcore-probe-"):
+            pass
+    except OSError as exc:
+        raise CalibrationError(f"cannot write {target}: folder {folder} is not writable ({exc.strerror or exc})") from None
+
+
+def distinct_images(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` with repeats left out: the same file given twice, or two files of identical content (by
+    SHA-256), count once (the first is kept). A calibration's guarantee needs distinct good images."""
+    seen: dict[str | None, Path] = {}
+    kept: list[Path] = []
+    for path in paths:
+        digest = _content_digest(path)
+        if digest not in seen:
+            seen[digest] = path
+            kept.append(path)
+    if len(kept) < len(paths):
+        log.warning(
+            "%d image files given, %d distinct images (%d repeats of the same content left out)",
+            len(paths), len(kept), len(paths) - len(kept),
+        )  # fmt: skip
+    return kept
+
+
+def _content_digest(path: Path) -> str | None:
+    return file_sha256(path) if path.exists() else None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (flock; released when the block ends or the process dies)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def calibrate_model_file(
     model_path: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -74,11 +143,23 @@ def calibrate_model_file(
     weights: str | os.PathLike | None = None,
     batch_size: int | None = None,
 ) -> tuple[Path, Calibration]:
-    """Calibrate a saved model on good images; write it back (or to ``out``). Returns (path, record)."""
+    """Calibrate a saved model on good images; write it back (or to ``out``). Returns (path, record).
+
+    Refused before any scoring: a rate outside (0, 1), a batch size below 1, a model file that cannot be
+    replaced (:func:`check_model_target`). Repeated images count once (:func:`distinct_images`). The file is
+    replaced by compare-and-swap: under a lock of its folder, only if its content is still what it was when
+    this calibration started; otherwise (another calibration, or a training, wrote it meanwhile) nothing is
+    written and the command says so, so two concurrent calibrations never lose one silently.
+    """
     if not 0.0 < false_alarm_rate < 1.0:
         raise CalibrationError(f"--false-alarm-rate must be in (0, 1), got {false_alarm_rate}")
+    if batch_size is not None and batch_size < 1:
+        raise CalibrationError(f"--batch-size must be >= 1, got {batch_size}")
+    target = Path(out or model_path)
+    check_model_target(target)
+    before = _content_digest(target)
     model = PatchCore.load(model_path, device=device, weights=weights)
-    paths = expand_images(inputs)  # bad paths fail here, before any work
+    paths = distinct_images(expand_images(inputs))  # bad paths fail here, before any work
     source = ", ".join(str(Path(p)) for p in inputs)
     if len(paths) + 1 < 1 / false_alarm_rate:
         log.warning(
@@ -86,6 +167,17 @@ def calibrate_model_file(
             "the largest good score",
             len(paths), false_alarm_rate, int(np.ceil(1 / false_alarm_rate - 1)),
         )  # fmt: skip
+    previous = model.calibration_ if target == Path(model_path) else None
     model.calibration_ = calibrate(Predictor(model), paths, false_alarm_rate, source, batch_size)
-    target = model.save(out or model_path)
+    with _folder_lock(target.parent if target.parent.exists() else Path(".")):
+        if _content_digest(target) != before:
+            raise CalibrationError(
+                f"{target} changed while this calibration ran (another calibration or a training wrote it); "
+                "nothing written: run calibrate again"
+            )
+        if previous:
+            log.warning("this calibration replaces the one in %s: %s", target, describe_calibration(previous))
+        elif before is not None and target != Path(model_path):
+            log.warning("--out %s existed and is replaced by the calibrated model", target)
+        model.save(target)
     return target, model.calibration_

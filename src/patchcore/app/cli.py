@@ -12,11 +12,13 @@ patchcore export --model patchcore_mono.pt --format onnx --out exported/
 patchcore train -c configs/mvtec.yaml --ray [ADDRESS]      (objects as Ray tasks)
 patchcore train --resume results/mvtec/default             (continue an interrupted run)
 patchcore federated -c configs/federated.yaml              (clients' local banks merged by a server)
+patchcore audit -c configs/elpv.yaml good_parts/           (which "good" images look defective)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -134,6 +136,22 @@ def _version(text: str) -> int:
     return value
 
 
+# --false-alarm-rate: below 1e-6 no realistic set of good images certifies it (a million of them); at 0.5 or
+# above the "threshold" flags most good parts, which is not a false-alarm rate anyone means.
+RATE_RANGE = (1e-6, 0.5)
+
+
+def _false_alarm_rate(text: str) -> float:
+    low, high = RATE_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [{low:g}, {high:g}), got {text!r}") from None
+    if not low <= value < high:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}), got {text}")
+    return value
+
+
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`ServiceSettings` field: its flag, help, default and range come from there."""
     from ..deploy.settings import parse_option, serve_options
@@ -237,6 +255,13 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-heatmaps", action="store_true")
 
     predict.add_argument("--masks", action="store_true", help="also write binary mask PNGs (calibrated)")
+    predict.add_argument(
+        "--skip-bad", action="store_true",
+        help="skip unreadable images (each named on stderr) instead of refusing the whole call",
+    )  # fmt: skip
+    predict.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown on stderr when it is a terminal)"
+    )
 
     calibrate = sub.add_parser(
         "calibrate", help="set a model's decision threshold from good images only (no defects needed)"
@@ -244,12 +269,13 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
     calibrate.add_argument("images", nargs="+", help="good image files or folders (not used in training)")
     calibrate.add_argument(
-        "--false-alarm-rate", type=float, default=0.01, help="share of good parts flagged (default 0.01)"
+        "--false-alarm-rate", type=_false_alarm_rate, default=0.01,
+        help="share of good parts flagged, in [1e-6, 0.5) (default 0.01)",
     )
     calibrate.add_argument("--out", "-o", help="write the calibrated model here (default: in place)")
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    calibrate.add_argument("--batch-size", type=int, default=None)
+    calibrate.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
 
     update = sub.add_parser(
         "update", help="teach a saved model more good images (no refit; undo with rollback)"
@@ -299,10 +325,17 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a model to one ONNX / OpenVINO graph (extra: export)")
     export.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
-    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    from ..deploy.artifacts import EXPORT_FORMATS
+
+    export.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0])
     export.add_argument("--out", "-o", required=True, help="output folder (model + patchcore_export.json)")
     export.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
-    export.add_argument("--chunk", type=int, default=4096, help="memory-bank rows per distance block")
+    export.add_argument(
+        "--chunk", type=_positive_int, default=4096, help="memory-bank rows per distance block (>= 1)"
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export in a non-empty --out folder"
+    )
 
     for command in (train, federated, evaluate, predict, calibrate, serve, export):
         command.add_argument(
@@ -318,6 +351,18 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("kind", nargs="?", default="folder", help="data set kind (default folder; list below)")
     init.add_argument("--out", "-o", default="patchcore.yaml", help="file to write (default patchcore.yaml; - = stdout)")
     init.add_argument("--force", action="store_true", help="replace an existing file")
+
+    audit = sub.add_parser(
+        "audit", help="rank a folder of 'good' images by how unlike the others they look (no training)"
+    )
+    audit.add_argument(
+        "items", nargs="+", metavar="IMAGES|KEY=VALUE",
+        help="image files or folders; KEY=VALUE overrides the config's model settings",
+    )  # fmt: skip
+    audit.add_argument("--config", "-c", help="YAML configuration whose model settings are used")
+    audit.add_argument("--top", type=_positive_int, default=20, help="rows of the printed table")
+    audit.add_argument("--json", action="store_true", help="print the ranking as JSON instead of a table")
+    audit.add_argument("--out", "-o", help="also write audit.json, audit.csv and map pictures here")
 
     sub.add_parser("backbones", help="list the registered backbones")
     sub.add_parser(
@@ -340,7 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A run ends on SIGTERM: cleanup runs (finally blocks), the run folder keeps its `incomplete` marker.
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # `patchcore params | head`: the reader left; say nothing more (and no traceback at exit's flush).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _user_errors() as exc:
         print(f"patchcore {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -420,12 +472,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from .predict import predict_images
 
-        records = predict_images(
+        predict_images(
             args.model, args.images, args.out, device=args.device, batch_size=args.batch_size,
             heatmaps=not args.no_heatmaps, weights=args.weights, overwrite=args.overwrite, masks=args.masks,
+            skip_bad=args.skip_bad, progress=not args.no_progress and sys.stderr.isatty(),
+            emit=lambda record: print(json.dumps(record), flush=True),
         )  # fmt: skip
-        for record in records:
-            print(json.dumps(record))
         return 0
     if args.command == "calibrate":
         from ..deploy.calibration import describe_calibration
@@ -470,15 +522,31 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(history_text(model))
         return 0
-    if args.command == "serve":
-        from ..deploy.service import run_service
+    if args.command == "audit":
+        from .cmd_audit import run_audit_command
+        from .train import build_model
 
-        run_service(args.model, _serve_settings(args))
+        overrides = [i for i in args.items if "=" in i and not Path(i).exists()]
+        inputs = [i for i in args.items if i not in overrides]
+        model = build_model(load_config(args.config, overrides))
+        print(run_audit_command(model, inputs, args.top, args.json, args.out))
+        return 0
+    if args.command == "serve":
+        from ..deploy.service import parse_model_specs, run_service
+        from ..deploy.station import StationSettings, station_extension
+
+        settings = _serve_settings(args)
+        # The inspection station (the page's recent decisions, feedback, watched folders, drift); --watch is
+        # checked against the model names before any model is loaded.
+        station = station_extension(StationSettings.from_service(settings), parse_model_specs(args.model))
+        run_service(args.model, settings, [station])
         return 0
     if args.command == "export":
         from ..deploy.export import export_model
 
-        files = export_model(args.model, args.format, args.out, weights=args.weights, chunk=args.chunk)
+        files = export_model(
+            args.model, args.format, args.out, weights=args.weights, chunk=args.chunk, overwrite=args.overwrite
+        )
         for f in files:
             print(f)
         return 0

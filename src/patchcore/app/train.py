@@ -29,6 +29,7 @@ from ..evaluation.evaluate import EvaluationSettings, evaluate_object
 from ..evaluation.reports import ObjectResult, mean_metrics, write_reports
 from .cache import fit_cached
 from .calibrate import calibrate_fitted, check_calibration_settings, split_calibration
+from .cmd_audit import training_audit_files
 from .completion import (
     ObjectOutput,
     completed_result,
@@ -242,6 +243,9 @@ def train_object(
         model = PatchCore.load(task.fitted, device=config.model.device)
     else:
         model = _fit_and_calibrate(config, obj, out_dir, progress)
+    # The training-set audit of this fit (app/cmd_audit.py; a model loaded from an earlier fit has none).
+    train_samples = split_calibration(obj, config.evaluation.calibration_fraction, config.seed)[0]
+    audit_outputs = training_audit_files(model, train_samples, obj.name)
     stats = model.stats_.to_dict()
     metrics: dict[str, float | None] = {}
     files: dict[str, bytes] = {}
@@ -264,6 +268,7 @@ def train_object(
             if temporary:
                 shutil.rmtree(target, ignore_errors=True)
         stats.update(eval_stats)
+    files.update(audit_outputs)
     metadata = model_record(model, obj.name, stats, metrics)
     return ObjectOutput(obj.name, model.state_dict(), metadata, metrics, stats, files)
 
@@ -450,7 +455,11 @@ def _train_on_ray(config: Config, objects: list[ObjectData], finish) -> list[str
         obj = objects[outcome.item]
         if outcome.ok:
             finish(outcome.value)
-            log.info("%s: trained in %.1f s on Ray node %s", obj.name, outcome.seconds, outcome.node)
+            reserved = ", ".join(f"{k} {v:g}" for k, v in sorted((outcome.resources or {}).items()))
+            log.info(
+                "%s: trained in %.1f s on Ray node %s (reserved: %s)",
+                obj.name, outcome.seconds, outcome.node, reserved or "nothing",
+            )  # fmt: skip
         else:
             failures.append(f"{obj.name}: {outcome.error}")
             log.error("%s: failed after %d attempt(s): %s", obj.name, outcome.attempts, outcome.error)

@@ -9,12 +9,11 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from .base import DataError
+from .decode import WIDE_MODES, decode_image, open_upright, to_rgb
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -29,45 +28,21 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-# Modes whose samples do not fit in 8 bits; PIL's own convert("RGB") clips these, which turns
-# most 12/16-bit camera images into a white sheet.
-_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
 Size = int | tuple[int, int] | None
-_EXIF_ORIENTATION = 0x0112
 
 
 def _to_uint8(arr: np.ndarray, is_float: bool) -> np.ndarray:
-    """Scale a wide-range single-channel array to uint8 by the bit range its maximum needs."""
+    """Scale a wide-range single-channel *mask* array to uint8 by the bit range its maximum needs (masks
+    hold labels: 0/65535 and 0/4095 both mean "defect"); images are scaled by their container instead
+    (:mod:`patchcore.data.decode`)."""
     arr = np.clip(arr.astype(np.float64), 0.0, None)
     vmax = float(arr.max()) if arr.size else 0.0
     if is_float and vmax <= 1.0:
         scale = 255.0  # float images conventionally hold [0, 1]
     else:
-        # The smallest bit depth that holds the maximum (at least 8), so 12-bit data stored
-        # in 16-bit containers still uses the full 8-bit range instead of being very dark.
         bits = max(8, int(math.ceil(vmax)).bit_length())
         scale = 255.0 / (2**bits - 1)
     return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert any PIL image to 8-bit RGB.
-
-    Grayscale is replicated to 3 channels, the alpha channel of RGBA/LA is dropped (same as
-    ``convert("RGB")``, which the reference implementation used), palette images go through
-    their palette, and 16/32-bit or float images are scaled (not clipped) to 8 bit by the bit
-    range their maximum value needs.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in _WIDE_MODES:
-        arr = _to_uint8(np.asarray(image), is_float=image.mode == "F")
-        return PIL.Image.fromarray(arr, mode="L").convert("RGB")
-    if image.mode in ("P", "PA"):
-        # Via RGBA so palette transparency is resolved by PIL rather than producing a warning.
-        return image.convert("RGBA").convert("RGB")
-    return image.convert("RGB")
 
 
 def mask_to_array(image: PIL.Image.Image | np.ndarray) -> np.ndarray:
@@ -97,35 +72,24 @@ def mask_to_array(image: PIL.Image.Image | np.ndarray) -> np.ndarray:
         arr = np.asarray(image.convert("RGBA"))[..., 0]
     elif mode in ("RGB", "RGBA", "LA", "RGBX", "RGBa", "La", "YCbCr"):
         arr = np.asarray(image)[..., 0]
-    elif mode in _WIDE_MODES:
+    elif mode in WIDE_MODES:
         return mask_to_array(np.asarray(image))
     else:
         arr = np.asarray(image.convert("L"))
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def _open(path: Path) -> PIL.Image.Image:
-    """Open and fully decode an image file, or raise DataError naming it."""
-    try:
-        with PIL.Image.open(path) as img:
-            img.load()  # decode now so truncated files fail here, not later in a worker
-            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                # A camera's rotation flag: the image as every viewer shows it (and as it was annotated).
-                return PIL.ImageOps.exif_transpose(img)
-            return img
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from exc
-
-
 def load_image(path: str | Path) -> PIL.Image.Image:
-    """Open an image file as 8-bit RGB (see :func:`to_rgb`), turned upright by its EXIF orientation;
+    """Open an image file as 8-bit RGB, upright by its EXIF orientation, wide samples scaled by the
+    container's bit depth (:func:`patchcore.data.decode.decode_image`, the one decoding path);
     unreadable file -> DataError naming it."""
-    return to_rgb(_open(Path(path)))
+    return decode_image(Path(path))
 
 
 def load_mask(path: str | Path) -> np.ndarray:
     """Open a mask file as the (H, W) uint8 array of its channel-0 values; unreadable -> DataError."""
-    return mask_to_array(_open(Path(path)))
+    image, _ = open_upright(Path(path))
+    return mask_to_array(image)
 
 
 def _check_size(value: Any, what: str) -> Size:

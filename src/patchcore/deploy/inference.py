@@ -30,9 +30,10 @@ from ..data.transforms import ImageTransform, to_rgb
 from ..engine.model import NonFiniteError, PatchCore
 from ..engine.records import Calibration, TestRanges
 from ..heatmaps import normalize_maps
+from .artifacts import model_info
 from .calibration import describe_calibration, normalize_score, unit_map_range
 
-__all__ = ["Backend", "ImagePrediction", "Predictor", "TorchBackend", "model_info"]
+__all__ = ["Backend", "DisplayRanges", "ImagePrediction", "Predictor", "TorchBackend", "model_info"]
 
 log = logging.getLogger("patchcore")
 
@@ -58,6 +59,15 @@ class ImagePrediction:
     @property
     def calibrated(self) -> bool:
         return self.threshold is not None
+
+
+@dataclass(frozen=True)
+class DisplayRanges:
+    """The fixed ranges that turn one call's anomaly maps and uncalibrated scores into [0, 1] values (one
+    range for all images of the call, never one per image)."""
+
+    map_range: tuple[float, float] | None  # (low, high) of the maps; None: each map by its own range
+    score_range: tuple[float, float] | None  # uncalibrated scores' (low, high); None: no normalised score
 
 
 class Backend(Protocol):
@@ -103,27 +113,16 @@ class TorchBackend:
     def evaluation(self) -> TestRanges | None:
         return self.model.evaluation_
 
+    def prepare(self) -> None:
+        """Load the backbone now: weights other than the fitted ones are refused before any image is read."""
+        self.model._patch_features()
+
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         prediction = self.model.predict(batch)
         return prediction.image_scores, prediction.anomaly_maps
 
     def info(self) -> dict[str, Any]:
         return model_info(self.model)
-
-
-def model_info(model: PatchCore) -> dict[str, Any]:
-    """Plain metadata of a fitted model (what ``GET /models`` and the export JSON show)."""
-    params = model.get_params()
-    return {
-        "backbone": model.backbone,
-        "layers": list(getattr(model, "layers_", None) or params["layers"] or []),
-        "input_size": list(model.input_size_),
-        "transform": model.transform.to_dict(),
-        "params": params,
-        "weights_id": getattr(model, "weights_id_", None),
-        "stats": model.stats_.to_dict(),
-        "evaluation": {} if model.evaluation_ is None else model.evaluation_.to_dict(),
-    }
 
 
 class Predictor:
@@ -141,6 +140,13 @@ class Predictor:
         self.backend: Backend = TorchBackend(model) if isinstance(model, PatchCore) else model
         self.transform = self.backend.transform
         self.per_call_range = per_call_range
+
+    def prepare(self) -> None:
+        """Everything scoring needs, loaded now (a backbone whose weights differ from the fitted ones is
+        refused here, before any image is read); runtimes load their graph when built."""
+        prepare = getattr(self.backend, "prepare", None)
+        if prepare is not None:
+            prepare()
 
     @property
     def model(self) -> PatchCore | None:
@@ -253,6 +259,82 @@ class Predictor:
                 upcoming = decoder.submit(load, starts[number + 1]) if number + 1 < len(starts) else None
                 yield start, batch
 
+    def fixed_ranges(self) -> DisplayRanges | None:
+        """The ranges known before any image is scored (calibration, evaluation, or none at all), or None
+        when this call's own images decide them (an uncalibrated, never evaluated model, ``per_call_range``)."""
+        calibration, evaluation = self.backend.calibration, self.backend.evaluation
+        if calibration is not None:
+            return DisplayRanges(unit_map_range(calibration), None)
+        if evaluation is not None:
+            return DisplayRanges(
+                (evaluation.map_min, evaluation.map_max), (evaluation.score_min, evaluation.score_max)
+            )
+        if self.per_call_range:
+            return None
+        return DisplayRanges(None, None)
+
+    def call_ranges(self, scores: tuple[float, float], maps: tuple[float, float]) -> DisplayRanges:
+        """The ranges of one call whose images span ``scores`` (low, high) and whose maps (at the model's
+        input resolution) span ``maps``; recorded ranges (calibration, evaluation) take precedence."""
+        return self.fixed_ranges() or DisplayRanges(maps, scores)
+
+    def record(
+        self, name: str, score: float, amap: np.ndarray, size: tuple[int, int], ranges: DisplayRanges
+    ) -> ImagePrediction:
+        """The record of one scored image (``amap`` at the model's input resolution, ``size`` the image's)."""
+        calibration = self.backend.calibration
+        threshold = None if calibration is None else calibration.image_threshold
+        native = self.transform.to_original(amap, size)
+        if ranges.map_range is None:
+            # No reference range at all: the map scaled by itself, for display only.
+            unit = normalize_maps(native, float(native.min()), float(native.max()))
+        else:
+            unit = normalize_maps(native, *ranges.map_range)
+        normalized: float | None
+        if calibration is not None:
+            normalized = float(normalize_score(score, calibration.score_low, calibration.image_threshold))
+        elif ranges.score_range is not None:
+            low, high = ranges.score_range
+            normalized = float(np.clip((score - low) / ((high - low) or 1.0), 0.0, None))
+        else:
+            normalized = None
+        return ImagePrediction(
+            image=name,
+            score=score,
+            normalized_score=normalized,
+            anomalous=None if threshold is None else bool(score > threshold),
+            threshold=threshold,
+            anomaly_map=amap,
+            unit_map=unit,
+            original_size=size,
+            mask=None if calibration is None else native > calibration.pixel_threshold,
+        )
+
+    def stream(
+        self,
+        images: Sequence[str | os.PathLike | PIL.Image.Image],
+        ranges: DisplayRanges,
+        names: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[ImagePrediction]:
+        """One record per image, in order, as each batch is scored (memory: one batch), with ``ranges``
+        fixed beforehand (:meth:`fixed_ranges`, or :meth:`call_ranges` from an earlier pass)."""
+        for i, score, amap, size in self._named_batches(images, names, batch_size):
+            yield self.record(names[i] if names is not None else str(images[i]), score, amap, size, ranges)
+
+    def _named_batches(
+        self,
+        images: Sequence[str | os.PathLike | PIL.Image.Image],
+        names: Sequence[str] | None,
+        batch_size: int | None,
+    ) -> Iterator[tuple[int, float, np.ndarray, tuple[int, int]]]:
+        try:
+            yield from self.score_batches(images, batch_size)
+        except NonFiniteError as exc:
+            if names is None:
+                raise
+            raise NonFiniteError(exc.what, exc.positions, [names[i] for i in exc.positions]) from None
+
     def predict(
         self,
         images: Sequence[str | os.PathLike | PIL.Image.Image],
@@ -260,62 +342,14 @@ class Predictor:
         batch_size: int | None = None,
     ) -> list[ImagePrediction]:
         """One record per image (paths or PIL images), in order."""
-        try:
-            raw = [
-                (names[i] if names is not None else str(images[i]), score, amap, size)
-                for i, score, amap, size in self.score_batches(images, batch_size)
-            ]
-        except NonFiniteError as exc:
-            if names is None:
-                raise
-            raise NonFiniteError(exc.what, exc.positions, [names[i] for i in exc.positions]) from None
+        raw = [
+            (names[i] if names is not None else str(images[i]), score, amap, size)
+            for i, score, amap, size in self._named_batches(images, names, batch_size)
+        ]
         if not raw:
             return []
-        calibration = self.backend.calibration
-        evaluation = self.backend.evaluation
-        threshold = self.threshold
-        pixel_threshold = None if calibration is None else calibration.pixel_threshold
-        span: tuple[float, float] | None
-        if calibration is not None:
-            span = unit_map_range(calibration)
-        elif evaluation is not None:
-            span = evaluation.map_min, evaluation.map_max
-        elif self.per_call_range:
-            span = min(float(m.min()) for _, _, m, _ in raw), max(float(m.max()) for _, _, m, _ in raw)
-        else:
-            span = None
-        records = []
-        for name, score, amap, size in raw:
-            native = self.transform.to_original(amap, size)
-            if span is None:
-                # No reference range at all: the map scaled by itself, for display only.
-                unit = normalize_maps(native, float(native.min()), float(native.max()))
-            else:
-                unit = normalize_maps(native, *span)
-            records.append(
-                ImagePrediction(
-                    image=name,
-                    score=score,
-                    normalized_score=self._normalized(score, raw),
-                    anomalous=None if threshold is None else bool(score > threshold),
-                    threshold=threshold,
-                    anomaly_map=amap,
-                    unit_map=unit,
-                    original_size=size,
-                    mask=None if pixel_threshold is None else native > pixel_threshold,
-                )
-            )
-        return records
-
-    def _normalized(self, score: float, raw: list) -> float | None:
-        calibration = self.backend.calibration
-        if calibration is not None:
-            return float(normalize_score(score, calibration.score_low, calibration.image_threshold))
-        evaluation = self.backend.evaluation
-        if evaluation is not None:
-            low, high = evaluation.score_min, evaluation.score_max
-        elif self.per_call_range:
-            low, high = min(r[1] for r in raw), max(r[1] for r in raw)
-        else:
-            return None
-        return float(np.clip((score - low) / ((high - low) or 1.0), 0.0, None))
+        ranges = self.fixed_ranges() or self.call_ranges(
+            (min(r[1] for r in raw), max(r[1] for r in raw)),
+            (min(float(r[2].min()) for r in raw), max(float(r[2].max()) for r in raw)),
+        )
+        return [self.record(name, score, amap, size, ranges) for name, score, amap, size in raw]

@@ -4,7 +4,6 @@ both sessions are safe to call from several threads."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ import torch
 
 from ..data.transforms import ImageTransform
 from ..engine.records import Calibration, TestRanges
+from .artifacts import EXPORT_META, ONNX_FILE, OPENVINO_FILE, read_verified_meta
 from .errors import DeployError
-from .export import EXPORT_META, ONNX_FILE, OPENVINO_FILE
 from .settings import EXPORTED_RUNTIMES, Runtime
 
 __all__ = ["ExportedBackend", "RUNTIMES", "load_exported"]
@@ -27,11 +26,9 @@ class ExportedBackend:
     """An exported graph, run by ``runtime`` (onnx = ONNX Runtime, openvino = OpenVINO, float32)."""
 
     def __init__(self, folder: Path, runtime: str, threads: int | None = None):
+        self.meta: dict[str, Any] = read_verified_meta(folder)  # digests: one export, untouched
         meta_path = folder / EXPORT_META
-        if not meta_path.is_file():
-            raise DeployError(f"{folder} is not a patchcore export folder (no {EXPORT_META})")
         try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
             self.transform = ImageTransform.from_dict(self.meta["preprocessing"])
             calibration = self.meta.get("calibration") or {}
             evaluation = self.meta.get("evaluation") or {}

@@ -169,6 +169,30 @@ class ServiceSettings:
     max_files: int = _setting(
         16, "--max-files", "largest number of files in one /predict/batch request", kind=int, low=1, high=1024
     )
+    # The inspection station (deploy/station.py): its records, the watched folders, the drift figures.
+    station_dir: str | None = _setting(
+        None, "--station-dir",
+        "folder of the station's audit log and watch results (default: station/ beside the first model)",
+    )  # fmt: skip
+    watch: tuple[str, ...] = _setting(
+        (), "--watch",
+        "[MODEL=]DIR: score every new image file that appears in DIR (repeatable, one folder per model)",
+        repeat=True,
+    )  # fmt: skip
+    watch_settle_s: float = _setting(
+        1.0, "--watch-settle-s", "a watched file is taken once its size and time stay unchanged this long (s)",
+        kind=float, low=0, high=3600,
+    )  # fmt: skip
+    station_recent: int = _setting(
+        500, "--station-recent", "decisions kept in the station's recent list", kind=int, low=1, high=1_000_000
+    )
+    drift_window: int = _setting(
+        200, "--drift-window", "decisions the drift figures look at", kind=int, low=1, high=1_000_000
+    )
+    audit_max_bytes: int = _setting(
+        10 * MIB, "--audit-max-mb", "the station's audit log is rotated past this size (MB)", kind=float,
+        low=0.01, high=100_000, scale=MIB,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not isinstance(self.runtime, Runtime):

@@ -7,7 +7,8 @@ import warnings
 
 import PIL.Image
 
-from ..data.transforms import to_rgb
+from ..data.base import DataError
+from ..data.decode import ImageTooLargeError, NotAnImageError, decode_image
 
 __all__ = ["UploadError", "decode_upload", "declared_pixels"]
 
@@ -31,28 +32,14 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, name: str = "upl
     if len(data) > max_bytes:
         raise UploadError(413, f"{name}: upload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
-        with warnings.catch_warnings():
-            # Our own limit decides; PIL's global bomb warning/error would be process-wide state.
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(io.BytesIO(data))
-            width, height = image.size
-            frames = getattr(image, "n_frames", 1)
-            if width * height * max(frames, 1) > max_pixels:
-                raise UploadError(
-                    413,
-                    f"{name}: {width}x{height} image ({frames} frame(s)) exceeds the limit of {max_pixels} pixels",
-                )
-            image.load()
-            return to_rgb(image)
-    except UploadError:
-        raise
-    except PIL.Image.DecompressionBombError as exc:
-        raise UploadError(413, f"{name}: image too large to decode ({exc})") from exc
-    except PIL.UnidentifiedImageError as exc:
+        # The one decoding path of predict and calibrate: EXIF orientation, container bit depth.
+        return decode_image(data, name, max_pixels)
+    except ImageTooLargeError as exc:
+        raise UploadError(413, str(exc)) from exc
+    except NotAnImageError as exc:
         raise UploadError(400, f"{name}: not an image file (cannot be decoded)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Truncated or corrupt data surfaces as one of these from the decoders.
-        raise UploadError(400, f"{name}: cannot decode the image (truncated or corrupt): {exc}") from exc
+    except DataError as exc:
+        raise UploadError(400, f"{name}: cannot decode the image (truncated or corrupt): {exc.__cause__ or exc}") from exc
 
 
 def declared_pixels(data: bytes) -> int | None:

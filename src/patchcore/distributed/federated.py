@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.model import PatchCore
-from .ray_runner import RayOptions, ray_session, run_local
+from .ray_runner import RayOptions, check_task_fits, ray_session, run_local
 from .sharded import LocalCoreset, ShardError, ShardTask, install_bank, merge_local_coresets, reduce_shard
 
 __all__ = [
@@ -118,6 +118,7 @@ def run_clients(
             raise ShardError(f"client {clients[failed[0].item].name} failed: {failed[0].error}")
         return [o.value for o in outcomes]
     with ray_session(ray_options) as ray:
+        check_task_fits(ray, ray_options)
         actor_class = ray.remote(num_cpus=ray_options.num_cpus, num_gpus=ray_options.num_gpus)(_ClientActor)
         actors = [actor_class.remote(c) for c in clients]
         try:

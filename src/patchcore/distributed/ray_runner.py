@@ -22,6 +22,7 @@ __all__ = [
     "Outcome",
     "RayOptions",
     "check_ray_address",
+    "check_task_fits",
     "import_ray",
     "ray_session",
     "run_local",
@@ -62,6 +63,8 @@ class Outcome:
     details: str | None = None
     attempts: int = 1
     seconds: float = 0.0
+    # What Ray reserved for the task that gave the value ({"CPU": 1.0, ...}; None: this process).
+    resources: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -151,11 +154,28 @@ def _call(function: Callable[[Any], Any], item: Any) -> tuple[Any, float]:
     return value, time.perf_counter() - t0
 
 
-def _remote_call(function: Callable[[Any], Any], item: Any) -> tuple[Any, float, str]:
+def _remote_call(function: Callable[[Any], Any], item: Any) -> tuple[Any, float, str, dict[str, float]]:
     import ray
 
     value, seconds = _call(function, item)
-    return value, seconds, ray.get_runtime_context().get_node_id()
+    context = ray.get_runtime_context()
+    return value, seconds, context.get_node_id(), dict(context.get_assigned_resources())
+
+
+def check_task_fits(ray: Any, options: RayOptions) -> None:
+    """Refuse, in one line, tasks that no node of the connected cluster could ever run: Ray would keep them
+    waiting (infeasible) for a node that never comes. An autoscaling cluster has to offer such a node
+    first."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(
+        r.get("CPU", 0.0) >= options.num_cpus and r.get("GPU", 0.0) >= options.num_gpus for r in nodes
+    ):
+        return
+    offered = ", ".join(f"{r.get('CPU', 0.0):g} CPUs and {r.get('GPU', 0.0):g} GPUs" for r in nodes) or "none"
+    raise DistributedError(
+        f"a task asks for {options.num_cpus:g} CPUs and {options.num_gpus:g} GPUs (execution.cpus_per_object, "
+        f"gpus_per_object) but no node of the Ray cluster has that much (its nodes: {offered})"
+    )
 
 
 def run_local(
@@ -199,6 +219,7 @@ def run_ray(
     every outcome knows how many attempts it took.
     """
     with ray_session(options) as ray:
+        check_task_fits(ray, options)
         remote = ray.remote(_remote_call).options(
             num_cpus=options.num_cpus, num_gpus=options.num_gpus, max_retries=0, retry_exceptions=False
         )
@@ -212,7 +233,7 @@ def run_ray(
             i = pending.pop(ref)
             outcome = Outcome(i, attempts=attempts[i])
             try:
-                outcome.value, outcome.seconds, outcome.node = ray.get(ref)
+                outcome.value, outcome.seconds, outcome.node, outcome.resources = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
                 outcome.error, outcome.details = _one_line(cause), str(exc)

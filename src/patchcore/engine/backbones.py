@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .persistence import foreign_kind, torch_load_problem
+
 __all__ = [
     "BackboneSpec",
     "BackboneError",
@@ -151,11 +153,14 @@ def _sha256(path: Path) -> str:
 def _load_state_dict_file(model: nn.Module, path: Path) -> None:
     path = Path(path)
     if not path.is_file():
-        raise BackboneError(f"weights file {path} does not exist")
+        raise BackboneError(f"weights file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    kind = foreign_kind(path)
+    if kind is not None:
+        raise BackboneError(f"weights file {path} is not a PyTorch weights file: it is {kind}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackboneError(f"cannot read weights file {path}: {exc}") from exc
+        raise BackboneError(f"cannot read weights file {path}: {torch_load_problem(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -100,10 +100,11 @@ def _pooling_matrix(length: int, size: int) -> torch.Tensor:
     return matrix
 
 
-class LinearPatchAggregator:
+class LinearPatchAggregator(torch.nn.Module):
     """:func:`patch_features` as one p x p convolution per layer (plus a bilinear upsampling of the coarse
     layers' *reduced* maps). Built for fixed layer channel counts; weights are derived in float64 from the
-    pooling matrices and stored in float32.
+    pooling matrices and stored in float32 (buffers ``weight_0``, ``weight_1``...: a torch module, so the
+    exported graph (``patchcore.deploy.export``) runs this very arithmetic).
 
     For layer l with C_l channels, the reference computes ``target_pool(concat_l(pre_pool_l(unfold(x_l))))``.
     Everything is linear, so output = sum_l up_l(conv(x_l, W_l)) with W_l = T[:, block_l] @ P_l reshaped to
@@ -121,6 +122,7 @@ class LinearPatchAggregator:
         pretrain_embed_dimension: int | None = 1024,
         target_embed_dimension: int | None = 1024,
     ):
+        super().__init__()
         self.channels = tuple(int(c) for c in channels)
         self.patchsize = patchsize
         self.stride = stride
@@ -135,17 +137,18 @@ class LinearPatchAggregator:
             pre = [_pooling_matrix(c * window, pretrain_embed_dimension) for c in self.channels]
             target = _pooling_matrix(len(self.channels) * pretrain_embed_dimension, target_embed_dimension)
         self.dim = target.shape[0]
-        # Per layer: (first row, stop row, conv weight (rows, C, p, p) float32).
-        self.parts: list[tuple[int, int, torch.Tensor]] = []
+        # Per layer: the output rows it touches (first, stop) and its conv weight (rows, C, p, p) float32.
+        self.spans: list[tuple[int, int]] = []
         offset = 0
-        for c, pooling in zip(self.channels, pre, strict=True):
+        for i, (c, pooling) in enumerate(zip(self.channels, pre, strict=True)):
             block = target[:, offset : offset + pooling.shape[0]]
             offset += pooling.shape[0]
             used = torch.flatten(torch.nonzero(block.abs().sum(1)))
             start, stop = int(used[0]), int(used[-1]) + 1
             weight = block[start:stop] @ pooling  # (rows, C*p*p)
-            self.parts.append((start, stop, weight.reshape(stop - start, c, patchsize, patchsize).float()))
-        spans = [(start, stop) for start, stop, _ in self.parts]
+            self.spans.append((start, stop))
+            self.register_buffer(f"weight_{i}", weight.reshape(stop - start, c, patchsize, patchsize).float())
+        spans = self.spans
         # The common case: the layers fill consecutive, disjoint row ranges, so the output is a concatenation.
         self._concatenate = (
             spans[0][0] == 0
@@ -153,7 +156,13 @@ class LinearPatchAggregator:
             and all(a[1] == b[0] for a, b in zip(spans[:-1], spans[1:], strict=False))
         )
 
-    def __call__(self, layer_maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+    @property
+    def parts(self) -> list[tuple[int, int, torch.Tensor]]:
+        """Per layer: (first output row, stop row, conv weight (rows, C, p, p))."""
+        return [(start, stop, getattr(self, f"weight_{i}")) for i, (start, stop) in enumerate(self.spans)]
+
+    def forward(self, layer_maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Layer maps (B, C_l, h_l, w_l) -> patch vectors (B*gh*gw, D) and the patch grid (gh, gw)."""
         if tuple(m.shape[1] for m in layer_maps) != self.channels:
             raise ValueError(
                 f"layer maps with {[m.shape[1] for m in layer_maps]} channels given to an aggregator built "

@@ -31,6 +31,7 @@ __all__ = [
     "ModelFileError",
     "bank_problem",
     "check_state",
+    "foreign_kind",
     "library_versions",
     "model_state",
     "plain",
@@ -38,6 +39,7 @@ __all__ = [
     "read_state",
     "restore_fitted",
     "state_digest",
+    "torch_load_problem",
 ]
 
 MODEL_FORMAT = "patchcore-model"
@@ -125,11 +127,59 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """The dict a model file holds, read with ``weights_only=True`` (nothing in it is executed)."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
+        raise ModelFileError(f"model file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    kind = foreign_kind(path)
+    if kind is not None:
+        raise ModelFileError(f"{path} is not a patchcore model file: it is {kind}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelFileError(f"{path} is not a readable patchcore model file (truncated or corrupted?): {exc}") from exc
+        raise ModelFileError(f"{path} is not a readable patchcore model file: {torch_load_problem(exc)}") from exc
+
+
+# Leading bytes of files people pass by mistake where a torch file is expected.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x08\x01\x12", "an ONNX graph (serve it with --runtime onnx from its export folder)"),
+)
+
+
+def foreign_kind(path: Path) -> str | None:
+    """What ``path`` is when its first bytes show it is not a torch file (an image, JSON, text), else None."""
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None  # torch's zip format, or a legacy pickle: torch.load decides
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        return "JSON text (a model's .json sidecar? pass the .pt file beside it)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "a text file"
+
+
+def torch_load_problem(exc: BaseException) -> str:
+    """torch.load's failure in one line, without its advice to load with ``weights_only=False`` (that would
+    run whatever code the file carries)."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if "weights_only" in message or "Weights only load failed" in message:
+        return (
+            "it holds Python objects beyond plain tensors and numbers, which are refused (unpickling them "
+            "could run code)"
+        )
+    return f"truncated or corrupted? ({message or type(exc).__name__})"
 
 
 def check_state(state: Any, source: str) -> None:
@@ -224,12 +274,17 @@ def bank_problem(model: Any) -> str | None:
         return f"n_patches {n_patches} is not n_train_images x the patch grid {list(model.patch_grid_)}"
     if fitted > n_patches:
         return f"the memory bank ({fitted}) is larger than the training patches ({n_patches})"
-    if model.sampler == "identity" and fitted != n_patches:
-        return f"sampler identity keeps all {n_patches} patches, the bank has {fitted}"
-    if model.sampler != "identity" and fitted != max(1, int(n_patches * model.percentage)):
+    # The robust fit (denoise) selects from the patches it kept (engine/audit.py).
+    kept = stats.denoise_kept_patches
+    candidates = kept if getattr(model, "denoise", False) and kept is not None else n_patches
+    if not isinstance(candidates, int) or not 1 <= candidates <= n_patches:
+        return f"denoise_kept_patches {candidates!r} is not in [1, n_patches {n_patches}]"
+    if model.sampler == "identity" and fitted != candidates:
+        return f"sampler identity keeps all {candidates} patches, the bank has {fitted}"
+    if model.sampler != "identity" and fitted != max(1, int(candidates * model.percentage)):
         return (
-            f"percentage {model.percentage} of {n_patches} patches gives a bank of "
-            f"{max(1, int(n_patches * model.percentage))}, the file holds {fitted}"
+            f"percentage {model.percentage} of {candidates} patches gives a bank of "
+            f"{max(1, int(candidates * model.percentage))}, the file holds {fitted}"
         )
     space = model.coreset_space_
     if space is not None and space.projection is not None and space.projection.shape[1] != bank.shape[1]:

@@ -82,6 +82,14 @@ class FitStats:
     client_images: tuple[int, ...] | None = None
     client_bank_sizes: tuple[int, ...] | None = None
     object: str | None = None  # the data set's object this model was fitted for
+    # The training-set audit (engine/audit.py; None: a merged fit, or fewer than 2 images) and the robust fit.
+    audit_threshold: float | None = None
+    audit_suspects: int | None = None
+    audit_seconds: float | None = None
+    audit_exact_fraction: float | None = None
+    denoise_kept_patches: int | None = None  # the coreset's candidates (denoise on)
+    denoise_outlier_patches: int | None = None
+    denoise_dropped_images: tuple[int, ...] | None = None  # positions in the fit's input
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, in the order files have always had them; unset optional fields left out."""
@@ -108,7 +116,7 @@ class FitStats:
             kwargs["input_size"] = _tuple(values["input_size"], int)
             for name in ("shard_extract_seconds", "shard_coreset_seconds"):
                 kwargs[name] = _optional(values.get(name), lambda v: _tuple(v, float))
-            for name in ("client_images", "client_bank_sizes"):
+            for name in ("client_images", "client_bank_sizes", "denoise_dropped_images"):
                 kwargs[name] = _optional(values.get(name), lambda v: _tuple(v, int))
             return cls(**kwargs)
         except (KeyError, TypeError, ValueError) as exc:

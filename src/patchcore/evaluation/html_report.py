@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..fileio import atomic_write_text, safe_name
 from ..heatmaps import colorize
+from .audit_report import audit_html, read_audits
 from .plot_data import GALLERY_SIZE, read_plot_data
 from .results import METRIC_LEGEND, ObjectResult, legend_applies, mean_metrics
 
@@ -244,6 +245,7 @@ def write_html_report(run_dir: Path, results: list[ObjectResult], header: dict[s
         "<p class='note'>Metrics in percent; n/a = no ground truth for that metric.</p>",
         f"<div class='wide'><table>{''.join(rows)}</table></div><ul class='note'>{legend}</ul>",
         *(_section_for(run_dir, r.name) for r in results),
+        audit_html(run_dir, read_audits(run_dir, [r.name for r in results])),
     ]
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_json, atomic_write_text
+from .audit_report import audit_markdown, read_audits
 from .html_report import write_html_report
 from .results import METRIC_LEGEND, ObjectResult, legend_applies, mean_metrics
 from .results import metric_columns as _metric_columns
@@ -96,6 +97,8 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| **mean** | " + " | ".join(_fmt(means[k], True) for k in metric_keys) + " | | | |")
+    audits = read_audits(run_dir, [r.name for r in results])  # the training-set audit (issue 21)
+    lines += audit_markdown(audits)
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
 
     atomic_write_json(
@@ -107,6 +110,7 @@ def write_reports(run_dir: Path, results: list[ObjectResult], header: dict[str, 
                 for r in results
             ],
             "mean": means,
+            "training_audit": audits,
         },
     )
     paths["html"] = write_html_report(run_dir, results, header)

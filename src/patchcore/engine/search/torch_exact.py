@@ -19,11 +19,26 @@ import torch
 from .base import Devices, GrowableRows, Placement, SearchKind, SearchSettings
 from .registry import register_search_kind
 
-__all__ = ["TorchExactSearch", "TorchSearch"]
+__all__ = ["TorchExactSearch", "TorchSearch", "squared_distances"]
 
 RELATIVE_ERROR = 2.0**-9  # > 2 * 2^-11 (TF32 rounding of both factors) + float32 accumulation over D terms
 EXTRA = 8  # candidates beyond k re-ranked in float64
 CHUNK_ROWS = 1024  # queries per product; the float64 re-ranking gathers (rows, k + extra, D)
+
+
+def squared_distances(
+    queries: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tensor, query_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(R, D) queries and a (D, M) bank, both centred on the bank mean (small norms: small rounding), with
+    the bank's squared norms (M,) -> (R, M) squared Euclidean distances ||q||^2 + ||b||^2 - 2 q.b by one
+    matrix product: the float32 estimate this search ranks its candidates with, and the distance of the
+    exported graph (``patchcore.engine.graph``). May dip below 0 by rounding. ``query_sq`` (R,): the
+    queries' squared norms if already known (this search sums them in float64)."""
+    if query_sq is None:
+        query_sq = (queries * queries).sum(1)
+    estimate = torch.addmm(bank_sq.unsqueeze(0), queries, bank_t, beta=1, alpha=-2)
+    estimate += query_sq.to(estimate.dtype).unsqueeze(1)
+    return estimate
 
 
 class TorchExactSearch:
@@ -80,8 +95,7 @@ class TorchExactSearch:
             q = q.to(self.device)
             centred = q - self.mean
             query_sq = (centred.double() ** 2).sum(1)
-            estimate = torch.addmm(self.bank_sq.unsqueeze(0), centred, self.centred.T, beta=1, alpha=-2)
-            estimate += query_sq.float().unsqueeze(1)
+            estimate = squared_distances(centred, self.centred.T, self.bank_sq, query_sq)
             approx, candidates = torch.topk(estimate, width, dim=1, largest=False, sorted=True)
             exact = ((self.bank[candidates].double() - q.double().unsqueeze(1)) ** 2).sum(2)
             # Float64 ranking; ties to the smaller bank index (sort by index, then stably by distance).
