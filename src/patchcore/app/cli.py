@@ -4,6 +4,9 @@ patchcore train --config configs/elpv.yaml [key=value ...]
 patchcore evaluate --model results/elpv/default/models --config configs/elpv.yaml
 patchcore predict --model patchcore_mono.pt image.png folder/ --out predictions/
 patchcore calibrate --model patchcore_mono.pt good_parts/ --false-alarm-rate 0.01
+patchcore update --model patchcore_mono.pt new_good_parts/ --note "supplier B"   (learn more good parts)
+patchcore history --model patchcore_mono.pt
+patchcore rollback --model patchcore_mono.pt --to 0      (or --remove VERSION: undo one update)
 patchcore serve --model patchcore_mono.pt --port 8000
 patchcore export --model patchcore_mono.pt --format onnx --out exported/
 patchcore train -c configs/mvtec.yaml --ray [ADDRESS]      (objects as Ray tasks)
@@ -35,7 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..distributed.ray_runner import DistributedError
     from ..distributed.sharded import ShardError
     from ..engine.backbones import BackboneError
-    from ..engine.model import ModelFileError, NonFiniteError
+    from ..engine.model import ModelFileError, NonFiniteError, UpdateError
     from ..engine.params import ParamError
     from .config import ConfigError
     from .runs import OutputError
@@ -45,7 +48,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         ConfigError, DataError, BackboneError, ModelFileError, NonFiniteError, ParamError, OutputError,
         TrackingError, FileNotFoundError, CalibrationError, DeployError, DistributedError, ShardError,
-        ObjectsFailedError,
+        ObjectsFailedError, UpdateError,
     )  # fmt: skip
 
 
@@ -97,6 +100,39 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _until(text: str) -> str | float | int:
+    """``--until``: radius, a fraction in (0, 1] (with a decimal point) or a row count."""
+    from ..engine.updates import UpdateRule
+
+    value: str | float | int
+    try:
+        value = text if text == "radius" else float(text) if "." in text else int(text)
+        UpdateRule.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be radius, a fraction in (0, 1] or a count >= 1 ({exc})") from None
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    return value
+
+
+def _version(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a version number (an integer >= 0), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a version number (an integer >= 0), got {value}")
     return value
 
 
@@ -240,6 +276,45 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
     calibrate.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
+
+    update = sub.add_parser(
+        "update", help="teach a saved model more good images (no refit; undo with rollback)"
+    )
+    update.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
+    update.add_argument("images", nargs="+", help="good image files or folders")
+    update.add_argument("--note", default=None, help="free text kept in the model's history")
+    update.add_argument(
+        "--force", action="store_true",
+        help="accept images scoring above the guard's limit (recorded as forced in the history)",
+    )  # fmt: skip
+    update.add_argument(
+        "--guard", type=_positive_float, default=2.0, metavar="FACTOR",
+        help="refuse images scoring above FACTOR x the highest calibration score (default 2)",
+    )  # fmt: skip
+    update.add_argument(
+        "--until", type=_until, default="radius", metavar="RULE",
+        help="rows added: radius (default: until every new patch lies within the fit's covering radius), "
+        "a fraction in (0, 1] of the new patches, or a count",
+    )  # fmt: skip
+    update.add_argument("--out", "-o", help="write the updated model here (default: in place)")
+    update.add_argument("--device", default="auto")
+    update.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
+    update.add_argument("--batch-size", type=_positive_int, default=None, help="images per pass (>= 1)")
+
+    history = sub.add_parser("history", help="a saved model's updates: versions, images, rows, notes")
+    history.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
+    history.add_argument("--json", action="store_true", help="the records as JSON instead of a table")
+
+    rollback = sub.add_parser("rollback", help="undo updates: back to a version, or one update out")
+    rollback.add_argument("--model", "-m", required=True, help="a patchcore_<object>.pt file")
+    undo = rollback.add_mutually_exclusive_group(required=True)
+    undo.add_argument("--to", type=_version, metavar="VERSION", help="back to VERSION (0: as fitted)")
+    undo.add_argument(
+        "--remove", type=_version, metavar="VERSION", help="take update VERSION out, keep the later ones"
+    )
+    rollback.add_argument("--out", "-o", help="write the model here (default: in place)")
+    rollback.add_argument("--device", default="auto")
+    rollback.add_argument("--weights", help="backbone weights file, if not where the model was fitted")
 
     serve = sub.add_parser("serve", help="REST service + web page (FastAPI, uvicorn; extra: serve)")
     serve.add_argument(
@@ -414,6 +489,38 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(json.dumps(calibration.to_dict(), indent=2))
         print(f"{path}: {describe_calibration(calibration)}", file=sys.stderr)
+        return 0
+    if args.command in ("update", "rollback"):
+        from .update import rollback_model_file, update_model_file
+
+        if args.command == "update":
+            outcome = update_model_file(
+                args.model, args.images, note=args.note, force=args.force, guard=args.guard, until=args.until,
+                out=args.out, device=args.device, weights=args.weights, batch_size=args.batch_size,
+            )  # fmt: skip
+            assert outcome.record is not None
+            print(json.dumps(outcome.record.to_dict(), indent=2))
+            what = f"update {outcome.record.version}: +{outcome.record.rows_added} rows"
+        else:
+            outcome = rollback_model_file(
+                args.model, to=args.to, remove=args.remove, out=args.out, device=args.device, weights=args.weights
+            )
+            what = f"rolled back to version {args.to}" if args.to is not None else f"update {args.remove} removed"
+        print(
+            f"{outcome.path}: {what}; version {outcome.version}, {outcome.bank_rows} bank rows; "
+            f"{outcome.calibration_note}",
+            file=sys.stderr,
+        )
+        return 0
+    if args.command == "history":
+        from ..engine.model import PatchCore
+        from .update import history_text
+
+        model = PatchCore.load(args.model, device="cpu")
+        if args.json:
+            print(json.dumps([r.to_dict() for r in model.history_], indent=2))
+        else:
+            print(history_text(model))
         return 0
     if args.command == "audit":
         from .cmd_audit import run_audit_command

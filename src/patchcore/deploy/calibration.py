@@ -13,7 +13,15 @@ With fewer than 1/a - 1 good images no order statistic reaches the rate: the thr
 largest good score and the report says the rate cannot be certified (its interval shows what is known).
 
 The pixel threshold for masks applies the same rule to each good image's largest map value, so a good
-image gets an empty mask with probability at least 1 - a. Scores are normalised so that the image
+image gets an empty mask with probability at least 1 - a.
+
+After an update (``PatchCore.partial_fit``) the bank holds more rows than the calibration saw. A bank that
+only grew can only lower every good image's score (each patch's nearest distances can only shrink; with the
+paper's reweighting off), so the old threshold's false-alarm bound still holds for good images, while
+defects may score lower too. :func:`refresh_calibration` re-scores the named good images when they are all
+still there (same SHA-256) and recomputes the threshold and its interval; otherwise the record stays and
+:func:`describe_calibration` says plainly that it predates the update. Rows taken out of the bank
+(rollback, a removed update) that the calibration was computed with void the bound: the record says so. Scores are normalised so that the image
 threshold maps to 0.5, the lowest good score to 0 (clipped to [0, 1]); maps likewise with the pixel
 threshold at 0.5 of the colour scale.
 """
@@ -41,6 +49,7 @@ __all__ = [
     "calibration_from_scores",
     "describe_calibration",
     "image_refs",
+    "refresh_calibration",
     "normalize_score",
     "outlier_fence",
     "outlier_report",
@@ -230,6 +239,35 @@ def calibrate(
     return record
 
 
+def refresh_calibration(predictor: Any, batch_size: int | None = None) -> tuple[Calibration | None, str]:
+    """Bring the calibration of ``predictor.model`` up to the model's version: re-score its good images
+    when every one is still reachable (same path, same SHA-256), and set ``model.calibration_`` to the new
+    record; otherwise keep the old one. Returns (the calibration now, one line saying what was done)."""
+    model = predictor.model
+    calibration = None if model is None else model.calibration_
+    if model is None or calibration is None:
+        return calibration, "not calibrated: nothing to re-score"
+    version = int(getattr(model, "version_", 0))
+    if calibration.model_version == version and not calibration.invalidated:
+        return calibration, f"calibration is current (model version {version})"
+    refs = calibration.images
+    missing = [ref for ref in refs if not ref.reachable()]
+    if not refs or missing or len(refs) != calibration.n_images:
+        why = (
+            "its good images were not recorded (calibrated before images were named)" if not refs
+            else f"{len(missing)} of its {len(refs)} good images are missing or changed (e.g. "
+            f"{missing[0].path or 'an in-memory image'})" if missing
+            else f"it names {len(refs)} of its {calibration.n_images} good images"
+        )  # fmt: skip
+        return calibration, f"threshold kept, not re-scored: {why}; {describe_calibration(calibration, model)}"
+    fresh = calibrate(predictor, [ref.path for ref in refs], calibration.false_alarm_rate, calibration.source, batch_size)
+    model.calibration_ = fresh
+    return fresh, (
+        f"re-scored {fresh.n_images} good images at model version {version}: threshold "
+        f"{calibration.image_threshold:.6g} -> {fresh.image_threshold:.6g}"
+    )
+
+
 def normalize_score(score: float | np.ndarray, low: float, threshold: float) -> float | np.ndarray:
     """Linear normalisation: ``low`` -> 0, ``threshold`` -> 0.5, clipped to [0, 1]."""
     span = threshold - low
@@ -247,8 +285,9 @@ def unit_map_range(calibration: Calibration) -> tuple[float, float]:
     return low, high
 
 
-def describe_calibration(calibration: Calibration | None) -> str:
-    """One line for logs, reports and the service's model list."""
+def describe_calibration(calibration: Calibration | None, model: Any = None) -> str:
+    """One line for logs, reports and the service's model list (``model``: the model it belongs to, so
+    that a threshold older than the model's latest update says so)."""
     if calibration is None:
         return (
             "not calibrated: no decision threshold (run `patchcore calibrate --model M GOOD_DIR` "
@@ -256,8 +295,24 @@ def describe_calibration(calibration: Calibration | None) -> str:
         )
     ci = calibration.false_alarm_rate_ci95
     note = "" if calibration.certified else " (too few images to certify this rate)"
-    return (
+    line = (
         f"threshold {calibration.image_threshold:.6g} at false-alarm rate {calibration.false_alarm_rate:g} "
         f"from {calibration.n_images} good images{note}; achieved rate 95% CI "
         f"[{ci[0]:.3g}, {ci[1]:.3g}]"
     )
+    if calibration.invalidated:
+        return f"{line}; NO LONGER HOLDS: {calibration.invalidated}"
+    version = int(getattr(model, "version_", 0) or 0)
+    if version > calibration.model_version:
+        if getattr(model, "reweight", False):
+            return (
+                f"{line}; set at model version {calibration.model_version}, before the updates up to version "
+                f"{version}, and with reweighting on a grown bank can raise scores: the bound is not known to "
+                "hold; calibrate again"
+            )
+        return (
+            f"{line}; set at model version {calibration.model_version}, before the updates up to version "
+            f"{version}: the bank only grew since, so good images can only score lower and the false-alarm "
+            "bound still holds for them (not re-scored; defects may score lower too)"
+        )
+    return line

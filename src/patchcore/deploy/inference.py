@@ -74,8 +74,16 @@ class Backend(Protocol):
     """What the predictor needs from a model: its transform, stored calibration and a scoring call."""
 
     transform: ImageTransform
-    calibration: Calibration | None  # None: no decision threshold
-    evaluation: TestRanges | None  # None: never evaluated on a test set
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The decision threshold from good images (None: no decisions)."""
+        ...
+
+    @property
+    def evaluation(self) -> TestRanges | None:
+        """The test-set ranges of an evaluation (None: never evaluated)."""
+        ...
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3, H, W) normalised images -> image scores (N,) and anomaly maps (N, H, W)."""
@@ -95,8 +103,15 @@ class TorchBackend:
         model._check_fitted()
         self.model = model
         self.transform = model.transform
-        self.calibration: Calibration | None = model.calibration_
-        self.evaluation: TestRanges | None = model.evaluation_
+
+    # Read from the model on every use: an update (partial_fit, rollback) or a new calibration shows at once.
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.model.calibration_
+
+    @property
+    def evaluation(self) -> TestRanges | None:
+        return self.model.evaluation_
 
     def prepare(self) -> None:
         """Load the backbone now: weights other than the fitted ones are refused before any image is read."""
@@ -171,7 +186,7 @@ class Predictor:
 
     def describe(self) -> str:
         """How decisions are made, in one line (every output carries it)."""
-        return describe_calibration(self.backend.calibration)
+        return describe_calibration(self.backend.calibration, self.model)
 
     def result_fields(self, prediction: ImagePrediction) -> dict[str, Any]:
         """The JSON fields every output of one prediction carries (``patchcore predict`` and the service);

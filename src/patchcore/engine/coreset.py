@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .principal import principal_basis
+from .records import CoresetSpace
 
 __all__ = [
     "ApproximateGreedyCoreset",
@@ -24,6 +25,8 @@ __all__ = [
     "RandomSampler",
     "Sampler",
     "SAMPLERS",
+    "bank_distances",
+    "continue_coreset",
     "coreset_size",
     "covering_radius",
     "greedy_select",
@@ -279,6 +282,46 @@ def covering_radius(z, indices: np.ndarray, chunk_rows: int = _CHUNK_ROWS) -> fl
     return radius
 
 
+def _radius(min_distances: torch.Tensor) -> float:
+    """The covering radius the greedy loop left: every point's distance to its nearest pick (or, never
+    larger, to the start points' mean) is at most this."""
+    return float(min_distances.max()) if len(min_distances) else 0.0
+
+
+def bank_distances(z: torch.Tensor, bank: torch.Tensor, chunk_rows: int = 16384) -> torch.Tensor:
+    """Each row of ``z``'s distance to its nearest row of ``bank`` (the coreset's float32 formula)."""
+    out = torch.full((len(z),), float("inf"), dtype=torch.float32)
+    for start in range(0, len(bank), chunk_rows):
+        part = _pairwise_distances(z, bank[start : start + chunk_rows]).amin(1)
+        torch.minimum(out, part, out=out)
+    return out
+
+
+def continue_coreset(
+    z: torch.Tensor, min_distances: torch.Tensor, radius: float | None, limit: int | None
+) -> np.ndarray:
+    """The greedy loop continued over new points ``z`` whose distances to the existing bank are
+    ``min_distances`` (updated in place): pick the farthest, until every point lies within ``radius``
+    (None: no radius) or ``limit`` points are picked (None: no limit); a point at distance 0 is never
+    picked. Returns the picks in order."""
+    z = z.contiguous()
+    squared_norms = (z * z).sum(1)
+    distances = torch.empty(len(z), dtype=torch.float32)
+    chosen: list[int] = []
+    most = len(z) if limit is None else min(int(limit), len(z))
+    while len(chosen) < most:
+        index = int(torch.argmax(min_distances))
+        farthest = float(min_distances[index])
+        if farthest <= 0.0 or (radius is not None and farthest <= radius):
+            break
+        chosen.append(index)
+        torch.addmv(squared_norms, z, z[index], beta=1.0, alpha=-2.0, out=distances)
+        distances.add_(squared_norms[index]).clamp_(min=0).sqrt_()
+        torch.minimum(min_distances, distances, out=min_distances)
+        min_distances[index] = 0.0  # the pick itself is now a bank row
+    return np.asarray(chosen, dtype=np.int64)
+
+
 class Sampler:
     """Selects memory-bank rows from (N, D) features. ``select`` returns indices into the rows."""
 
@@ -289,6 +332,13 @@ class Sampler:
     ) -> np.ndarray:
         raise NotImplementedError
 
+    def select_with_space(
+        self, features, rng: np.random.Generator, progress: ProgressCallback | None = None
+    ) -> tuple[np.ndarray, CoresetSpace | None]:
+        """``select``, and where it measured distances with the covering radius it reached there (what a
+        continuation of the coreset needs; None: this sampler measures none)."""
+        return self.select(features, rng, progress), None
+
 
 @dataclass
 class IdentitySampler(Sampler):
@@ -298,6 +348,10 @@ class IdentitySampler(Sampler):
 
     def select(self, features, rng, progress=None) -> np.ndarray:
         return np.arange(len(features), dtype=np.int64)
+
+    def select_with_space(self, features, rng, progress=None) -> tuple[np.ndarray, CoresetSpace | None]:
+        # Every patch is kept: each lies at distance 0 from the bank.
+        return self.select(features, rng, progress), CoresetSpace(None, 0.0)
 
 
 @dataclass
@@ -330,9 +384,15 @@ class ApproximateGreedyCoreset(Sampler):
         return random_projection(in_dim, self.projection_dim, rng)
 
     def select(self, features, rng, progress=None) -> np.ndarray:
+        return self.select_with_space(features, rng, progress)[0]
+
+    def select_with_space(self, features, rng, progress=None) -> tuple[np.ndarray, CoresetSpace | None]:
         n = len(features)
-        z = project(features, self.projection(features.shape[1], rng))
-        return self.select_projected(z, self.start_points(n, rng), progress)
+        weight = self.projection(features.shape[1], rng)
+        z = project(features, weight)
+        min_distances = start_distances(z, self.start_points(n, rng))
+        chosen = greedy_select(z, coreset_size(n, self.percentage), min_distances, progress, self.method)
+        return chosen, CoresetSpace(weight, _radius(min_distances))
 
     def start_points(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Distinct random start points (at most n)."""
@@ -357,6 +417,9 @@ class GreedyCoreset(Sampler):
     name = "greedy_coreset"
 
     def select(self, features, rng, progress=None) -> np.ndarray:
+        return self.select_with_space(features, rng, progress)[0]
+
+    def select_with_space(self, features, rng, progress=None) -> tuple[np.ndarray, CoresetSpace | None]:
         n = len(features)
         weight = None
         if self.projection_dim is not None and self.projection_dim != features.shape[1]:
@@ -366,7 +429,8 @@ class GreedyCoreset(Sampler):
         first = int(rng.integers(n))
         min_distances = _pairwise_distances(z, z[first : first + 1]).reshape(-1)
         rest = greedy_select(z, size - 1, min_distances, progress, self.method)
-        return np.concatenate([[first], rest]).astype(np.int64)
+        chosen = np.concatenate([[first], rest]).astype(np.int64)
+        return chosen, CoresetSpace(weight, _radius(min_distances))
 
 
 SAMPLERS: dict[str, type[Sampler]] = {

@@ -1,4 +1,5 @@
-"""The PatchCore estimator: ``fit`` on defect-free images, ``predict`` scores and anomaly maps.
+"""The PatchCore estimator: ``fit`` on defect-free images, ``predict`` scores and anomaly maps, and
+``partial_fit`` to teach a fitted model more good images (with a history, ``rollback`` and ``remove_update``).
 
 Constructor arguments are the whole configuration (as in scikit-learn); fitted state lives in attributes
 ending in an underscore. A model file holds the memory bank and every setting needed to rebuild the
@@ -7,6 +8,7 @@ feature extractor, and loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -15,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from ..data.transforms import ImageTransform, load_image
 from ..fileio import atomic_write
 from .audit import RowSubset, audit_fit, audit_stats
 from .backbones import BackboneError, FeatureExtractor, load_backbone
-from .coreset import make_sampler
+from .coreset import bank_distances, continue_coreset, make_sampler, project
 from .features import PatchFeatures
 from .index import MemoryBankIndex
 from .params import PARAMS, check_param, params_table
@@ -40,11 +42,30 @@ from .persistence import (
     read_state,
     restore_fitted,
 )
-from .records import Calibration, FitStats, TestRanges
+from .records import Calibration, CoresetSpace, FitStats, ImageRef, TestRanges, UpdateRecord
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
 from .store import FeatureStore
+from .updates import (
+    DEFAULT_GUARD_FACTOR,
+    UpdateError,
+    UpdateRefused,
+    UpdateRule,
+    image_refs,
+    tensor_ref,
+    utc_now,
+)
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "ModelFileError", "NonFiniteError", "PatchCore", "Prediction"]
+__all__ = [
+    "MODEL_FORMAT",
+    "MODEL_FORMAT_VERSION",
+    "ModelFileError",
+    "NonFiniteError",
+    "PatchCore",
+    "Prediction",
+    "UpdateError",
+    "UpdateRecord",
+    "UpdateRefused",
+]
 
 # (phase, items done so far, total items or None)
 ProgressCallback = Callable[[str, int, int | None], None]
@@ -176,20 +197,30 @@ class PatchCore:
             setattr(self, p.name, copy.deepcopy(value) if value is defaults.get(p.name) else value)
         self._features: PatchFeatures | None = None
         self._index: MemoryBankIndex | None = None
+        self._space_bank: torch.Tensor | None = None  # the bank in the coreset's space (partial_fit)
         # Guards the lazy construction of the extractor and the index: predict() may be called from many
         # threads at once and must build each only once.
         self._build_lock = threading.RLock()
+        # Searches read the bank together; a change of it (partial_fit, rollback, remove_update) waits for
+        # them and holds them off while it runs; updates run one at a time.
+        self._bank_lock = _ReadWriteLock()
+        self._update_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled (copied, or sent to another process): the extractor, the index and the lock are rebuilt
         # on first use there.
         state = dict(self.__dict__)
-        state.update(_features=None, _index=None, _build_lock=None)
+        state.update(
+            _features=None, _index=None, _build_lock=None, _space_bank=None, _bank_lock=None, _update_lock=None
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_space_bank", None)
         self._build_lock = threading.RLock()
+        self._bank_lock = _ReadWriteLock()
+        self._update_lock = threading.Lock()
 
     # ----------------------------------------------------------------- configuration
 
@@ -213,6 +244,7 @@ class PatchCore:
                 # Settings such as device or index_kind take effect on the next use.
                 self.__dict__["_features"] = None
                 self.__dict__["_index"] = None
+                self.__dict__["_space_bank"] = None
         object.__setattr__(self, name, value)
 
     def get_params(self) -> dict[str, Any]:
@@ -393,11 +425,12 @@ class PatchCore:
             # is the same, bit for bit. Opt-in: on full ELPV mono at 112 px it took 346 of a 668 s fit.
             audit, plan = audit_fit(train_features, meta, self.seed, self.denoise)
         t1 = time.perf_counter()
+        space: CoresetSpace | None = None  # where partial_fit continues the coreset (None: it cannot)
         if indices is None:
             rng = np.random.default_rng(self.seed)
             sampler = make_sampler(self.sampler, self.percentage, self.projection_dim, self.num_starting_points)
             candidates = train_features if plan is None else RowSubset(train_features, plan.keep)
-            indices = sampler.select(
+            indices, space = sampler.select_with_space(
                 candidates, rng, None if progress is None else lambda d, t: progress("coreset", d, t)
             )
             if plan is not None:
@@ -417,6 +450,13 @@ class PatchCore:
         self.calibration_: Calibration | None = None
         self.evaluation_: TestRanges | None = None
         self.coreset_indices_ = np.asarray(indices, dtype=np.int64)
+        # Updates (partial_fit): the version that added each bank row (0: this fit), the model's version
+        # and the history of its updates.
+        self.coreset_space_ = space
+        self.row_versions_ = np.zeros(len(bank), dtype=np.int64)
+        self.version_ = 0
+        self.history_: tuple[UpdateRecord, ...] = ()
+        self._space_bank = None
         self._index = None
         self._search_index()
         t3 = time.perf_counter()
@@ -517,7 +557,6 @@ class PatchCore:
         features = self._patch_features()
         index = self._search_index()
         device = self.torch_device
-        k = max(self.num_neighbors, 1)
         all_image_scores, all_maps, all_patch_scores = [], [], []
         timings = {"extract_seconds": 0.0, "search_seconds": 0.0, "maps_seconds": 0.0}
         done = 0
@@ -527,12 +566,8 @@ class PatchCore:
             rows = batch_rows.cpu().numpy()
             _check_finite(rows, len(batch), done, "patch features")
             t1 = time.perf_counter()
-            squared, nearest = index.search(rows, k)
-            scores = patch_scores(squared, self.distance).reshape(len(batch), -1)
-            if self.reweight:
-                image = reweighted_image_scores(scores, rows, nearest[:, 0], index, self.reweight_neighbors)
-            else:
-                image = image_scores(scores)
+            with self._bank_lock.read():
+                scores, image = self._score_rows(index, rows, len(batch))
             _check_finite(scores, len(batch), done, "patch scores")
             _check_finite(image, len(batch), done, "image scores")
             t2 = time.perf_counter()
@@ -558,9 +593,276 @@ class PatchCore:
             timings={k: round(v, 4) for k, v in timings.items()},
         )
 
+    def _score_rows(self, index: MemoryBankIndex, rows: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+        """Patch scores (n_images, patches) and image scores (n_images,) of ``n_images`` images' patch rows."""
+        squared, nearest = index.search(rows, max(self.num_neighbors, 1))
+        scores = patch_scores(squared, self.distance).reshape(n_images, -1)
+        if self.reweight:
+            image = reweighted_image_scores(scores, rows, nearest[:, 0], index, self.reweight_neighbors)
+        else:
+            image = image_scores(scores)
+        return scores, image
+
     def score(self, images: Any) -> np.ndarray:
         """Image scores only (no anomaly maps)."""
         return self.predict(images, return_maps=False).image_scores
+
+    # ----------------------------------------------------------------- updates
+
+    def partial_fit(
+        self,
+        images: Any,
+        *,
+        note: str | None = None,
+        force: bool = False,
+        progress: ProgressCallback | None = None,
+        until: str | float | int = "radius",
+        guard: float | None = DEFAULT_GUARD_FACTOR,
+    ) -> UpdateRecord:
+        """Teach the fitted model more defect-free images (paths, PIL images, tensors, a DataLoader, as
+        ``fit``) without refitting; returns the update's record (also appended to ``history_``).
+
+        The images' patches are extracted and scored against the bank; the bank then grows by continuing
+        the fit's greedy coreset over them, in the space the fit's coreset measured in (its projection):
+        each new patch starts at its distance to the bank, and the farthest is added until (``until``):
+
+        - ``"radius"`` (default): every new patch lies within the covering radius recorded at fit;
+        - a float in (0, 1]: that fraction of the new patches is added (farthest first);
+        - an int >= 1: that many rows.
+
+        Old images are never re-extracted; the search index grows in place. Every added row records the new
+        version (``row_versions_``); ``version_`` becomes it. ``rollback`` and ``remove_update`` undo.
+
+        The guard: an image scoring above ``guard`` x the highest good score of the calibration is likely
+        a defect, and the update is refused (:class:`UpdateRefused`, nothing changed), as it is when the
+        model has no calibration to judge by, unless ``force`` (the record then says forced). ``guard``
+        None: no guard. The calibration is not changed here (see ``patchcore.deploy.calibration``: a bank
+        that only grew can only lower the scores of good images).
+        """
+        with self._update_lock:
+            return self._partial_fit(images, note, force, progress, until, guard)
+
+    def _partial_fit(
+        self,
+        images: Any,
+        note: str | None,
+        force: bool,
+        progress: ProgressCallback | None,
+        until: str | float | int,
+        guard: float | None,
+    ) -> UpdateRecord:
+        self._check_fitted()
+        rule = UpdateRule.parse(until)
+        if guard is not None and (isinstance(guard, bool) or not float(guard) > 0 or not np.isfinite(guard)):
+            raise ValueError(f"guard must be a positive factor or None, got {guard!r}")
+        if note is not None and not isinstance(note, str):
+            raise TypeError(f"note must be a string, got {type(note).__name__}")
+        space = self.coreset_space_
+        if rule.kind == "radius" and space is None:
+            raise UpdateError(
+                "this model recorded no covering radius at fit (an older model file, a sharded or federated "
+                f"fit, or sampler {self.sampler!r}): pass until=FRACTION or until=COUNT"
+            )
+        t0 = time.perf_counter()
+        refs = image_refs(images)  # paths / PIL images: hashed before anything runs (a missing file fails here)
+        features = self._patch_features()
+        index = self._search_index()
+        device = self.torch_device
+        parts: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
+        tensor_refs: list[ImageRef] = []
+        n_images = 0
+        for batch in self._batches(images):
+            if tuple(batch.shape[-2:]) != tuple(self.input_size_):
+                raise ValueError(
+                    f"update images must have the model's input size {tuple(self.input_size_)}, "
+                    f"got {tuple(batch.shape[-2:])}"
+                )
+            rows, _ = features(batch.to(device, non_blocking=True))
+            rows = rows.cpu().numpy()
+            _check_finite(rows, len(batch), n_images, "patch features")
+            with self._bank_lock.read():
+                _, image = self._score_rows(index, rows, len(batch))
+            parts.append(rows)
+            scores.append(image)
+            if refs is None:
+                tensor_refs.extend(tensor_ref(item.numpy()) for item in batch)
+            n_images += len(batch)
+            if progress is not None:
+                progress("extract", n_images, None)
+        if n_images == 0:
+            raise ValueError("partial_fit() got no images")
+        image_score = np.concatenate(scores)
+        limit = self._guard(image_score, refs, guard, force)
+        new = np.concatenate(parts)
+
+        # The coreset's continuation, in the fit's space.
+        weight = None if space is None else space.projection
+        z = project(new, weight)
+        min_distances = bank_distances(z, self._space_rows())
+        before = float(min_distances.max())
+        target = space.radius if rule.kind == "radius" and space is not None else None
+        picks = continue_coreset(z, min_distances, target, rule.limit(len(new)))
+        after = float(min_distances.max())
+        version = (self.history_[-1].version if self.history_ else 0) + 1
+        with self._bank_lock.write():
+            self._append_rows(new[picks], z[torch.as_tensor(picks, dtype=torch.long)], version)
+        record = UpdateRecord(
+            version=version,
+            time=utc_now(),
+            n_images=n_images,
+            images=tuple(refs if refs is not None else tensor_refs),
+            rows_added=len(picks),
+            radius_before=before,
+            radius_after=after,
+            target_radius=target,
+            rule=str(rule),
+            max_score=float(image_score.max()),
+            guard_limit=limit,
+            forced=bool(force),
+            note=note or "",
+            seconds=round(time.perf_counter() - t0, 4),
+        )
+        self.history_ = (*self.history_, record)
+        self.version_ = version
+        return record
+
+    def _guard(
+        self, scores: np.ndarray, refs: list[ImageRef] | None, guard: float | None, force: bool
+    ) -> float | None:
+        """The guard's limit (None: no guard); raises UpdateRefused unless forced."""
+        if guard is None:
+            return None
+        calibration = self.calibration_
+        top = int(np.argmax(scores))
+        if calibration is None:
+            if force:
+                return None
+            raise UpdateRefused(
+                "the model has no calibration, so nothing says whether these images are good: calibrate it "
+                "first (the guard compares update images with the highest good score), or force the update",
+                float(scores[top]), None,
+            )  # fmt: skip
+        limit = float(guard) * calibration.good_score_max
+        over = np.flatnonzero(scores > limit)
+        if over.size and not force:
+            names = [refs[i].path or f"#{i}" for i in over] if refs is not None else [f"#{i}" for i in over]
+            shown = ", ".join(f"{n} ({scores[i]:.4g})" for n, i in zip(names[:5], over[:5], strict=False))
+            more = f" and {over.size - 5} more" if over.size > 5 else ""
+            raise UpdateRefused(
+                f"update refused: {over.size} image(s) score above the guard's limit {limit:.4g} ({guard:g} x "
+                f"the highest calibration score {calibration.good_score_max:.4g}), so they may be defects: "
+                f"{shown}{more}. Force the update if they are good.",
+                float(scores[over].max()), limit, over.tolist(), names,
+            )  # fmt: skip
+        return limit
+
+    def rollback(self, version: int) -> PatchCore:
+        """Back to ``version`` (0: as fitted): the rows added after it leave the bank and their updates the
+        history; scores are then those of that version, bit for bit (an update removed before is not
+        restored). Returns self."""
+        self._check_fitted()
+        with self._update_lock, self._bank_lock.write():
+            version = self._known_version(version, allow_fit=True)
+            keep = int(np.searchsorted(self.row_versions_, version, side="right"))
+            dropped = self.row_versions_[keep:]
+            self._invalidate_calibration(dropped, f"the model was rolled back to version {version}")
+            self._truncate_rows(keep)
+            self.history_ = tuple(r for r in self.history_ if r.version <= version)
+            self.version_ = version
+        return self
+
+    def remove_update(self, version: int) -> PatchCore:
+        """Take one update's rows out of the bank (a defect taught as good, say), keeping the later
+        updates; its record stays in the history, marked removed. Returns self."""
+        self._check_fitted()
+        with self._update_lock, self._bank_lock.write():
+            version = self._known_version(version, allow_fit=False)
+            position = next(i for i, r in enumerate(self.history_) if r.version == version)
+            record = self.history_[position]
+            if record.removed:
+                raise UpdateError(f"update {version} was already removed ({record.removed})")
+            start = int(np.searchsorted(self.row_versions_, version, side="left"))
+            stop = int(np.searchsorted(self.row_versions_, version, side="right"))
+            self._invalidate_calibration(self.row_versions_[start:stop], f"update {version} was removed")
+            tail = self.memory_bank_[stop:].copy()
+            tail_versions = self.row_versions_[stop:].copy()
+            tail_projected = None if self._space_bank is None else self._space_bank[stop:].clone()
+            self._truncate_rows(start)
+            if len(tail):
+                self._append_rows(tail, tail_projected, tail_versions)
+            history = list(self.history_)
+            history[position] = replace(record, removed=utc_now())
+            self.history_ = tuple(history)
+        return self
+
+    def _known_version(self, version: int, allow_fit: bool) -> int:
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+            raise TypeError(f"a version is an integer, got {version!r}")
+        known = [r.version for r in self.history_]
+        if int(version) in known or (allow_fit and version == 0):
+            return int(version)
+        listed = ", ".join(str(v) for v in ([0] if allow_fit else []) + known) or "none"
+        raise UpdateError(f"this model has no version {version} (its versions: {listed})")
+
+    def _invalidate_calibration(self, dropped_versions: np.ndarray, why: str) -> None:
+        """Rows the calibration was computed with are leaving the bank: good images may now score higher
+        than it measured, so its false-alarm bound no longer holds. Say so in the record."""
+        calibration = self.calibration_
+        if calibration is None or not len(dropped_versions):
+            return
+        if int(np.min(dropped_versions)) <= calibration.model_version:
+            self.calibration_ = replace(
+                calibration,
+                invalidated=f"{why} after this calibration (version {calibration.model_version}), taking out "
+                "bank rows it was computed with: good images may now score above the threshold more often "
+                "than it says; calibrate again",
+            )
+
+    def _space_rows(self) -> torch.Tensor:
+        """The bank in the coreset's space (projected once, then kept in step with the bank)."""
+        with self._build_lock:
+            if self._space_bank is None or len(self._space_bank) != len(self.memory_bank_):
+                space = self.coreset_space_
+                self._space_bank = project(self.memory_bank_, None if space is None else space.projection)
+            return self._space_bank
+
+    def _append_rows(self, rows: np.ndarray, projected: torch.Tensor | None, versions: int | np.ndarray) -> None:
+        """Add rows at the end of the bank (their versions: one for all, or one each), the index and the
+        projected bank in place."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if not len(rows):
+            return
+        with self._build_lock:
+            row_versions = np.broadcast_to(np.asarray(versions, dtype=np.int64), (len(rows),))
+            self.row_versions_ = np.concatenate([self.row_versions_, row_versions])
+            index = self._index
+            if index is not None:
+                index.add(rows)  # in place: no kind rebuilds the rows it holds
+                # The index's rows are the bank, in order (one copy, grown in amortised O(rows added)).
+                self.memory_bank_ = _bank_of(index, len(self.row_versions_))
+            else:
+                self.memory_bank_ = np.concatenate([self.memory_bank_, rows])
+            if self._space_bank is not None:
+                if projected is None:
+                    self._space_bank = None  # projected again on next use
+                else:
+                    self._space_bank = torch.cat([self._space_bank, projected])
+
+    def _truncate_rows(self, n_rows: int) -> None:
+        """Keep the first ``n_rows`` bank rows (in the bank, the index and the projected bank)."""
+        if n_rows == len(self.memory_bank_):
+            return
+        with self._build_lock:
+            self.row_versions_ = self.row_versions_[:n_rows].copy()
+            index = self._index
+            if index is not None:
+                index.truncate(n_rows)  # searches then answer as they did with those rows
+                self.memory_bank_ = _bank_of(index, n_rows)
+            else:
+                self.memory_bank_ = self.memory_bank_[:n_rows].copy()
+            if self._space_bank is not None:
+                self._space_bank = self._space_bank[:n_rows].clone()
 
     # ----------------------------------------------------------------- persistence
 
@@ -613,6 +915,54 @@ PatchCore.__doc__ = (PatchCore.__doc__ or "") + "\n    Parameters\n    ---------
 
 
 # --------------------------------------------------------------------- helpers
+
+
+class _ReadWriteLock:
+    """Many readers (searches of the bank) at once, or one writer (a change of the bank); a waiting writer
+    holds off new readers, so an update is not starved by a steady stream of predictions."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._condition:
+            while self._writing or self._writers_waiting:
+                self._condition.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                if not self._readers:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._condition:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._condition.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()
+
+
+def _bank_of(index: MemoryBankIndex, n_rows: int) -> np.ndarray:
+    """The index's rows as the model's bank (a view: the index owns them and grows them in place)."""
+    bank = index.bank
+    if not isinstance(bank, np.ndarray) or bank.shape[0] != n_rows:  # pragma: no cover - a kind's contract
+        raise RuntimeError(f"the search index holds {getattr(bank, 'shape', None)} rows, expected {n_rows}")
+    return bank
 
 
 def _flush(pending: list[torch.Tensor]) -> Iterator[torch.Tensor]:

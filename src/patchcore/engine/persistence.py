@@ -1,8 +1,12 @@
-"""Model files: what a fitted PatchCore holds on disk (format 2), and the checks before one is trusted.
+"""Model files: what a fitted PatchCore holds on disk (format 3), and the checks before one is trusted.
 
-A model file is a dict of plain types and one float32 tensor (the memory bank), so it loads with
-``torch.load(weights_only=True)``. A SHA-256 digest over the parameters, the bank and the fit's records makes
-an edited file fail to load; the bank is checked against the parameters and records that describe it.
+A model file is a dict of plain types and tensors (the memory bank, the version of each of its rows, the
+coreset's projection), so it loads with ``torch.load(weights_only=True)``. A SHA-256 digest over the
+parameters, the tensors and the records makes an edited file fail to load; the bank is checked against the
+parameters and records that describe it (the fit's, and the history of its updates).
+
+Format 2 (before updates) still loads: its bank is all the fit's (version 0), with no history and no
+recorded coreset space (``partial_fit`` then needs a fraction or a count).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from .records import Calibration, FitStats, RecordError, TestRanges
+from .records import Calibration, CoresetSpace, FitStats, RecordError, TestRanges, UpdateRecord
+from .updates import versions_problem
 
 __all__ = [
     "MODEL_FORMAT",
@@ -39,7 +44,9 @@ __all__ = [
 
 MODEL_FORMAT = "patchcore-model"
 # 2: a content digest over the parameters, the bank and the fit's records (an edited file is refused).
-MODEL_FORMAT_VERSION = 2
+# 3: + the version of every bank row, the model's version and update history, the coreset's space.
+MODEL_FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (2, 3)
 
 
 class ModelFileError(ValueError):
@@ -78,8 +85,18 @@ def model_state(model: Any) -> dict[str, Any]:
         "stats": plain_dict(model.stats_.to_dict()),
         "calibration": _record_dict(getattr(model, "calibration_", None)),
         "evaluation": _record_dict(getattr(model, "evaluation_", None)),
+        "row_versions": torch.from_numpy(np.ascontiguousarray(model.row_versions_, dtype=np.int64)),
+        "version": int(model.version_),
+        "history": [plain_dict(r.to_dict()) for r in model.history_],
+        "coreset_space": None,
+        "coreset_projection": None,
         "versions": library_versions(),
     }
+    space = model.coreset_space_
+    if space is not None:
+        state["coreset_space"] = {"radius": float(space.radius)}
+        if space.projection is not None:
+            state["coreset_projection"] = torch.from_numpy(np.ascontiguousarray(space.projection, np.float32))
     state["digest"] = state_digest(state)
     return state
 
@@ -90,13 +107,19 @@ def _record_dict(record: Calibration | TestRanges | None) -> dict[str, Any]:
 
 
 def state_digest(state: dict[str, Any]) -> str:
-    """SHA-256 over everything a model file holds but the library versions and the digest itself."""
+    """SHA-256 over everything a model file holds but the library versions and the digest itself: the
+    plain values as sorted JSON, then each tensor (the memory bank first, the others by name; for a format-2
+    file, whose only tensor is the bank, the digest it was written with)."""
     digest = hashlib.sha256()
-    record = {k: v for k, v in state.items() if k not in ("memory_bank", "versions", "digest")}
+    tensors = sorted(k for k, v in state.items() if isinstance(v, torch.Tensor) and k != "memory_bank")
+    record = {k: v for k, v in state.items() if k not in ("memory_bank", "versions", "digest", *tensors)}
     digest.update(json.dumps(record, sort_keys=True, default=str).encode())
-    bank = state["memory_bank"].detach().cpu().contiguous()
-    digest.update(f"{tuple(bank.shape)}:{bank.dtype}".encode())
-    digest.update(bank.numpy().tobytes())
+    for key in ["memory_bank", *tensors]:
+        tensor = state[key].detach().cpu().contiguous()
+        if key != "memory_bank":
+            digest.update(key.encode())
+        digest.update(f"{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -164,10 +187,10 @@ def check_state(state: Any, source: str) -> None:
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{source} is not a patchcore model file")
     version = state.get("format_version")
-    if version != MODEL_FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise ModelFileError(
-            f"{source} has model format version {version}; this patchcore ({__version__}) reads version "
-            f"{MODEL_FORMAT_VERSION}. Re-train the model with this version."
+            f"{source} has model format version {version}; this patchcore ({__version__}) reads versions "
+            f"{', '.join(str(v) for v in READABLE_FORMAT_VERSIONS)}. Re-train the model with this version."
         )
     try:
         expected = state_digest(state)
@@ -201,6 +224,21 @@ def restore_fitted(model: Any, state: dict[str, Any], source: str) -> None:
                 evaluation["f1_threshold"] = evaluation.pop("image_threshold")
         model.calibration_ = Calibration.from_dict(calibration) if calibration else None
         model.evaluation_ = TestRanges.from_dict(evaluation) if evaluation else None
+        if state["format_version"] >= 3:
+            model.row_versions_ = state["row_versions"].detach().cpu().numpy().astype(np.int64)
+            model.version_ = int(state["version"])
+            model.history_ = tuple(UpdateRecord.from_dict(r) for r in state["history"])
+            space = state["coreset_space"]
+            projection = state["coreset_projection"]
+            model.coreset_space_ = None if space is None else CoresetSpace(
+                None if projection is None else projection.detach().cpu().numpy().astype(np.float32),
+                float(space["radius"]),
+            )
+        else:  # format 2: the fit's bank, never updated; no coreset space recorded
+            model.row_versions_ = np.zeros(len(model.memory_bank_), dtype=np.int64)
+            model.version_ = 0
+            model.history_ = ()
+            model.coreset_space_ = None
     except (KeyError, TypeError, AttributeError, ValueError, RecordError) as exc:
         raise ModelFileError(f"{source} is missing or has malformed model fields: {exc}") from exc
     problem = bank_problem(model)
@@ -220,7 +258,13 @@ def bank_problem(model: Any) -> str | None:
             f"target_embed_dimension is {model.target_embed_dimension} but the memory bank has "
             f"{bank.shape[1]}-dimensional features"
         )
-    if stats.memory_size != len(bank) or stats.feature_dim != bank.shape[1]:
+    if len(model.row_versions_) != len(bank):
+        return f"{len(model.row_versions_)} row versions for a bank of {len(bank)} rows"
+    problem = versions_problem(model.row_versions_, model.history_, model.version_, stats.memory_size)
+    if problem:
+        return problem
+    fitted = stats.memory_size  # the fit's rows; updates add rows (checked against the history above)
+    if stats.feature_dim != bank.shape[1]:
         return (
             f"the records say a {stats.memory_size} x {stats.feature_dim} memory bank, "
             f"the file holds {bank.shape[0]} x {bank.shape[1]}"
@@ -228,20 +272,23 @@ def bank_problem(model: Any) -> str | None:
     n_patches = stats.n_patches
     if n_patches != stats.n_train_images * int(np.prod(model.patch_grid_)):
         return f"n_patches {n_patches} is not n_train_images x the patch grid {list(model.patch_grid_)}"
-    if len(bank) > n_patches:
-        return f"the memory bank ({len(bank)}) is larger than the training patches ({n_patches})"
+    if fitted > n_patches:
+        return f"the memory bank ({fitted}) is larger than the training patches ({n_patches})"
     # The robust fit (denoise) selects from the patches it kept (engine/audit.py).
     kept = stats.denoise_kept_patches
     candidates = kept if getattr(model, "denoise", False) and kept is not None else n_patches
     if not isinstance(candidates, int) or not 1 <= candidates <= n_patches:
         return f"denoise_kept_patches {candidates!r} is not in [1, n_patches {n_patches}]"
-    if model.sampler == "identity" and len(bank) != candidates:
-        return f"sampler identity keeps all {candidates} patches, the bank has {len(bank)}"
-    if model.sampler != "identity" and len(bank) != max(1, int(candidates * model.percentage)):
+    if model.sampler == "identity" and fitted != candidates:
+        return f"sampler identity keeps all {candidates} patches, the bank has {fitted}"
+    if model.sampler != "identity" and fitted != max(1, int(candidates * model.percentage)):
         return (
             f"percentage {model.percentage} of {candidates} patches gives a bank of "
-            f"{max(1, int(candidates * model.percentage))}, the file holds {len(bank)}"
+            f"{max(1, int(candidates * model.percentage))}, the file holds {fitted}"
         )
+    space = model.coreset_space_
+    if space is not None and space.projection is not None and space.projection.shape[1] != bank.shape[1]:
+        return f"the coreset projection {space.projection.shape} does not fit {bank.shape[1]}-d features"
     return None
 
 
