@@ -26,10 +26,6 @@ OPERATOR_KEY = "operator-key-" + "o" * 16
 VIEWER_KEY = "viewer-key-" + "v" * 16
 AUTH = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 VIEW = {"Authorization": f"Bearer {VIEWER_KEY}"}
-LEARNS = hasattr(PatchCore, "partial_fit")
-needs_learning = pytest.mark.skipif(
-    not LEARNS, reason="PatchCore.partial_fit (line learning) not in this tree"
-)
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +289,6 @@ def test_serve_refuses_a_bad_watch_folder_or_station_folder_in_one_line(setup, t
 # ---------------------------------------------------------------------- feedback
 
 
-@needs_learning
 def test_good_part_feedback_updates_saves_and_is_served_after_a_restart(setup, tmp_path):
     model = _fresh_model(setup, tmp_path)
     image = setup["images"]["good"][0]
@@ -329,7 +324,6 @@ def test_good_part_feedback_updates_saves_and_is_served_after_a_restart(setup, t
     assert events.count("feedback") == 1
 
 
-@needs_learning
 def test_the_guard_refuses_to_learn_a_defect_until_the_operator_forces_it(setup, tmp_path):
     model = _fresh_model(setup, tmp_path)
     with running_server(_app(setup, model, tmp_path / "station")) as url:
@@ -346,7 +340,6 @@ def test_the_guard_refuses_to_learn_a_defect_until_the_operator_forces_it(setup,
     assert events.index("feedback-refused") < events.index("feedback")
 
 
-@needs_learning
 def test_undo_restores_the_score_and_a_defect_verdict_removes_a_taught_update(setup, tmp_path):
     model = _fresh_model(setup, tmp_path)
     goods = setup["images"]["good"]
@@ -376,7 +369,6 @@ def test_undo_restores_the_score_and_a_defect_verdict_removes_a_taught_update(se
         assert httpx.post(f"{url}/undo", headers=AUTH, timeout=60).status_code == 409  # nothing left
 
 
-@needs_learning
 def test_rollback_route_returns_the_model_to_an_earlier_version(setup, tmp_path):
     model = _fresh_model(setup, tmp_path)
     goods = setup["images"]["good"]
@@ -396,7 +388,6 @@ def test_rollback_route_returns_the_model_to_an_earlier_version(setup, tmp_path)
         assert bad.status_code == 400
 
 
-@needs_learning
 def test_answers_during_updates_are_consistent_with_the_version_they_name(setup, tmp_path):
     model = _fresh_model(setup, tmp_path)
     images = setup["images"]["good"] + setup["images"]["bad"]

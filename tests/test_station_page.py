@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 from PIL import Image
-from test_station import AUTH, LEARNS, OPERATOR_KEY, _app, _fresh_model, _wait_station, setup  # noqa: F401
+from test_station import AUTH, OPERATOR_KEY, _app, _fresh_model, _wait_station, setup  # noqa: F401
 
 from patchcore.deploy.inference import Predictor
 
@@ -82,32 +82,31 @@ def test_station_page_login_feedback_and_undo_in_headless_chromium(setup, tmp_pa
             assert driver.execute_script("return arguments[0].naturalWidth", heat) == 48
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#recent tr")) == 1)
 
-            if LEARNS:
-                # "Good part": the model learns it, the version changes, the image scores lower.
-                driver.find_element(By.ID, "good").click()
-                wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "now version 1"))
-                wait.until(lambda d: text("version") == "1")
-                assert "version 1" in text("rescored")
-                lower = float(text("rescored").split()[2])
-                assert lower < first
-                # Undo: back to version 0, the image scores as before.
-                driver.find_element(By.ID, "undo").click()
-                wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "undone"))
-                wait.until(lambda d: text("version") == "0")
-                restored = float(text("rescored").split()[2])
-                assert restored == pytest.approx(first, rel=1e-3)
+            # "Good part": the model learns it, the version changes, the image scores lower.
+            driver.find_element(By.ID, "good").click()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "now version 1"))
+            wait.until(lambda d: text("version") == "1")
+            assert "version 1" in text("rescored")
+            lower = float(text("rescored").split()[2])
+            assert lower < first
+            # Undo: back to version 0, the image scores as before.
+            driver.find_element(By.ID, "undo").click()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "undone"))
+            wait.until(lambda d: text("version") == "0")
+            restored = float(text("rescored").split()[2])
+            assert restored == pytest.approx(first, rel=1e-3)
 
-                # A defect taught as good: the guard asks the operator first.
-                driver.find_element(By.ID, "file").send_keys(str(bad))
-                wait.until(ec.text_to_be_present_in_element((By.ID, "status"), f"{bad.name} scored"))
-                assert text("decision") == "ANOMALOUS"
-                driver.find_element(By.ID, "good").click()
-                wait.until(ec.alert_is_present())
-                alert = driver.switch_to.alert
-                assert "refused" in alert.text
-                alert.dismiss()
-                wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "not added"))
-                assert text("version") == "0"
+            # A defect taught as good: the guard asks the operator first.
+            driver.find_element(By.ID, "file").send_keys(str(bad))
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), f"{bad.name} scored"))
+            assert text("decision") == "ANOMALOUS"
+            driver.find_element(By.ID, "good").click()
+            wait.until(ec.alert_is_present())
+            alert = driver.switch_to.alert
+            assert "refused" in alert.text
+            alert.dismiss()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "not added"))
+            assert text("version") == "0"
 
             # Filter: anomalous only.
             driver.find_element(By.ID, "only-anomalous").click()

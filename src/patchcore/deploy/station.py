@@ -54,6 +54,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the extra is installed in CI
     raise DeployError("patchcore serve needs the 'serve' extra: pip install 'patchcore[serve]'") from exc
 
+from ..engine.model import UpdateRefused
 from ..heatmaps import overlay
 from .audit import AuditLog, Decision, DecisionStore, StoredDecision, replay
 from .drift import drift_figures
@@ -62,14 +63,6 @@ from .learning import LearningPredictor, ModelChange, NotLearnable
 from .service import Principal, ScoreEvent, ServiceExtension, authenticate, require_operator
 from .uploads import UploadError, decode_upload
 from .watch import FolderWatcher, SkipFile, WatchedFile
-
-try:
-    from ..engine.model import UpdateRefused
-except ImportError:  # pragma: no cover - before line learning (PatchCore.partial_fit) is available
-
-    class UpdateRefused(ValueError):  # type: ignore[no-redef]
-        """Never raised: without partial_fit no update is tried (NotLearnable says why)."""
-
 
 __all__ = ["Station", "StationError", "StationSettings", "parse_watch_specs", "station_extension"]
 

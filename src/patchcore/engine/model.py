@@ -678,8 +678,8 @@ class PatchCore:
                     f"update images must have the model's input size {tuple(self.input_size_)}, "
                     f"got {tuple(batch.shape[-2:])}"
                 )
-            rows, _ = features(batch.to(device, non_blocking=True))
-            rows = rows.cpu().numpy()
+            batch_rows, _ = features(batch.to(device, non_blocking=True))
+            rows = batch_rows.cpu().numpy()
             _check_finite(rows, len(batch), n_images, "patch features")
             with self._bank_lock.read():
                 _, image = self._score_rows(index, rows, len(batch))
