@@ -209,6 +209,18 @@ def test_the_kind_that_runs_is_logged_at_info(caplog):
     assert "no CUDA device visible to torch" in caplog.text
 
 
+def test_a_plain_cpu_build_of_the_kind_asked_for_is_logged_at_debug_only(caplog):
+    """Catches an INFO line on every index build (it would land on the stderr of predict / update, where a
+    refusal must be one line), and a DEBUG line that no longer names the decision."""
+    bank = patch_like(300, 2, dim=32)
+    with caplog.at_level(logging.INFO, logger="patchcore.engine.search"):
+        make_search("flat", bank, SearchSettings(use_gpu=False), Devices())
+    assert "nearest-neighbour search" not in caplog.text
+    with caplog.at_level(logging.DEBUG, logger="patchcore.engine.search"):
+        make_search("flat", bank, SearchSettings(use_gpu=False), Devices())
+    assert "index_kind=flat -> 'flat' on cpu" in caplog.text
+
+
 # --------------------------------------------------------------------------- add
 
 

@@ -40,14 +40,18 @@ def search_kind(name: str) -> type[SearchKind]:
 def make_search(kind: str, bank: np.ndarray, settings: SearchSettings, devices: Devices | None = None) -> SearchKind:
     """Build kind ``kind`` over ``bank`` where its :meth:`~SearchKind.place` rule puts it (which may be
     another kind: ``flat`` or ``pruned`` on a CUDA device whose FAISS has no GPU support run as ``torch``);
-    the decision is logged at INFO. ``devices``: what is there (None: detected when ``settings.use_gpu``)."""
+    the decision is logged at INFO (DEBUG for a plain CPU build of the kind asked for). ``devices``: what is there (None: detected when ``settings.use_gpu``)."""
     from .base import Devices
 
     if devices is None:
         devices = Devices.detect() if settings.use_gpu else Devices()
     placement = search_kind(kind).place(settings.use_gpu, devices)
     built = search_kind(placement.kind)(bank, settings, placement.device)
-    log.info(
+    # INFO whenever there was a choice (a GPU was asked for) or the kind changed; a CPU build of the kind
+    # asked for is DEBUG, so commands that build an index (predict, update) keep their stderr to what matters.
+    level = logging.INFO if settings.use_gpu or placement.kind != kind else logging.DEBUG
+    log.log(
+        level,
         "nearest-neighbour search: index_kind=%s -> %r on %s, %d rows x %d (%s)",
         kind, placement.kind, placement.device, len(built), built.dim, placement.reason,
     )  # fmt: skip
