@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "cpu_flags",
     "cpu_model",
+    "elpv_model_settings",
     "elpv_split",
     "load_average",
     "machine_facts",
@@ -31,6 +32,15 @@ def elpv_split(object_name: str, train_limit: int | None = None, test_limit: int
 
     obj = load_elpv(objects=[object_name])[0]
     return obj.train[:train_limit], obj.test[:test_limit]
+
+
+def elpv_model_settings() -> dict[str, Any]:
+    """The estimator settings of the shipped configs/elpv.yaml (its ``model`` section), read from the file so a
+    benchmark times what users run and cannot drift from it."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "elpv.yaml").read_text())
+    return dict(config["model"])
 
 
 def load_average() -> list[float]:

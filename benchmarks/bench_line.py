@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import elpv_model_settings
 
 from patchcore import PatchCore
 from patchcore import __version__ as patchcore_version
@@ -42,18 +43,7 @@ from patchcore.evaluation.metrics import image_auroc
 from patchcore.fileio import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent
-MODEL = {  # configs/elpv.yaml
-    "backbone": "efficientnet-lite0",
-    "layers": ["_blocks.4", "_blocks.10"],
-    "patchsize": 3,
-    "pretrain_embed_dimension": 1024,
-    "target_embed_dimension": 1024,
-    "sampler": "approx_greedy_coreset",
-    "percentage": 0.1,
-    "num_neighbors": 1,
-    "index_kind": "pruned",
-    "batch_size": 32,
-}
+MODEL = elpv_model_settings()  # configs/elpv.yaml's model section
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,10 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _model(args: argparse.Namespace) -> PatchCore:
-    return PatchCore(
-        **MODEL, resize=round(args.imagesize * 256 / 224), imagesize=args.imagesize, device=args.device,
-        seed=args.seed,
-    )  # fmt: skip
+    resize = round(args.imagesize * 256 / 224)
+    settings = {**MODEL, "resize": resize, "imagesize": args.imagesize, "device": args.device, "seed": args.seed}
+    return PatchCore(**settings)
 
 
 def _percentile(values: list[float], q: float) -> float | None:

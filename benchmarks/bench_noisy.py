@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import elpv_model_settings
 
 from patchcore import PatchCore
 from patchcore.data import load_elpv
@@ -44,21 +45,7 @@ from patchcore.evaluation.metrics import image_auroc
 from patchcore.fileio import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
-# configs/elpv.yaml's model section
-MODEL = {
-    "backbone": "efficientnet-lite0",
-    "layers": ["_blocks.4", "_blocks.10"],
-    "patchsize": 3,
-    "pretrain_embed_dimension": 1024,
-    "target_embed_dimension": 1024,
-    "sampler": "approx_greedy_coreset",
-    "percentage": 0.1,
-    "num_neighbors": 1,
-    "distance": "euclidean",
-    "device": "cpu",
-    "batch_size": 32,
-    "index_kind": "pruned",
-}
+MODEL = elpv_model_settings()  # configs/elpv.yaml's model section
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,9 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_for(imagesize: int, seed: int, denoise: bool = False) -> PatchCore:
-    return PatchCore(
-        **MODEL, resize=round(imagesize * 256 / 224), imagesize=imagesize, seed=seed, denoise=denoise
-    )
+    resize = round(imagesize * 256 / 224)
+    settings = {**MODEL, "resize": resize, "imagesize": imagesize, "seed": seed, "denoise": denoise, "device": "cpu"}
+    return PatchCore(**settings)
 
 
 def extract(model: PatchCore, paths: list[Path], folder: Path, name: str) -> tuple[Any, dict[str, Any]]:
