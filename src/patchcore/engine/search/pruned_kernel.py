@@ -40,6 +40,7 @@ PREFIX_DIM = 192
 SEEDS = 4  # prefix-nearest candidates whose exact distances seed the upper bound
 QUERY_BLOCK = 512
 QUERY_CHUNKS = 16  # parallel work units per block of queries
+TILE = 256  # bank rows per tile: every query of a chunk meets one tile before the next (kept in L1)
 BUILD_ROWS = 16384  # bank rows per chunk when the index is built (bounds the float64 temporaries)
 RELATIVE_MARGIN = 1e-3  # float-error allowance of the float32 prefix bound, relative to the centred norms
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -166,70 +167,65 @@ def _product_overload(row, j):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _prefix_pass(
-    row, sq, bank_sq, allowance, margin_b, r_q, n_q, cross_b, estimates, lower_bounds
-) -> float:  # fmt: skip
-    """One vectorisable pass over the bank: each vector's estimated prefix distance (minus the query's
-    constant sq) and its certified lower bound; returns the smallest estimate. ``row``: float32 products, or
-    the uint16 bits of bfloat16 products, widened exactly on the fly."""
-    smallest = np.inf
-    for j in range(bank_sq.shape[0]):
-        estimate = bank_sq[j] - 2.0 * _product(row, j)
-        estimates[j] = estimate
-        lower_bounds[j] = sq + estimate - allowance - margin_b[j] - 2.0 * (r_q * cross_b[j, 0] + n_q * cross_b[j, 1])
-        smallest = min(smallest, estimates[j])  # the stored (float32) value: the seed search compares to it
-    return smallest
+def _tile_estimates(row, start, n, bank_sq, limit, out) -> int:
+    """Estimated prefix distances (minus the query's constant) of bank rows start..start+n into ``out``;
+    returns how many are < ``limit``. One loop LLVM vectorises (an integer count is a reduction it can
+    vectorise; a float min is not, in numba). ``row``: float32 products or the uint16 bits of bf16 ones."""
+    products = row[start : start + n]
+    squares = bank_sq[start : start + n]
+    below = 0
+    for i in range(n):
+        estimate = squares[i] - np.float32(2.0) * _product(products, i)
+        out[i] = estimate
+        below += estimate < limit
+    return below
 
 
 @njit(inline="always", fastmath=_FAST)
-def _search_row(
-    query, bank, k, out_d2, out_index, mean, reduced, residual, screened, estimates, lower_bounds, smallest,
-) -> int:  # fmt: skip
-    """One query, after :func:`_prefix_pass`: its k nearest bank vectors into out_d2/out_index; returns the
-    exact distances computed."""
-    n_bank = bank.shape[0]
-    seeds = min(max(SEEDS, k), n_bank) if k > 1 else 1
-    # 1. The `seeds` smallest estimated prefix distances: their exact distances bound the k-th nearest.
-    seed_labels = np.full(seeds, n_bank, dtype=np.int64)
-    if seeds == 1:
-        seed_labels[0] = 0
-        for j in range(n_bank):
-            if estimates[j] == smallest:
-                seed_labels[0] = j
-                break
-    else:
-        seed_values = np.full(seeds, np.inf, dtype=np.float32)
-        for j in range(n_bank):
-            _insert(seed_values, seed_labels, estimates[j], j)
-    best = np.full(k, np.inf, dtype=np.float64)
-    best_labels = np.full(k, n_bank, dtype=np.int64)
-    for s in range(seeds):
-        j = seed_labels[s]
-        _insert(best, best_labels, _squared_distance(query, bank[j]), j)
-    count = seeds
-    centred = np.empty(query.shape[0], dtype=np.float64)
-    for i in range(query.shape[0]):
-        centred[i] = np.float64(query[i]) - np.float64(mean[i])  # exact, or within 2^-53 relative
-    # 2. Every vector whose certified lower bound is <= the current k-th distance: screened by a second bound
-    # from the bfloat16 copy (half the bytes; most candidates stop there: strictly above the k-th distance,
-    # with a margin for float64 rounding, j cannot enter, not even on a tie), then the exact distance.
-    for j in range(n_bank):
-        if lower_bounds[j] <= best[k - 1]:
-            already = False
-            for s in range(seeds):
-                if seed_labels[s] == j:
-                    already = True
-            if already:
-                continue
-            if _reduced_lower_bound(centred, reduced[j], residual[j]) > best[k - 1] * (1 + 1e-9):
-                screened[0] += 1
-                continue
-            count += 1
-            _insert(best, best_labels, _squared_distance(query, bank[j]), j)
-    for i in range(k):
-        out_d2[i] = best[i]
-        out_index[i] = best_labels[i]
-    return count
+def _tile_lower_bounds(row, start, n, query_part, two_r_q, two_n_q, bank_sq, margin_b, cross0, cross1, limit, out) -> int:  # fmt: skip
+    """Certified lower bounds of ||q - b_j||^2 for bank rows start..start+n into ``out``; returns how many are
+    <= ``limit`` (vectorised, as :func:`_tile_estimates`).
+
+    query_part = |p_q|^2 - the query's allowance; the rest is per row: |p_b|^2 - 2 p_q.p_b - the row's
+    allowance - 2 (r_q n_b + n_q r'_b) (``cross0``/``cross1``: the tile's two columns of cross_b). In float32:
+    its rounding (a few ulps of |p_q|^2 + |p_b|^2) is far inside the 1e-3 relative margins."""
+    products = row[start : start + n]
+    squares = bank_sq[start : start + n]
+    margins = margin_b[start : start + n]
+    within = 0
+    for i in range(n):
+        bound = (
+            query_part + squares[i] - np.float32(2.0) * _product(products, i) - margins[i]
+            - (two_r_q * cross0[i] + two_n_q * cross1[i])
+        )  # fmt: skip
+        out[i] = bound
+        within += bound <= limit
+    return within
+
+
+@njit(inline="always", fastmath=_FAST)
+def _query_constants(query_sq, margin_q, cross_q, q):
+    """(query_part, 2 r_q, 2 n_q) of query q for :func:`_tile_lower_bounds`."""
+    return (
+        np.float32(query_sq[q] - margin_q[q]),
+        np.float32(2.0 * cross_q[q, 0]),
+        np.float32(2.0 * cross_q[q, 1]),
+    )
+
+
+@njit(inline="always")
+def _tile_columns(cross_b, start, n, cross0, cross1) -> None:
+    for i in range(n):
+        cross0[i] = cross_b[start + i, 0]
+        cross1[i] = cross_b[start + i, 1]
+
+
+@njit(inline="always")
+def _is_seed(seed_labels, j) -> bool:
+    for s in range(seed_labels.shape[0]):
+        if seed_labels[s] == j:
+            return True
+    return False
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
@@ -252,22 +248,79 @@ def pruned_knn(
     residual: np.ndarray,  # (M,) float64: ||b_c - b~||, rounded up
     screened: np.ndarray,  # (B,) int64, out: candidates the bfloat16 copy excluded per query
 ) -> None:
+    """Each query's k nearest bank rows, exact (float64 distances, ties to the smaller index).
+
+    Per chunk of queries (one parallel work unit), the bank is walked in tiles of ``TILE`` rows, every query
+    of the chunk against one tile before the next (the tile's per-row data stays in the L1 cache; only the
+    products stream from memory), in two passes:
+    1. seeds: the ``seeds`` smallest estimated prefix distances (k = 1: the smallest); their exact
+       distances give each query an upper bound of its k-th nearest distance;
+    2. every row whose certified lower bound is <= the query's current k-th distance: screened by the
+       bfloat16 copy's bound (strictly above the k-th distance with a 1e-9 margin: it cannot enter, not
+       even on a tie), else its exact distance. A tile with no bound at or below it is skipped whole.
+    The answer does not depend on the order: any row that can be among the k nearest (by distance, then
+    index) is never excluded, so the result is the float64 brute force's."""
     n_queries, n_bank = dots.shape
+    dim = queries.shape[1]
+    seeds = min(max(SEEDS, k), n_bank) if k > 1 else 1
     per_chunk = (n_queries + QUERY_CHUNKS - 1) // QUERY_CHUNKS
     for c in prange(QUERY_CHUNKS):
-        # Scratch once per chunk of queries (allocating 2 bank-sized arrays per query would dominate).
-        estimates = np.empty(n_bank, dtype=np.float32)
-        lower_bounds = np.empty(n_bank, dtype=np.float32)
-        for q in range(c * per_chunk, min((c + 1) * per_chunk, n_queries)):
-            smallest = _prefix_pass(
-                dots[q], query_sq[q], bank_sq, margin_q[q], margin_b, cross_q[q, 0], cross_q[q, 1],
-                cross_b, estimates, lower_bounds,
-            )  # fmt: skip
+        first = c * per_chunk
+        n_chunk = min(per_chunk, n_queries - first)
+        if n_chunk <= 0:
+            continue
+        buffer = np.empty(TILE, dtype=np.float32)
+        cross0 = np.empty(TILE, dtype=np.float32)
+        cross1 = np.empty(TILE, dtype=np.float32)
+        seed_values = np.full((n_chunk, seeds), np.inf, dtype=np.float32)
+        seed_labels = np.full((n_chunk, seeds), n_bank, dtype=np.int64)
+        # 1. Seeds. A later row never displaces an equal estimate (ties: the smaller index, as _insert).
+        for start in range(0, n_bank, TILE):
+            n = min(TILE, n_bank - start)
+            for i in range(n_chunk):
+                row = dots[first + i]
+                if _tile_estimates(row, start, n, bank_sq, seed_values[i, seeds - 1], buffer) > 0:
+                    for t in range(n):
+                        if buffer[t] < seed_values[i, seeds - 1]:
+                            _insert(seed_values[i], seed_labels[i], buffer[t], start + t)
+        best = np.full((n_chunk, k), np.inf, dtype=np.float64)
+        best_labels = np.full((n_chunk, k), n_bank, dtype=np.int64)
+        centred = np.empty((n_chunk, dim), dtype=np.float64)
+        for i in range(n_chunk):
+            q = first + i
+            for s in range(seeds):
+                j = seed_labels[i, s]
+                _insert(best[i], best_labels[i], _squared_distance(queries[q], bank[j]), j)
+            computed[q] = seeds
             screened[q] = 0
-            computed[q] = _search_row(
-                queries[q], bank, k, out_d2[q], out_index[q], mean, reduced, residual, screened[q : q + 1],
-                estimates, lower_bounds, smallest,
-            )  # fmt: skip
+            for d in range(dim):
+                centred[i, d] = np.float64(queries[q, d]) - np.float64(mean[d])  # exact, or within 2^-53
+        # 2. Candidates: the certified bound, then the bfloat16 screen, then the exact distance.
+        for start in range(0, n_bank, TILE):
+            n = min(TILE, n_bank - start)
+            _tile_columns(cross_b, start, n, cross0, cross1)
+            for i in range(n_chunk):
+                q = first + i
+                query_part, two_r_q, two_n_q = _query_constants(query_sq, margin_q, cross_q, q)
+                if not _tile_lower_bounds(
+                    dots[q], start, n, query_part, two_r_q, two_n_q, bank_sq, margin_b, cross0, cross1,
+                    best[i, k - 1], buffer,
+                ):  # fmt: skip
+                    continue
+                for t in range(n):
+                    if buffer[t] <= best[i, k - 1]:
+                        j = start + t
+                        if _is_seed(seed_labels[i], j):
+                            continue
+                        if _reduced_lower_bound(centred[i], reduced[j], residual[j]) > best[i, k - 1] * (1 + 1e-9):
+                            screened[q] += 1
+                            continue
+                        computed[q] += 1
+                        _insert(best[i], best_labels[i], _squared_distance(queries[q], bank[j]), j)
+        for i in range(n_chunk):
+            for s in range(k):
+                out_d2[first + i, s] = best[i, s]
+                out_index[first + i, s] = best_labels[i, s]
 
 
 class PrunedExactSearch:
@@ -496,13 +549,19 @@ class PrunedExactSearch:
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def prefix_lower_bounds(dots, query_sq, bank_sq, margin_q, margin_b, cross_q, cross_b, out) -> None:  # fmt: skip
-    """The first-level bounds of :func:`pruned_knn` (its :func:`_prefix_pass`) for every query, into out (B, M)."""
-    estimates = np.empty(bank_sq.shape[0], dtype=np.float32)
-    for q in range(dots.shape[0]):
-        _prefix_pass(
-            dots[q], query_sq[q], bank_sq, margin_q[q], margin_b, cross_q[q, 0], cross_q[q, 1], cross_b,
-            estimates, out[q],
-        )  # fmt: skip
+    """The first-level bounds of :func:`pruned_knn` (its :func:`_tile_lower_bounds`) for every query, into out (B, M)."""
+    n_bank = bank_sq.shape[0]
+    cross0 = np.empty(TILE, dtype=np.float32)
+    cross1 = np.empty(TILE, dtype=np.float32)
+    for start in range(0, n_bank, TILE):
+        n = min(TILE, n_bank - start)
+        _tile_columns(cross_b, start, n, cross0, cross1)
+        for q in range(dots.shape[0]):
+            query_part, two_r_q, two_n_q = _query_constants(query_sq, margin_q, cross_q, q)
+            _tile_lower_bounds(
+                dots[q], start, n, query_part, two_r_q, two_n_q, bank_sq, margin_b, cross0, cross1, np.inf,
+                out[q, start : start + n],
+            )  # fmt: skip
 
 
 @njit(cache=True, fastmath=_FAST)
