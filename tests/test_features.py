@@ -111,3 +111,35 @@ def test_conv_aggregation_reproduces_the_golden_features_from_the_reference_laye
     assert torch.all((actual - expected).abs() <= tolerance(aggregator, maps))
     # And to the reference code's own output, at the golden suite's tolerance.
     assert np.abs(actual.numpy() - golden).max() <= 1e-4 * np.abs(golden).max()
+
+
+def test_a_cpu_batch_in_chunks_gives_each_image_its_own_rows_in_order():
+    # cpu_chunk runs a CPU batch through the backbone a few images at a time: the rows must be those of
+    # each image computed alone, in order (equal up to the float rounding of the convolution algorithm
+    # oneDNN picks per batch size; the chunked calls are the same calls, so bit for bit among themselves).
+    network, _, layers = load_backbone("resnet18", "random")
+    images = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    whole, grid = PatchFeatures(FeatureExtractor(network, layers), 3, 1, 256, 256)(images)
+    for chunk in (1, 2, 3, 4):
+        extract = PatchFeatures(FeatureExtractor(network, layers), 3, 1, 256, 256, cpu_chunk=chunk)
+        rows, chunk_grid = extract(images)
+        assert chunk_grid == grid
+        by_hand = torch.cat([extract(images[s : s + chunk])[0] for s in range(0, len(images), chunk)])
+        assert torch.equal(rows, by_hand), chunk
+        torch.testing.assert_close(rows, whole, rtol=1e-5, atol=1e-5)
+    per_image = torch.cat([extract(images[i : i + 1])[0] for i in range(len(images))])
+    assert not torch.equal(per_image[:grid[0] * grid[1]], per_image[grid[0] * grid[1] : 2 * grid[0] * grid[1]])
+
+
+def test_the_shipped_elpv_backbone_gives_the_same_rows_bit_for_bit_in_chunks_of_four():
+    # configs/elpv.yaml sets extract_chunk: 4; its features (EfficientNet-Lite0, 224 px) must be those of
+    # whole batches exactly, so the shipped speed-up changes no number.
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from patchcore import PatchCore
+
+    model = PatchCore(backbone="efficientnet-lite0", layers=["_blocks.4", "_blocks.10"], imagesize=224, resize=256,
+                      device="cpu")  # fmt: skip
+    images = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    whole = model._patch_features(refitting=True)(images)[0]
+    model.set_params(extract_chunk=4)
+    assert torch.equal(model._patch_features(refitting=True)(images)[0], whole)

@@ -130,6 +130,7 @@ class ModelConfig:
     device: str = _model_key("device")
     precision: str = _model_key("precision")
     batch_size: int = _model_key("batch_size")
+    extract_chunk: int | None = _model_key("extract_chunk")
     index_kind: str = _model_key("index_kind")
     nprobe: int = _model_key("nprobe")
     ef_search: int = _model_key("ef_search")

@@ -146,6 +146,7 @@ class PatchCore:
     device: str
     precision: str
     batch_size: int
+    extract_chunk: int | None
     seed: int
     work_dir: str | None
     index_kind: str
@@ -181,6 +182,7 @@ class PatchCore:
         device: str = "auto",
         precision: str = "fp32",
         batch_size: int = 32,
+        extract_chunk: int | None = None,
         seed: int = 0,
         work_dir: str | None = None,
         index_kind: str = "flat",
@@ -321,6 +323,7 @@ class PatchCore:
             self.pretrain_embed_dimension,
             self.target_embed_dimension,
             _PRECISIONS[self.precision],
+            cpu_chunk=self.extract_chunk,
         )
         self.weights_id_ = wid
         self.layers_ = layers

@@ -163,6 +163,8 @@ PARAMS: tuple[Param, ...] = (
     Param("precision", str, "fp32", "backbone autocast (patch features and the bank stay float32)",
           choice("fp32", "fp16", "bf16")),
     Param("batch_size", int, 32, "images per backbone pass", at_least(1)),
+    Param("extract_chunk", int | None, None, "on the CPU, images per backbone call within a batch (small "
+          "chunks keep activations in the caches: 2x on ELPV here); null = the whole batch", at_least(1)),
     Param("seed", int, 0, "every random choice of a fit (and random weights)", at_least(0), True, False),
     Param("work_dir", str | None, None, "folder for the streamed training features; null = system temp",
           None, False, False),
