@@ -301,3 +301,13 @@ def test_a_fresh_machine_trains_the_default_wrn50_from_a_mirror_without_a_manual
     assert record["params"]["backbone"] == "wideresnet50"
     # a share of the goods held out for the threshold
     assert record["calibration"]["image_threshold"] is not None
+
+
+def test_the_written_out_torchvision_weight_urls_are_torchvision_s_own():
+    # The registry names torchvision's weight URLs without importing torchvision (startup time): each must be
+    # exactly what torchvision's weights enum says, so a torchvision upgrade that moves a file is caught.
+    import torchvision.models as tvm
+
+    for enum_member, url in backbones.TORCHVISION_WEIGHTS_URLS.items():
+        enum_name, member = enum_member.split(".")
+        assert getattr(getattr(tvm, enum_name), member).url == url, enum_member

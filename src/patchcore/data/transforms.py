@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
 
 from .decode import WIDE_MODES, decode_image, open_upright, to_rgb
 
@@ -116,6 +116,34 @@ def _crop_offset(size: int, crop: int) -> int:
     return int(round((size - crop) / 2.0))
 
 
+def _resized_pil_size(size_wh: tuple[int, int], resize: int | tuple[int, int]) -> tuple[int, int]:
+    """(w, h) after torchvision's ``Resize(resize)``: an int sets the shorter side (the longer one scaled and
+    truncated), a pair (h, w) is the size."""
+    if isinstance(resize, tuple):
+        return (resize[1], resize[0])
+    w, h = size_wh
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def _center_crop_pil(image: PIL.Image.Image, crop: int | tuple[int, int]) -> PIL.Image.Image:
+    """torchvision's ``CenterCrop(crop)`` of a PIL image: pad with zeros where the crop is larger, then crop."""
+    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
+    w, h = image.size
+    if crop_w > w or crop_h > h:
+        left = (crop_w - w) // 2 if crop_w > w else 0
+        top = (crop_h - h) // 2 if crop_h > h else 0
+        right = (crop_w - w + 1) // 2 if crop_w > w else 0
+        bottom = (crop_h - h + 1) // 2 if crop_h > h else 0
+        image = PIL.ImageOps.expand(image, border=(left, top, right, bottom), fill=0)
+        w, h = image.size
+        if (crop_w, crop_h) == (w, h):
+            return image
+    top, left = int(round((h - crop_h) / 2.0)), int(round((w - crop_w) / 2.0))
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """torchvision ``Resize -> CenterCrop -> ToTensor -> Normalize`` plus the matching mask geometry.
@@ -129,8 +157,8 @@ class ImageTransform:
     imagesize: Size = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    _image_tf: T.Compose = field(init=False, repr=False, compare=False)
-    _mask_tf: T.Compose = field(init=False, repr=False, compare=False)
+    _mean: torch.Tensor = field(init=False, repr=False, compare=False)
+    _std: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         resize = _check_size(self.resize, "resize")
@@ -143,22 +171,27 @@ class ImageTransform:
         object.__setattr__(self, "imagesize", imagesize)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
+        object.__setattr__(self, "_mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        object.__setattr__(self, "_std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
-        geometry: list[Any] = []
-        mask_geometry: list[Any] = []
-        if resize is not None:
-            geometry.append(T.Resize(resize))  # bilinear, antialias=True: matches the reference
-            mask_geometry.append(T.Resize(resize, interpolation=T.InterpolationMode.NEAREST))
-        if imagesize is not None:
-            geometry.append(T.CenterCrop(imagesize))
-            mask_geometry.append(T.CenterCrop(imagesize))
-        image_tf = T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
-        object.__setattr__(self, "_image_tf", image_tf)
-        object.__setattr__(self, "_mask_tf", T.Compose(mask_geometry))
+    def _geometry(self, image: PIL.Image.Image, resample: int) -> PIL.Image.Image:
+        # torchvision's Resize -> CenterCrop on a PIL image, op for op (tests/test_data.py compares them bit
+        # for bit): written out so that no command pays for importing torchvision (about 1.3 s here).
+        if self.resize is not None:
+            size = _resized_pil_size(image.size, self.resize)
+            if size != image.size:
+                image = image.resize(size, resample)  # bilinear with antialias (PIL's), as the reference
+        if self.imagesize is not None:
+            image = _center_crop_pil(image, self.imagesize)
+        return image
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
         """(3, H, W) float32 normalised tensor of ``image`` (converted to RGB first)."""
-        return self._image_tf(to_rgb(image))
+        rgb = self._geometry(to_rgb(image), PIL.Image.BILINEAR)
+        # ToTensor: uint8 HWC -> float32 CHW / 255; then Normalize: (x - mean) / std, in place.
+        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).view(rgb.size[1], rgb.size[0], 3)
+        tensor = pixels.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
+        return tensor.sub_(self._mean).div_(self._std)
 
     def mask(self, mask: PIL.Image.Image | np.ndarray) -> torch.Tensor:
         """(H, W) uint8 tensor of the mask's raw channel-0 values with the image's geometry.
@@ -168,7 +201,7 @@ class ImageTransform:
         silently turning soft edge pixels into "good"; binarising is left to the caller.
         """
         pil = PIL.Image.fromarray(mask_to_array(mask), mode="L")
-        return torch.from_numpy(np.array(self._mask_tf(pil), dtype=np.uint8))
+        return torch.from_numpy(np.array(self._geometry(pil, PIL.Image.NEAREST), dtype=np.uint8))
 
     def resized_size(self, original_size_hw: tuple[int, int]) -> tuple[int, int]:
         """(h, w) after the resize step only (torchvision's rule for ``Resize(int)``)."""

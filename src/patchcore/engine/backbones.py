@@ -70,17 +70,24 @@ def available_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# torchvision's ImageNet weights, as its weights enums name them (``Enum.MEMBER`` -> URL). Written out so that
+# building the registry does not import torchvision (about 1.3 s at every command's start);
+# tests/test_weights.py checks each URL against torchvision's own enum, so an upgrade that moves one fails.
+TORCHVISION_WEIGHTS_URLS = {
+    "Wide_ResNet50_2_Weights.IMAGENET1K_V1": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "Wide_ResNet101_2_Weights.IMAGENET1K_V1": "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
+    "ResNet18_Weights.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "ResNet50_Weights.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+}
+
+
 def _torchvision_spec(name: str, builder: str, weights_enum: str, layers: tuple[str, ...]) -> BackboneSpec:
     def build() -> nn.Module:
         import torchvision.models as tvm
 
         return getattr(tvm, builder)(weights=None)
 
-    # The URL and file name are read from torchvision's weights enum, so they follow torchvision upgrades.
-    import torchvision.models as tvm
-
-    enum_name, member = weights_enum.split(".")
-    url = getattr(getattr(tvm, enum_name), member).url
+    url = TORCHVISION_WEIGHTS_URLS[weights_enum]
     return BackboneSpec(
         name=name,
         build=build,
