@@ -53,3 +53,20 @@ def test_a_file_whose_size_disagrees_with_its_shape_is_refused(tmp_path, stored)
 def test_an_empty_store_is_refused(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         FeatureStore(tmp_path / "f.f32").array()
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_only_a_durable_store_waits_for_the_disk_and_both_keep_every_row(tmp_path, monkeypatch, durable):
+    # A fit's scratch features (durable=False) skip fsync (they are deleted after the fit); a cache's
+    # entry (durable, the default) must be on disk before it is renamed into place.
+    import os as os_module
+
+    synced = []
+    monkeypatch.setattr(os_module, "fsync", lambda fd: synced.append(fd))
+    store = FeatureStore(tmp_path / "f.f32", durable=durable)
+    rows = np.arange(24, dtype=np.float32).reshape(6, 4)
+    store.append(rows[:2])
+    store.append(rows[2:].T.copy().T)  # a non-contiguous view's values, appended as rows
+    features = store.array()
+    assert bool(synced) == durable
+    assert np.array_equal(features[0:6], rows)

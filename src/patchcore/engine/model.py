@@ -386,7 +386,7 @@ class PatchCore:
         t0 = time.perf_counter()
         work_dir = Path(tempfile.mkdtemp(prefix="patchcore-", dir=self.work_dir))
         try:
-            store = FeatureStore(work_dir / "train_features.f32")
+            store = FeatureStore(work_dir / "train_features.f32", durable=False)
             meta = self._extract(features, images, store, progress)
             meta.update(n_rows=store.n_rows, dim=store.dim)
             self.fit_features(

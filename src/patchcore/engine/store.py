@@ -20,7 +20,10 @@ __all__ = ["FeatureFile", "FeatureStore", "open_features"]
 class FeatureStore:
     """Append-only float32 rows (N, D) in a raw file; ``array()`` gives a read-only memmap of them."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, durable: bool = True):
+        # durable=False: a scratch file deleted after use (a fit's streamed features): closing it does not
+        # wait for the disk (fsync of 1.3 GB on ELPV mono: ~0.6 s here); what a cache keeps stays durable.
+        self.durable = durable
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle: BinaryIO | None = open(self.path, "wb")
@@ -37,13 +40,14 @@ class FeatureStore:
             raise ValueError(f"feature rows of width {rows.shape[1]} appended to a store of width {self.dim}")
         if self._handle is None:
             raise ValueError("the feature store is closed")
-        self._handle.write(rows.tobytes())
+        self._handle.write(rows.data.cast("B"))  # the array's own bytes: no copy (~100 MB per batch)
         self.n_rows += len(rows)
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            if self.durable:
+                os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
 
