@@ -123,6 +123,13 @@ def make_model(args: argparse.Namespace, **overrides) -> Any:
         backbone=BACKBONE, layers=LAYERS, resize=256, imagesize=224, percentage=0.1, index_kind="pruned",
         device="cpu", batch_size=args.batch_size, seed=0,
     )  # fmt: skip
+    import inspect
+
+    if "extract_chunk" in inspect.signature(PatchCore.__init__).parameters:
+        # The shipped config's chunking, where the code has it (today's revision may not).
+        from _common import elpv_model_settings
+
+        settings["extract_chunk"] = elpv_model_settings().get("extract_chunk")
     settings.update(overrides)
     return PatchCore(**settings)
 
