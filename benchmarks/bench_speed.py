@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--exact-sample", type=int, default=784, help="patches checked vs float64 brute force"
     )
+    parser.add_argument("--search-images", type=int, default=64, metavar="N",
+                        help="test images whose patches time the search phase (FAISS flat is slow)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder for the JSON and text table")
@@ -231,17 +233,24 @@ def run_today(args: argparse.Namespace) -> dict[str, Any]:
         model.fit(loader(model, train, args))
         result["fit"] = {"seconds": round(time.perf_counter() - start, 3), **fit_stats(model.stats_)}
     model_file = str(shared / "model.pt")
+    if not args.reuse:
+        # Its own fit (the same bank: same features, same picks); a file the new code wrote may carry
+        # parameters today's code does not know.
+        model_file = str(shared / "model_today.pt")
+        model.save(model_file)
     from patchcore import PatchCore
 
     bank = PatchCore.load(model_file).memory_bank_
     queries = np.load(shared / "test_features.npy")
     per_image = queries.shape[0] // len(test)
+    n_search = min(len(test), args.search_images)
+    queries = queries[: per_image * n_search]
     index_start = time.perf_counter()
     index = MemoryBankIndex(bank, kind="pruned")
     index.search(queries[:per_image], 1)  # numba compile / cache load
     result["index_build_seconds"] = round(time.perf_counter() - index_start, 3)
     seconds, distances, nearest = search_timing(index, queries, per_image * args.batch_size)
-    result["search"] = {"ms_per_image": round(1000 * seconds / len(test), 2)}
+    result["search"] = {"ms_per_image": round(1000 * seconds / n_search, 2), "images": n_search}
     say("today: predict")
     np.save(shared / "today_nearest.npy", nearest)
     result["predict"], scores = predict_phase(model_file, test)
@@ -341,6 +350,8 @@ def search_and_predict(args, shared: Path, bank: np.ndarray, queries: np.ndarray
     model_file = shared / "model.pt"
     per_image = len(queries) // len(test)
     per_call = per_image * args.batch_size
+    n_search = min(len(test), args.search_images)
+    queries = queries[: per_image * n_search]
     search: dict[str, Any] = {}
     nearest_by = {}
     for name, kind, precision in (
@@ -355,11 +366,12 @@ def search_and_predict(args, shared: Path, bank: np.ndarray, queries: np.ndarray
         seconds, distances, nearest = search_timing(index, queries, per_call)
         nearest_by[name] = (distances, nearest)
         search[name] = {
-            "ms_per_image": round(1000 * seconds / len(test), 2),
+            "ms_per_image": round(1000 * seconds / n_search, 2),
+            "images": n_search,
             "build_seconds": round(build, 3),
         }
         if kind == "pruned":
-            search[name]["exact_fraction"] = round(index._pruned.last_exact_fraction, 5)
+            search[name]["exact_fraction"] = round(index.searcher.kernel.last_exact_fraction, 5)
     # Exactness on a sample of patches spread over the test set: float64 brute force.
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(len(queries), min(args.exact_sample, len(queries)), replace=False))
@@ -527,13 +539,14 @@ def cli_rows(report: dict[str, Any], row: Any) -> list[str]:
     return lines
 
 
-def run_cli(code_src: Path, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_cli(code_src: Path, workdir: Path, args: argparse.Namespace, config: Path | None = None) -> dict[str, Any]:
     """One code's ``patchcore train`` (the shipped ELPV config, one object, evaluation off) and ``patchcore
     predict`` on the object's test PNGs, as a user runs them: wall clock of each command."""
     env = dict(os.environ, PYTHONPATH=str(code_src))
     cli = [sys.executable, "-m", "patchcore.app.cli"]
     out = workdir / "results"
-    train_cmd = [*cli, "train", "-c", str(REPO / "configs" / "elpv.yaml"), "--no-progress",
+    config = config or REPO / "configs" / "elpv.yaml"  # today's code: its own revision's shipped config
+    train_cmd = [*cli, "train", "-c", str(config), "--no-progress",
                  f"output_dir={out}", f"data.objects=[{args.object}]", "evaluation.enabled=false",
                  *args.cli_override]  # fmt: skip
     say(f"cli ({code_src}): patchcore train {args.object}")
@@ -604,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, PYTHONPATH=str(src))
             child = [sys.executable, __file__, "--role", "today", "--shared", str(shared), "--object", args.object,
                      "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                     "--extract-limit", str(args.extract_limit)]  # fmt: skip
+                     "--extract-limit", str(args.extract_limit), "--search-images", str(args.search_images)]  # fmt: skip
             if args.train_limit is not None:
                 child += ["--train-limit", str(args.train_limit)]
             if args.test_limit is not None:
@@ -620,7 +633,11 @@ def main(argv: list[str] | None = None) -> int:
             cli["new"] = run_cli(REPO / "src", shared / "cli_new", args)
             if today is not None:
                 (shared / "cli_today").mkdir()
-                cli["today"] = run_cli(src, shared / "cli_today", args)
+                today_config = shared / "elpv_today.yaml"
+                today_config.write_bytes(subprocess.run(
+                    ["git", "-C", str(REPO), "show", f"{rev}:configs/elpv.yaml"], check=True, capture_output=True
+                ).stdout)  # fmt: skip
+                cli["today"] = run_cli(src, shared / "cli_today", args, today_config)
         train, test = split(args)
         report: dict[str, Any] = {
             "benchmark": "bench_speed",
