@@ -10,12 +10,17 @@ stream (a bank that only grows can only lower good scores: its bound still holds
 Reports false alarms per 100 line images over time, update latency (p50 / p95, extraction included), the
 bank size, and on the test split the image AUROC and the false-alarm rate on test goods of: the streamed
 model (with the start threshold, and re-calibrated on the same held-out goods), the start model with no
-updates, and a full ``fit`` on every good image the stream saw (start + stream), calibrated the same way.
-Prints a table and writes everything as JSON into benchmarks/results/.
+updates, a ``fit`` from scratch on the goods the stream was taught (start + the taught images: the fair
+"refit on the same goods"), and a full ``fit`` on every good image the stream saw (start + stream), each
+calibrated the same way. ``--until radius 0.1 40`` runs one stream per update rule from the same start model
+(per update: rows added, the new patches' largest distance to the bank before and after); ``--teach all``
+teaches every line image (a diagnostic: the rule without the choice of images); ``--no-full-refit`` skips
+the slowest step. Prints a table and writes everything as JSON into benchmarks/results/.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_line.py                  # mono and poly, 224 px
     PYTHONPATH=src .venv/bin/python benchmarks/bench_line.py --objects mono --imagesize 64 \\
         --stream-limit 20 --test-limit 40 --calibration-images 20 --rate 0.05   # a quick check that it runs
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_line.py --objects poly --until radius 0.1 40  # the rules
 """
 
 from __future__ import annotations
