@@ -74,6 +74,7 @@ class Ctx:
     model: Path = Path()
     uncalibrated: Path = Path()
     mvtec: Path = Path()
+    rows_file: Path | None = None
 
     def left(self, wanted: float) -> float:
         return max(1.0, min(wanted, self.deadline - time.monotonic()))
@@ -105,7 +106,8 @@ class Ran:
 
     def line(self) -> str:
         lines = self.lines()
-        return (lines[-1] if lines else "(nothing on stderr)")[:220]
+        last = lines[-1] if lines else "(nothing on stderr)"
+        return last if len(last) <= 240 else f"{last[:110]} ... {last[-125:]}"
 
 
 def cli(ctx: Ctx, *argv: Any, timeout: float = 180, cwd: Path | None = None) -> Ran:
@@ -311,13 +313,19 @@ def _send_until_answered(port: int, head: bytes, total: int, chunk: int = 65536)
             part = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
             sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
             piece = f"{chunk:x}\r\n".encode() + b"\x00" * chunk + b"\r\n"
-            while sent < total and not select.select([sock], [], [], 0)[0]:
-                sock.sendall(piece)
-                sent += chunk
+            sock.settimeout(5)
+            with contextlib.suppress(TimeoutError):  # the server stopped reading: its answer is on the way
+                while sent < total and not select.select([sock], [], [], 0)[0]:
+                    sock.sendall(piece)
+                    sent += chunk
+            sock.settimeout(60)
             select.select([sock], [], [], 60)
         answer = sock.recv(65536)
     except (BrokenPipeError, ConnectionResetError):
-        answer = b""
+        try:  # the answer may already be in our receive buffer
+            answer = sock.recv(65536)
+        except OSError:
+            answer = b""
     finally:
         sock.close()
     return (int(answer.split()[1]) if answer else 0), sent, early
@@ -660,7 +668,7 @@ def row_8(ctx: Ctx, result: Result) -> None:
     before = tree(run_dir)
     ran = cli(ctx, "train", "--resume", run_dir, "model.percentage=0.2")
     ok = ran.rc == 2 and "model.percentage: 0.1 -> 0.2" in ran.err and tree(run_dir) == before
-    verdict(result, ok, f"rc {ran.rc}, run unchanged: {tree(run_dir) == before}: {ran.line()[:160]}")
+    verdict(result, ok, f"rc {ran.rc}, run unchanged: {tree(run_dir) == before}: {ran.line()}")
 
 
 @row("9", "train --resume RUN -c other.yaml (another data root)")
@@ -673,7 +681,7 @@ def row_9(ctx: Ctx, result: Result) -> None:
     before = tree(run_dir)
     ran = cli(ctx, "train", "--resume", run_dir, "-c", other)
     ok = ran.rc == 2 and "data.root" in ran.err and tree(run_dir) == before
-    verdict(result, ok, f"rc {ran.rc}, run unchanged: {tree(run_dir) == before}: {ran.line()[:160]}")
+    verdict(result, ok, f"rc {ran.rc}, run unchanged: {tree(run_dir) == before}: {ran.line()}")
 
 
 @row("10", "train killed (kill -9) after its model was saved, before its evaluation; then --resume", heavy=True)
@@ -778,7 +786,7 @@ def row_15(ctx: Ctx, result: Result) -> None:
     ran = cli(ctx, "federated", "-c", config, "federated.partition=folders", f"federated.sites=[{site}, {site}]",
               "data.objects=[bottle]")  # fmt: skip
     ok = ran.one_line() and "twice" in ran.line() and not (ctx.work / "row15_out").exists()
-    verdict(result, ok, f"rc {ran.rc}: {ran.line()[:160]}")
+    verdict(result, ok, f"rc {ran.rc}: {ran.line()}")
 
 
 @row("16", "calibrate --batch-size 0/-1, into an unwritable folder; export --out a file / under a file / "
@@ -984,6 +992,9 @@ def run_row(ctx: Ctx, number: str, probe: str, function: Callable[[Ctx, Result],
         result.data["traceback"] = traceback.format_exc()[-2000:]
     result.seconds = round(time.monotonic() - started, 1)
     print(f"[{result.seconds:7.1f} s] row {number}: {result.verdict}", file=sys.stderr, flush=True)
+    if ctx.rows_file is not None:  # each row as it ends: a run cut short still leaves its finished rows
+        with ctx.rows_file.open("a") as handle:
+            handle.write(json.dumps({**result.__dict__, "load": os.getloadavg()}, default=str) + "\n")
     return result
 
 
@@ -1007,12 +1018,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=3, help="light rows run this many at a time")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--table-from", nargs="+", metavar="JSONL",
+                   help="print the table of rows recorded by earlier runs (the last record of each row wins)")
     args = p.parse_args(argv)
+    if args.table_from:
+        merged: dict[str, Result] = {}
+        for name in args.table_from:
+            for line in Path(name).read_text().splitlines():
+                record = json.loads(line)
+                record.pop("load", None)
+                merged[record["row"]] = Result(**record)
+        print(markdown(list(merged.values())))
+        return 0
     chosen = [r for r in ROWS if not args.rows or r[0] in args.rows]
     if "7" in [r[0] for r in chosen] and "7d" not in [r[0] for r in chosen]:
         chosen += [r for r in ROWS if r[0] == "7d"]  # row 7's SIGTERM is measured on 7d's live run
     work = Path(tempfile.mkdtemp(prefix="probe_hostile_"))
-    ctx = Ctx(work=work, deadline=time.monotonic() + args.deadline_s)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(work=work, deadline=time.monotonic() + args.deadline_s, rows_file=out / f"probe_hostile_{stamp}.jsonl")
     load_start = os.getloadavg()
     started = time.monotonic()
     shared: dict[str, Result] = {}
@@ -1038,9 +1063,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     counts = {v: sum(r.verdict == v for r in results) for v in ("pass", "FAIL", "ERROR", "not run")}
     print(f"\n{counts}; {time.monotonic() - started:.0f} s; load average {load_start} -> {os.getloadavg()}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M")
     record = {
         "when": stamp, "load_start": load_start, "load_end": os.getloadavg(),
         "seconds": round(time.monotonic() - started, 1), "counts": counts, "table": table,

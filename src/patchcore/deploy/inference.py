@@ -249,7 +249,8 @@ class Predictor:
         216 MB), so peak memory grew with the number of images up to that many (issue 24, rows 7c / 20)."""
 
         def load(start: int) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
-            sizes, tensors = [], []
+            sizes: list[tuple[int, int]] = []
+            tensors: list[torch.Tensor] = []
             for item in images[start : start + batch_size]:
                 image = item if isinstance(item, PIL.Image.Image) else load_image(Path(item))
                 sizes.append((image.height, image.width))
