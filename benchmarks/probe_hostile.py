@@ -187,6 +187,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
+        self.stop()  # __exit__ is not called when __enter__ fails: never leave a server behind
         raise RuntimeError("serve not ready in time")
 
     def __exit__(self, *exc: object) -> None:
@@ -698,12 +699,20 @@ def row_10(ctx: Ctx, result: Result) -> None:
     fitted = run_dir / "completed" / "bottle.fitted.json"
     live = subprocess.Popen([*CLI, "train", "-c", str(config), "--no-progress"], env=env(), cwd=ctx.work,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    from patchcore.app.runs import run_state
+
+    def saved_not_evaluated() -> bool:  # the marker says "fitted" (written after the fitted record)
+        try:
+            return fitted.exists() and run_state(run_dir).objects.get("bottle") == "fitted"
+        except (OSError, ValueError):
+            return False
+
     end = time.monotonic() + ctx.left(300)
-    while not fitted.exists() and live.poll() is None and time.monotonic() < end:
+    while not saved_not_evaluated() and live.poll() is None and time.monotonic() < end:
         time.sleep(0.005)
     live.kill()
     live.wait()
-    if not fitted.exists():
+    if not saved_not_evaluated():
         verdict(result, False, "the run ended before the kill could land between fit and evaluation")
         return
     model_bytes = (run_dir / "models" / "patchcore_bottle.pt").read_bytes()
