@@ -419,7 +419,7 @@ def row_4(ctx: Ctx, result: Result) -> None:
     named = sum(p.name in warning for p in defects)
     wrong = sum(p.name in warning for p in good_paths)
     ok = ran.rc == 0 and bool(warning) and named > 0 and wrong == 0
-    verdict(result, ok, f"rc {ran.rc}; {warning[warning.find('WARNING'):][:200] or 'no warning'} "
+    verdict(result, ok, f"rc {ran.rc}; {warning[-200:] or 'no warning'} "
             f"({named} defects named, {wrong} goods named)", warning=warning)  # fmt: skip
 
 
@@ -739,7 +739,7 @@ def row_11(ctx: Ctx, result: Result) -> None:
     verdict(result, ok, f"rc {ran.rc} / {other.rc}, files unchanged: {tree(out) == before}: {ran.line()[:150]}")
 
 
-@row("12", "calibrate one model twice (10 images, then 3 at rate 0.5); two calibrations at once")
+@row("12", "calibrate one model twice (10 images, then 3 at rate 0.4); two calibrations at once")
 def row_12(ctx: Ctx, result: Result) -> None:
     model = copy_model(ctx, "row12.pt")
     many = goods(ctx.work / "row12_a", 10, start=700)
