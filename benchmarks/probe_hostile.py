@@ -715,14 +715,19 @@ def row_10(ctx: Ctx, result: Result) -> None:
     if not saved_not_evaluated():
         verdict(result, False, "the run ended before the kill could land between fit and evaluation")
         return
-    model_bytes = (run_dir / "models" / "patchcore_bottle.pt").read_bytes()
+    import torch
+
+    def bank() -> np.ndarray:  # the file is rewritten after the evaluation (its records); the bank must not change
+        return torch.load(run_dir / "models" / "patchcore_bottle.pt", weights_only=True)["memory_bank"].numpy()
+
+    fitted_bank = bank()
     ran = cli(ctx, "train", "--resume", run_dir, "--no-progress", timeout=400)
     log = (run_dir / "run.log").read_text()
     reused = "evaluated, not refitted" in log and log.count("bottle: fitting on") == 1
-    same = (run_dir / "models" / "patchcore_bottle.pt").read_bytes() == model_bytes
+    same = bool(np.array_equal(bank(), fitted_bank))
     ok = ran.rc == 0 and reused and same and (run_dir / "results.csv").exists()
     verdict(result, ok, f"killed with the model saved; resume rc {ran.rc}, log: "
-            f"{'evaluated, not refitted' if reused else 'refitted'}; model file unchanged: {same}")  # fmt: skip
+            f"{'evaluated, not refitted' if reused else 'refitted'}; memory bank unchanged: {same}")  # fmt: skip
 
 
 @row("11", "export --format openvino --out DIR holding an ONNX export; and a DIR holding notes.txt")
@@ -1043,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     if "7" in [r[0] for r in chosen] and "7d" not in [r[0] for r in chosen]:
         chosen += [r for r in ROWS if r[0] == "7d"]  # row 7's SIGTERM is measured on 7d's live run
     work = Path(tempfile.mkdtemp(prefix="probe_hostile_"))
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(work=work, deadline=time.monotonic() + args.deadline_s, rows_file=out / f"probe_hostile_{stamp}.jsonl")
