@@ -839,6 +839,74 @@ def test_predict_of_an_uncalibrated_model_writes_the_same_results_through_its_sp
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
 
 
+def test_scoring_keeps_no_decoded_file_waiting_for_its_batch(model_file, tmp_path, monkeypatch, count_scoring):
+    """Rows 7c and 20. Catches: the full-resolution images of a batch (and of the batch prepared meanwhile)
+    kept until the batch is scored: peak memory then grew with the number of images up to 2 x batch_size."""
+    import weakref
+
+    from patchcore.deploy import inference
+
+    paths = textures(tmp_path / "in", 12)
+    decoded: list[weakref.ref] = []
+    alive_at_scoring: list[int] = []
+
+    def tracked_load(path):
+        image = load_image(path)
+        decoded.append(weakref.ref(image))
+        return image
+
+    original = inference.TorchBackend.score
+
+    def score(self, batch):
+        alive_at_scoring.append(sum(ref() is not None for ref in decoded))
+        return original(self, batch)
+
+    monkeypatch.setattr(inference, "load_image", tracked_load)
+    monkeypatch.setattr(inference.TorchBackend, "score", score)
+    predictor = inference.Predictor.load(model_file, device="cpu")
+    results = list(predictor.score_batches(paths, batch_size=6))
+    assert len(decoded) == 12 and [r[3] for r in results] == [(32, 32)] * 12  # sizes still reported
+    assert len(alive_at_scoring) == 2
+    assert max(alive_at_scoring) <= 1  # at most the one the decoding thread is working on
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's peak-RSS reset")
+def test_predict_peak_memory_does_not_grow_with_the_number_of_images(model_file, tmp_path):
+    """Rows 7c and 20, measured: the peak resident memory of one ``predict_images`` call (VmHWM, reset through
+    /proc/self/clear_refs before the call, minus VmRSS before it) on 4 and then on 16 camera-sized images
+    (1500 x 1500 JPEGs, 6.75 MB each decoded) in batches of 16. Catches any full-resolution buffer kept
+    beyond its own image's scoring: the old code held the batch's decoded images (16 x 6.75 = 108 MB
+    against 27 MB)."""
+    from patchcore.app.predict import predict_images
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    ramp = np.tile(np.linspace(40, 200, 1500, dtype=np.float32), (1500, 1))[..., None]
+    for i in range(16):
+        noise = np.kron(rng.normal(0, 20, (150, 150, 3)).astype(np.float32), np.ones((10, 10, 1), np.float32))
+        Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8)).save(folder / f"{i:02d}.jpg", quality=85)
+    paths = sorted(folder.iterdir())
+
+    def peak_increase_mb(images: list[Path], out: Path) -> float:
+        before = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now
+        predict_images(model_file, images, out, device="cpu", batch_size=16, heatmaps=False)
+        return (_status_kb("VmHWM") - before) / 1024.0
+
+    peak_increase_mb(paths[:1], tmp_path / "warm")  # first-call allocations (thread pools, caches) out of the way
+    few = peak_increase_mb(paths[:4], tmp_path / "few")
+    many = peak_increase_mb(paths, tmp_path / "many")
+    assert many - few < 30, f"peak above the RSS before the call: {few:.0f} MB for 4 images, {many:.0f} MB for 16"
+
+
 def test_a_truncated_image_last_in_the_list_stops_predict_before_any_scoring(model_file, tmp_path, count_scoring):
     """Row 20. Catches: images decoded only as they are scored (the bad one found after the others)."""
     paths = textures(tmp_path / "in", 6)

@@ -223,7 +223,7 @@ class Predictor:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = batch_size or getattr(self.model, "batch_size", None) or 16
-        for start, (pil_images, tensors) in self._decoded(images, batch_size):
+        for start, (sizes, tensors) in self._decoded(images, batch_size):
             shapes = {tuple(t.shape) for t in tensors}
             # Images that transform to different sizes (imagesize None) are scored one by one.
             groups = [list(range(len(tensors)))] if len(shapes) == 1 else [[i] for i in range(len(tensors))]
@@ -235,21 +235,28 @@ class Predictor:
                     shown = [str(images[i]) if not isinstance(images[i], PIL.Image.Image) else f"#{i}" for i in bad]
                     raise NonFiniteError(exc.what, bad, shown) from None
                 for j, i in enumerate(group):
-                    size = (pil_images[i].height, pil_images[i].width)
-                    yield start + i, float(scores[j]), np.asarray(maps[j]), size
+                    yield start + i, float(scores[j]), np.asarray(maps[j]), sizes[i]
 
     def _decoded(
         self, images: Sequence[str | os.PathLike | PIL.Image.Image], batch_size: int
-    ) -> Iterator[tuple[int, tuple[list[PIL.Image.Image], list[torch.Tensor]]]]:
-        """(start, (images, tensors)) per batch. A thread decodes and transforms the next batch (PIL's
-        decoder and resize release the GIL) while the caller scores this one."""
+    ) -> Iterator[tuple[int, tuple[list[tuple[int, int]], list[torch.Tensor]]]]:
+        """(start, (original sizes (height, width), tensors)) per batch. A thread decodes and transforms the
+        next batch (PIL's decoder and resize release the GIL) while the caller scores this one.
 
-        def load(start: int) -> tuple[list[PIL.Image.Image], list[torch.Tensor]]:
-            chunk = images[start : start + batch_size]
-            pil_images = [
-                item if isinstance(item, PIL.Image.Image) else load_image(Path(item)) for item in chunk
-            ]
-            return pil_images, self.to_tensors(pil_images)
+        Each decoded file is dropped as soon as it is transformed: only its tensor (at the model's input size)
+        and its size wait for the batch. Keeping the decoded images of the batch being scored and of the one
+        being prepared held up to 2 x batch_size full-resolution images (32 camera images of 1500 x 1500 are
+        216 MB), so peak memory grew with the number of images up to that many (issue 24, rows 7c / 20)."""
+
+        def load(start: int) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+            sizes: list[tuple[int, int]] = []
+            tensors: list[torch.Tensor] = []
+            for item in images[start : start + batch_size]:
+                image = item if isinstance(item, PIL.Image.Image) else load_image(Path(item))
+                sizes.append((image.height, image.width))
+                tensors.append(self.transform(to_rgb(image)))
+                del image  # a file's pixels go now, not with the batch
+            return sizes, tensors
 
         starts = list(range(0, len(images), batch_size))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-decode") as decoder:
