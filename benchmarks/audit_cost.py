@@ -40,19 +40,21 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--imagesize", type=int, default=224)
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="the first N training goods only (N * rate of them replaced by drawn cells)")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     work = Path(args.work_dir)
     goods_f, goods_meta = load(work, f"{args.object}_goods")
     drawn_f, _ = load(work, f"{args.object}_drawn")
-    n_goods = goods_meta["n_images"]
-    per_image = goods_meta["n_rows"] // n_goods
+    per_image = goods_meta["n_rows"] // goods_meta["n_images"]
+    n_goods = min(goods_meta["n_images"], args.train_limit or goods_meta["n_images"])
     rng = np.random.default_rng(args.seed)  # the same draw as bench_noisy's (pool draw first, then order)
     from patchcore.data import load_elpv
 
     (obj,) = load_elpv(objects=[args.object])
     pool = [s for s in obj.test if s.label == "defective"]
-    rng.choice(len(pool), round(0.2 * n_goods), replace=False)
+    rng.choice(len(pool), round(0.2 * goods_meta["n_images"]), replace=False)
     order = rng.permutation(n_goods)
     n_inj = round(args.rate * n_goods)
     kept = np.sort(order[n_inj:])
@@ -61,7 +63,8 @@ def main() -> int:
     meta = {"n_images": len(kept) + n_inj, "n_rows": len(train_f), "dim": train_f.shape[1],
             "patch_grid": goods_meta["patch_grid"], "input_size": goods_meta["input_size"]}  # fmt: skip
     injected = set(range(len(kept), len(kept) + n_inj))
-    out: dict = {"object": args.object, "rate": args.rate, "injected": n_inj, "n_rows": len(train_f)}
+    out: dict = {"object": args.object, "rate": args.rate, "injected": n_inj, "n_images": meta["n_images"],
+                 "n_rows": len(train_f), "load_at_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
 
     def fit(audit: bool):
         model = bench.model_for(args.imagesize, args.seed)
