@@ -17,6 +17,8 @@ from patchcore.engine.audit import (
     RowSubset,
     audit_features,
     audit_training_set,
+    coreset_audit,
+    coreset_bounds,
     denoise_rows,
     image_ids_for,
     outlier_threshold,
@@ -129,30 +131,136 @@ def tiny_images(n: int = 12, size: int = 48, defect: int | None = None) -> torch
 
 
 def test_fit_audits_the_training_images_and_the_defective_one_ranks_first():
-    model = PatchCore(**{**FAST_MODEL, "audit": True}).fit(tiny_images(12, defect=7))
+    model = PatchCore(**{**FAST_MODEL, "audit_method": "exact"}).fit(tiny_images(12, defect=7))
     assert int(model.audit_.ranking[0]) == 7
     assert 7 in model.audit_.suspects
     assert model.stats_.audit_suspects == len(model.audit_.suspects)
 
 
-def test_fit_of_clean_images_flags_none():
-    model = PatchCore(**{**FAST_MODEL, "audit": True}).fit(tiny_images(12))
+@pytest.mark.parametrize("method", ["coreset", "exact"])
+def test_fit_of_clean_images_flags_none(method):
+    model = PatchCore(**{**FAST_MODEL, "audit_method": method}).fit(tiny_images(12))
     assert model.audit_.suspects == ()
+
+
+# ----------------------------------------------------------------------------- audit from the coreset
+
+
+def brute_force_bound(features: np.ndarray, ids: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """r_i by definition (float64): the largest distance of a row outside image i to its nearest centre
+    outside image i."""
+    x = features.astype(np.float64)
+    d = np.sqrt(np.maximum(((x[:, None, :] - x[None, centres, :]) ** 2).sum(-1), 0))
+    out = []
+    for i in np.unique(ids):
+        rows, cols = ids != i, ids[centres] != i
+        out.append(d[np.ix_(rows, cols)].min(1).max())
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_coreset_distances_are_within_the_per_image_bound_of_the_exact_leave_one_image_out(trial, monkeypatch):
+    import patchcore.engine.audit as audit_module
+
+    # Small blocks: the merge of the per-chunk nearest centres (and of their images) is exercised.
+    monkeypatch.setattr(audit_module, "_CHUNK_ROWS", 5)
+    monkeypatch.setattr(audit_module, "_QUERY_ROWS", 7)
+    rng = np.random.default_rng(trial)
+    n_images, per_image, dim = int(rng.integers(2, 12)), int(rng.integers(1, 12)), int(rng.integers(2, 9))
+    features = rng.normal(size=(n_images * per_image, dim)).astype(np.float32)
+    features[:per_image] += 3.0 * (trial % 2)  # half the trials: image 0 unlike the others
+    ids = image_ids_for(n_images, len(features))
+    centres = np.sort(rng.choice(len(features), int(rng.integers(2, len(features) + 1)), replace=False))
+    bounds = coreset_bounds(torch.from_numpy(features), ids, centres)
+    exact = brute_force_loo(features, ids)
+    approx = np.sqrt(bounds.nearest_other)
+    tol = 1e-3  # float32 distance formula near 0
+    assert (approx >= exact - tol).all()  # centres are rows: never below the exact distance
+    assert (approx - exact <= bounds.image_bound[ids] + tol).all()
+    np.testing.assert_allclose(bounds.image_bound, brute_force_bound(features, ids, centres), atol=5e-3)
+    # The image scores (maxima) inherit it: 0 <= A_i - S_i <= r_i.
+    a_i, s_i = approx.reshape(n_images, -1).max(1), exact.reshape(n_images, -1).max(1)
+    assert ((a_i - s_i >= -tol) & (a_i - s_i <= bounds.image_bound + tol)).all()
+
+
+def coreset_of(
+    features: np.ndarray, percentage: float = 0.2, projection_dim: int = 8
+) -> tuple[np.ndarray, np.ndarray | None]:
+    sampler = make_sampler("approx_greedy_coreset", percentage, projection_dim, 10)
+    indices, space = sampler.select_with_space(features, np.random.default_rng(0))
+    return indices, space.projection
+
+
+def test_coreset_audit_scores_bound_the_exact_audit_in_the_same_space():
+    features = gaussian_patches(n_images=30, per_image=16, dim=16, seed=7)
+    features[3 * 16 + 5] += 5.0
+    meta = {"n_images": 30, "n_rows": len(features), "patch_grid": [4, 4]}
+    indices, projection = coreset_of(features)
+    approx = coreset_audit(features, meta, indices, projection, method="coreset")
+    exact = coreset_audit(features, meta, indices, projection, method="exact")
+    z = features @ projection.T
+    truth = brute_force_loo(z, image_ids_for(30, len(features))).reshape(30, 16).max(1)
+    np.testing.assert_allclose(exact.image_scores, truth, rtol=1e-4, atol=1e-4)
+    assert approx.kind == "coreset" and exact.kind == "exact" and exact.bounds is None
+    gap = approx.image_scores - truth
+    assert (gap >= -1e-4).all() and (gap <= approx.bounds + 1e-4).all()
+    # The coreset distances prune the exact search: not every row is searched exactly.
+    assert 0 < exact.exact_searches < len(features)
+
+
+def test_coreset_audit_ranks_an_injected_defect_first_and_flags_only_it():
+    features = gaussian_patches(n_images=40, per_image=16, dim=16, seed=1)
+    features[17 * 16 + 6 : 17 * 16 + 9] += 6.0  # three patches of image 17
+    meta = {"n_images": 40, "n_rows": len(features), "patch_grid": [4, 4]}
+    indices, projection = coreset_of(features, 0.1)
+    audit = coreset_audit(features, meta, indices, projection)
+    assert int(audit.ranking[0]) == 17
+    assert audit.suspects == (17,)
+    assert audit.maps[17].shape == (4, 4) and int(np.argmax(audit.maps[17])) in (6, 7, 8)
+
+
+def test_coreset_audit_of_a_clean_set_raises_no_warning():
+    for seed in (2, 4, 5):
+        features = gaussian_patches(n_images=40, per_image=16, dim=16, seed=seed)
+        meta = {"n_images": 40, "n_rows": len(features), "patch_grid": [4, 4]}
+        indices, projection = coreset_of(features, 0.1, projection_dim=16)  # 16: the features themselves
+        assert coreset_audit(features, meta, indices, projection).suspects == ()
+
+
+def test_the_audit_is_on_by_default_and_leaves_bank_and_scores_as_without_it():
+    images = tiny_images(12, defect=7)
+    on = PatchCore(**FAST_MODEL).fit(images)
+    off = PatchCore(**{**FAST_MODEL, "audit": False}).fit(images)
+    assert on.audit is True and on.audit_method == "coreset"
+    assert on.audit_ is not None and off.audit_ is None
+    assert on.stats_.audit_method == "coreset" and on.stats_.audit_exact_fraction == 0
+    np.testing.assert_array_equal(on.memory_bank_, off.memory_bank_)
+    np.testing.assert_array_equal(on.coreset_indices_, off.coreset_indices_)
+    np.testing.assert_array_equal(on.predict(images[:3]).image_scores, off.predict(images[:3]).image_scores)
+
+
+def test_the_default_coreset_audit_ranks_the_defective_image_first_in_a_fit():
+    # 12 images of 36 patches: a 43-row coreset, its bounds too wide for the warning rule here (the exact
+    # method flags it, test above); the ranking holds.
+    model = PatchCore(**FAST_MODEL).fit(tiny_images(12, defect=7))
+    assert int(model.audit_.ranking[0]) == 7
+    assert model.stats_.audit_method == "coreset" and model.stats_.audit_max_bound > 0
 
 
 # ----------------------------------------------------------------------------- robust fit
 
 
 def synthetic_fit(
-    denoise: bool, sampler: str = "approx_greedy_coreset"
+    denoise: bool, sampler: str = "approx_greedy_coreset", audit_method: str = "coreset"
 ) -> tuple[PatchCore, np.ndarray, dict]:
     features = gaussian_patches(n_images=30, per_image=16, dim=16, seed=5)
     features[4 * 16 + 2] += 9.0  # one outlier patch in image 4
     features[9 * 16 : 10 * 16] += 7.0  # image 9: all of it unlike the others
     meta = {"n_images": 30, "n_rows": len(features), "patch_grid": [4, 4], "input_size": [48, 48]}
     model = PatchCore(
-        **FAST_MODEL, sampler=sampler, percentage=0.25, denoise=denoise, target_embed_dimension=16
-    )
+        **FAST_MODEL, sampler=sampler, percentage=0.25, denoise=denoise, target_embed_dimension=16,
+        audit_method=audit_method,
+    )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit_features(features, meta)
@@ -165,8 +273,10 @@ def test_without_denoise_the_greedy_coreset_takes_the_outlier_patches():
     assert np.isin(np.arange(9 * 16, 10 * 16), model.coreset_indices_).any()
 
 
-def test_denoise_leaves_the_outlier_patch_and_the_outlier_image_out_of_the_bank():
-    model, features, info = synthetic_fit(True)
+@pytest.mark.parametrize("audit_method", ["coreset", "exact"])
+def test_denoise_leaves_the_outlier_patch_and_the_outlier_image_out_of_the_bank(audit_method):
+    model, features, info = synthetic_fit(True, audit_method=audit_method)
+    assert model.audit_.kind == audit_method
     assert 4 * 16 + 2 not in model.coreset_indices_
     assert not np.isin(np.arange(9 * 16, 10 * 16), model.coreset_indices_).any()
     assert model.denoise_plan_.dropped_images == (9,)

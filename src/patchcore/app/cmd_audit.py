@@ -67,6 +67,8 @@ def audit_record(audit: TrainingAudit, names: Sequence[str], object_name: str) -
                 "score": float(audit.image_scores[i]),
                 "suspect": i in audit.suspects,
                 "map": maps.get(i),
+                # coreset audit: the score is above the exact leave-one-image-out score by at most this
+                **({} if audit.bounds is None else {"bound": float(audit.bounds[i])}),
             }
             for rank, i in enumerate(listed)
         ],

@@ -121,6 +121,7 @@ class ModelConfig:
     projection_dim: int | None = _model_key("projection_dim")
     num_starting_points: int = _model_key("num_starting_points")
     audit: bool = _model_key("audit")
+    audit_method: str = _model_key("audit_method")
     denoise: bool = _model_key("denoise")
     num_neighbors: int = _model_key("num_neighbors")
     distance: str = _model_key("distance")

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,8 @@ from .coreset import project, random_projection
 
 __all__ = [
     "AUDIT_K",
+    "AUDIT_METHODS",
+    "CoresetBounds",
     "DROP_SHARE",
     "DenoisePlan",
     "LeaveOneImageOut",
@@ -67,6 +69,9 @@ __all__ = [
     "TrainingAudit",
     "audit_features",
     "audit_training_set",
+    "coreset_audit",
+    "coreset_bounds",
+    "coreset_denoise",
     "denoise_rows",
     "image_ids_for",
     "outlier_threshold",
@@ -78,6 +83,7 @@ DROP_SHARE = 0.5  # an image with more than this share of outlier patches is dro
 _CHUNK_ROWS = 16384  # rows of the searched set per distance block
 _QUERY_ROWS = 2048  # query rows per exact search call (block: 2048 x 16384 float32 = 128 MiB)
 _SEED_SALT = 21  # the audit's random stream is its own: the coreset's random choices are untouched
+AUDIT_METHODS = ("coreset", "exact")  # the estimator's ``audit_method`` (see coreset_audit)
 
 
 def outlier_threshold(scores: np.ndarray, k: float = AUDIT_K) -> float:
@@ -140,6 +146,9 @@ class LeaveOneImageOut:
         projection_dim: int | None = 128,
         reference_fraction: float = 0.02,
         min_reference: int = 2048,
+        projected: torch.Tensor | None = None,
+        upper: np.ndarray | None = None,
+        bound_source: str = "",
     ):
         ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
         if len(ids) != len(features):
@@ -148,18 +157,27 @@ class LeaveOneImageOut:
         if len(self.images) < 2:
             raise ValueError("a leave-one-image-out search needs at least 2 images")
         rng = np.random.default_rng([int(seed), _SEED_SALT])
-        dim = int(features.shape[1])
-        weight = None
-        if projection_dim is not None and projection_dim < dim:
-            weight = random_projection(dim, projection_dim, rng)
-        self.z = project(features, weight)
+        if projected is not None:  # rows already in the audit's space (the coreset's: coreset_audit)
+            self.z = projected
+        else:
+            dim = int(features.shape[1])
+            weight = None
+            if projection_dim is not None and projection_dim < dim:
+                weight = random_projection(dim, projection_dim, rng)
+            self.z = project(features, weight)
         self.squared = (self.z * self.z).sum(1)
         self.ids = torch.from_numpy(self.row_image.astype(np.int64))
         n = len(self.z)
-        size = min(n, max(int(min_reference), math.ceil(reference_fraction * n)))
-        self.reference = np.sort(rng.choice(n, size, replace=False)).astype(np.int64)
         self.exact = np.full(n, np.nan, dtype=np.float32)  # exact squared distances found so far
         self._upper: np.ndarray | None = None
+        if upper is not None:  # first-level upper bounds given (squared): no random sample needed
+            self._upper = np.asarray(upper, dtype=np.float32)
+            self.reference = np.empty(0, dtype=np.int64)
+            self.bound_source = bound_source or "given upper bounds"
+        else:
+            size = min(n, max(int(min_reference), math.ceil(reference_fraction * n)))
+            self.reference = np.sort(rng.choice(n, size, replace=False)).astype(np.int64)
+            self.bound_source = f"a {size}-row sample"
         self.exact_searches = 0
 
     @property
@@ -281,15 +299,23 @@ class TrainingAudit:
     exact_searches: int = 0
     n_rows: int = 0
     seconds: float = 0.0
+    # The coreset audit (``coreset_audit``, not exact): per image, how far above its exact score its score can
+    # be (``0 <= image_scores[i] - exact[i] <= bounds[i]``); None when the scores are exact.
+    bounds: np.ndarray | None = None
+    kind: str = "exact"  # exact | coreset (AUDIT_METHODS)
 
     def summary(self) -> dict[str, object]:
         """Plain numbers for a model's stats / a run's summary (no arrays)."""
-        return {
+        out: dict[str, object] = {
             "audit_threshold": round(float(self.threshold), 6),
             "audit_suspects": len(self.suspects),
             "audit_seconds": round(self.seconds, 4),
             "audit_exact_fraction": round(self.exact_searches / max(1, self.n_rows), 6),
+            "audit_method": self.kind,
         }
+        if self.bounds is not None and len(self.bounds):
+            out["audit_max_bound"] = round(float(np.max(self.bounds)), 6)
+        return out
 
 
 @dataclass(frozen=True)
@@ -326,7 +352,7 @@ def audit_training_set(
         maps[int(i)] = values
     method = (
         f"exact leave-one-image-out nearest-patch distance in a {search.z.shape[1]}-d space "
-        f"(pruned by a {len(search.reference)}-row sample)"
+        f"(pruned by {search.bound_source})"
     )
     return TrainingAudit(
         image_scores=scores,
@@ -352,24 +378,7 @@ def denoise_rows(
     image), and no row of an image whose patches are more than ``drop_share`` outliers."""
     threshold = float(np.median(audit.image_scores))
     outlier = search.outliers(threshold)
-    n_images = len(search.images)
-    share = np.bincount(search.row_image, weights=outlier, minlength=n_images) / np.bincount(
-        search.row_image, minlength=n_images
-    )
-    dropped = tuple(int(i) for i in np.flatnonzero(share > drop_share))
-    keep_mask = ~outlier
-    if dropped:
-        keep_mask &= ~np.isin(search.row_image, np.asarray(dropped))
-    if not keep_mask.any():  # every patch judged an outlier cannot happen with a median rule; be safe
-        keep_mask[:] = True
-        dropped = ()
-    return DenoisePlan(
-        keep=np.flatnonzero(keep_mask).astype(np.int64),
-        outlier_patches=int(outlier.sum()),
-        dropped_images=dropped,
-        threshold=threshold,
-        drop_share=drop_share,
-    )
+    return _plan(outlier, search.row_image, len(search.images), threshold, drop_share)
 
 
 def audit_features(
@@ -391,8 +400,6 @@ def audit_features(
 
 
 def _with_seconds(audit: TrainingAudit, seconds: float) -> TrainingAudit:
-    from dataclasses import replace
-
     return replace(audit, seconds=seconds)
 
 
@@ -411,16 +418,7 @@ def audit_fit(
     audit = audit_training_set(search, tuple(meta.get("patch_grid") or ()) or None)
     plan = denoise_rows(search, audit) if denoise else None
     audit = _with_seconds(audit, time.perf_counter() - t0)
-    if plan is not None and plan.dropped_images:
-        import warnings
-
-        shown = ", ".join(str(i) for i in plan.dropped_images[:10])
-        more = f" and {len(plan.dropped_images) - 10} more" if len(plan.dropped_images) > 10 else ""
-        warnings.warn(
-            f"denoise: {len(plan.dropped_images)} training image(s) left out of the memory bank, most of "
-            f"their patches being outliers: position(s) {shown}{more} of the fit's input",
-            stacklevel=3,
-        )
+    _warn_dropped(plan)
     return audit, plan
 
 
@@ -434,3 +432,265 @@ def audit_stats(audit: TrainingAudit | None, plan: DenoisePlan | None) -> dict[s
             denoise_dropped_images=tuple(plan.dropped_images),
         )
     return out
+
+
+# ----------------------------------------------------------------------------- the audit from the coreset
+
+
+@dataclass(frozen=True)
+class CoresetBounds:
+    """Leave-one-image-out distances measured against the coreset's rows instead of all rows.
+
+    ``nearest_other`` (N,): squared distance of every row to the nearest *coreset* row of another image, an
+    upper bound of its exact leave-one-image-out distance; ``image_bound`` (n_images,): r_i, Euclidean, how
+    far below ``sqrt(nearest_other)`` the exact distance of any row of image i can be; ``covering_radius``: the
+    largest distance of a row to its nearest coreset row (any image), for the record.
+    """
+
+    nearest_other: np.ndarray
+    image_bound: np.ndarray
+    covering_radius: float
+
+
+def _nearest_two_images(
+    z: torch.Tensor, centres: np.ndarray, centre_image: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of ``z``: (d1, g1, d2): squared distance to the nearest centre row, that centre's image, and
+    squared distance to the nearest centre row of any *other* image than g1. Streamed in blocks."""
+    n = len(z)
+    c_all = z[torch.from_numpy(centres)]
+    c_sq_all = (c_all * c_all).sum(1)
+    c_id_all = torch.from_numpy(np.asarray(centre_image, dtype=np.int64))
+    d1 = torch.empty(n, dtype=torch.float32)
+    g1 = torch.empty(n, dtype=torch.int64)
+    d2 = torch.empty(n, dtype=torch.float32)
+    q_sq_all = (z * z).sum(1)
+    for start in range(0, n, _QUERY_ROWS):
+        q = z[start : start + _QUERY_ROWS]
+        q_sq = q_sq_all[start : start + _QUERY_ROWS].unsqueeze(1)
+        best = torch.full((len(q),), math.inf)
+        best_id = torch.full((len(q),), -1, dtype=torch.int64)
+        second = torch.full((len(q),), math.inf)
+        for c0 in range(0, len(c_all), _CHUNK_ROWS):
+            c, c_sq, c_id = c_all[c0 : c0 + _CHUNK_ROWS], c_sq_all[c0 : c0 + _CHUNK_ROWS], c_id_all[c0 : c0 + _CHUNK_ROWS]
+            d = torch.addmm(q_sq + c_sq.unsqueeze(0), q, c.T, beta=1.0, alpha=-2.0)
+            m1, j = d.min(1)
+            h1 = c_id[j]
+            d.masked_fill_(c_id.unsqueeze(0) == h1.unsqueeze(1), math.inf)
+            m2 = d.min(1).values  # nearest centre of this chunk outside the image h1
+            # Merge (best, best_id, second) with (m1, h1, m2): the nearest centre, and the nearest outside
+            # the winner's image.
+            win = m1 < best
+            same = best_id == h1
+            chunk_wins = torch.minimum(m2, torch.where(same, second, best))
+            old_wins = torch.minimum(second, torch.where(same, m2, m1))
+            second = torch.where(win, chunk_wins, old_wins)
+            best = torch.where(win, m1, best)
+            best_id = torch.where(win, h1, best_id)
+        d1[start : start + len(q)] = best.clamp_(min=0)
+        g1[start : start + len(q)] = best_id
+        d2[start : start + len(q)] = second.clamp_(min=0)
+    return d1.numpy(), g1.numpy(), d2.numpy()
+
+
+def coreset_bounds(z: torch.Tensor, row_image: np.ndarray, centres: np.ndarray) -> CoresetBounds:
+    """The leave-one-image-out distances of every row against the coreset ``centres`` (rows of ``z``), and
+    the per-image bound r_i that makes them a two-sided estimate of the exact ones.
+
+    Row x of image i: a(x) = distance to the nearest centre of another image; e(x) = exact
+    leave-one-image-out distance (nearest row of another image). The centres are rows, so a(x) >= e(x).
+    Let y be x's nearest row of another image (e(x) = ||x - y||) and c the nearest centre to y outside image
+    i: a(x) <= ||x - c|| <= e(x) + ||y - c|| <= e(x) + r_i, with r_i = the largest distance of a row outside
+    image i to its nearest centre outside image i. Per row, two numbers give every r_i: d1 (nearest centre,
+    of image g1) and d2 (nearest centre outside g1): a row's distance to its nearest centre outside image i
+    is d1 if g1 != i, else d2. So 0 <= a(x) - e(x) <= r_i, and for the image scores (maxima over the
+    image's rows) 0 <= A_i - S_i <= r_i. r_i is measured, not assumed from the greedy loop.
+    """
+    row_image = np.asarray(row_image, dtype=np.int64)
+    centres = np.unique(np.asarray(centres, dtype=np.int64))
+    n_images = int(row_image.max()) + 1
+    d1, g1, d2 = _nearest_two_images(z, centres, row_image[centres])
+    own = g1 == row_image
+    nearest_other = np.where(own, d2, d1)
+    # r_i^2 = max over rows y outside image i of (d1(y) if g1(y) != i else d2(y)).
+    # (1) rows with g1 == i (outside image i): their d2.
+    outside = ~own
+    term2 = np.zeros(n_images, dtype=np.float64)
+    valid = outside & (g1 >= 0)
+    np.maximum.at(term2, g1[valid], d2[valid].astype(np.float64))
+    # (2) rows with img != i and g1 != i: their d1. Group by the pair (img, g1); a pair involves at most two
+    # images, so among the 2 * n_images largest pair maxima each image finds one that does not involve it.
+    pair = row_image * n_images + np.where(g1 >= 0, g1, row_image)
+    keys, inverse = np.unique(pair, return_inverse=True)
+    pair_max = np.zeros(len(keys), dtype=np.float64)
+    np.maximum.at(pair_max, inverse, d1.astype(np.float64))
+    order = np.argsort(-pair_max, kind="stable")[: 2 * n_images + 1]
+    a_img, b_img, values = keys[order] // n_images, keys[order] % n_images, pair_max[order]
+    images = np.arange(n_images)[:, None]
+    allowed = (a_img[None, :] != images) & (b_img[None, :] != images)
+    first = np.where(allowed.any(1), allowed.argmax(1), -1)
+    term1 = np.where(first >= 0, values[np.maximum(first, 0)], 0.0)
+    image_bound = np.sqrt(np.maximum(term1, term2)).astype(np.float32)
+    return CoresetBounds(
+        nearest_other=nearest_other.astype(np.float32),
+        image_bound=image_bound,
+        covering_radius=float(np.sqrt(d1.max())) if len(d1) else 0.0,
+    )
+
+
+def coreset_audit(
+    features,
+    meta: dict,
+    indices: np.ndarray,
+    projection: np.ndarray | None | str,
+    *,
+    seed: int = 0,
+    method: str = "coreset",
+    k: float = AUDIT_K,
+    n_maps: int = 6,
+) -> TrainingAudit | None:
+    """The audit a fit runs after its coreset (``denoise`` off), from the rows the coreset chose.
+
+    ``projection``: the coreset's random projection (None: the features themselves; see ``CoresetSpace``;
+    "own": the audit's own seeded 128-d projection, for a sampler that measured no distances).
+    ``method="coreset"``: each image's score is the maximum over its patches of the distance to the nearest
+    coreset row of another image, A_i, within ``bounds[i]`` = r_i above the exact score (``coreset_bounds``);
+    no exact search. ``method="exact"``: the exact leave-one-image-out scores in the same space, the coreset
+    distances serving as the first-level upper bounds of the pruned exact search (``LeaveOneImageOut``).
+    None with fewer than 2 images. Reads only: the bank is whatever the coreset chose.
+    """
+    result = _coreset_audit(features, meta, indices, projection, seed=seed, method=method, k=k, n_maps=n_maps)
+    return None if result is None else result[0]
+
+
+def _coreset_audit(
+    features,
+    meta: dict,
+    indices: np.ndarray,
+    projection: np.ndarray | None | str,
+    *,
+    seed: int,
+    method: str,
+    k: float,
+    n_maps: int,
+) -> tuple[TrainingAudit, CoresetBounds] | None:
+    if method not in AUDIT_METHODS:
+        raise ValueError(f"unknown audit method {method!r}; known: {', '.join(AUDIT_METHODS)}")
+    n_images, n_rows = int(meta["n_images"]), len(features)
+    if n_images < 2 or n_rows % n_images:
+        return None
+    t0 = time.perf_counter()
+    ids = image_ids_for(n_images, n_rows)
+    if isinstance(projection, str):  # "own": no coreset space given (a random sampler): the audit's own
+        dim = int(features.shape[1])
+        rng = np.random.default_rng([int(seed), _SEED_SALT])
+        projection = random_projection(dim, 128, rng) if dim > 128 else None
+    z = project(features, projection)
+    bounds = coreset_bounds(z, ids, indices)
+    grid = tuple(meta.get("patch_grid") or ()) or None
+    space = f"{z.shape[1]}-d coreset space"
+    if method == "exact" or not np.isfinite(bounds.nearest_other).all():
+        # (A coreset with rows of one image only leaves some rows without a centre of another image: their
+        # exact search decides.)
+        search = LeaveOneImageOut(
+            features, ids, seed=seed, projected=z, upper=bounds.nearest_other,
+            bound_source=f"the distances to the {len(np.unique(indices))} coreset rows",
+        )  # fmt: skip
+        audit = audit_training_set(search, grid, k=k, n_maps=n_maps)
+        return replace(audit, seconds=time.perf_counter() - t0), bounds
+    nearest = np.sqrt(np.maximum(bounds.nearest_other, 0.0)).reshape(n_images, -1)
+    top_local = nearest.argmax(1)
+    scores = nearest[np.arange(n_images), top_local].astype(np.float32)
+    threshold = outlier_threshold(scores, k)
+    ranking = np.argsort(-scores, kind="stable")
+    per_image = n_rows // n_images
+    maps: dict[int, np.ndarray] = {}
+    for i in ranking[: max(0, n_maps)]:
+        values = nearest[int(i)].astype(np.float32)
+        if grid is not None and len(values) == grid[0] * grid[1]:
+            values = values.reshape(grid)
+        maps[int(i)] = values
+    audit = TrainingAudit(
+        image_scores=scores,
+        top_rows=np.arange(n_images, dtype=np.int64) * per_image + top_local,
+        threshold=float(threshold),
+        suspects=tuple(int(i) for i in ranking if scores[i] > threshold),
+        ranking=ranking,
+        maps=maps,
+        patch_grid=None if grid is None else (int(grid[0]), int(grid[1])),
+        rule=f"median + {k:g} x 1.4826 x MAD of the training images' scores",
+        method=(
+            f"leave-one-image-out nearest-patch distance to the {len(np.unique(indices))} coreset rows of the "
+            f"other images in the {space}; above the exact score by at most r_i per image (largest "
+            f"{float(bounds.image_bound.max()):.4g}; covering radius {bounds.covering_radius:.4g})"
+        ),
+        exact_searches=0,
+        n_rows=n_rows,
+        seconds=time.perf_counter() - t0,
+        bounds=bounds.image_bound,
+        kind="coreset",
+    )
+    return audit, bounds
+
+
+def coreset_denoise(
+    features,
+    meta: dict,
+    indices: np.ndarray,
+    projection: np.ndarray | None | str,
+    *,
+    seed: int = 0,
+    drop_share: float = DROP_SHARE,
+) -> tuple[TrainingAudit | None, DenoisePlan | None]:
+    """The robust fit's selection from a first coreset (``audit_method="coreset"``): the coreset audit of all
+    images, then the rule of ``denoise_rows`` applied to the coreset distances: a patch is an outlier when
+    its distance to the nearest coreset row of another image is above the median image score; an image
+    with more than ``drop_share`` outlier patches is left out whole. (None, None) with fewer than 2 images.
+    Warns, naming positions, when whole images are left out."""
+    result = _coreset_audit(features, meta, indices, projection, seed=seed, method="coreset", k=AUDIT_K, n_maps=6)
+    if result is None:
+        return None, None
+    t0 = time.perf_counter()
+    audit, bounds = result
+    n_images = int(meta["n_images"])
+    row_image = image_ids_for(n_images, len(features))
+    threshold = float(np.median(audit.image_scores))
+    outlier = np.sqrt(np.maximum(bounds.nearest_other, 0.0)) > threshold
+    plan = _plan(outlier, row_image, n_images, threshold, drop_share)
+    _warn_dropped(plan)
+    return replace(audit, seconds=audit.seconds + time.perf_counter() - t0), plan
+
+
+def _plan(
+    outlier: np.ndarray, row_image: np.ndarray, n_images: int, threshold: float, drop_share: float
+) -> DenoisePlan:
+    share = np.bincount(row_image, weights=outlier, minlength=n_images) / np.bincount(
+        row_image, minlength=n_images
+    )
+    dropped = tuple(int(i) for i in np.flatnonzero(share > drop_share))
+    keep_mask = ~outlier
+    if dropped:
+        keep_mask &= ~np.isin(row_image, np.asarray(dropped))
+    if not keep_mask.any():  # every patch judged an outlier cannot happen with a median rule; be safe
+        keep_mask[:] = True
+        dropped = ()
+    return DenoisePlan(
+        keep=np.flatnonzero(keep_mask).astype(np.int64),
+        outlier_patches=int(outlier.sum()),
+        dropped_images=dropped,
+        threshold=threshold,
+        drop_share=drop_share,
+    )
+
+
+def _warn_dropped(plan: DenoisePlan | None) -> None:
+    if plan is not None and plan.dropped_images:
+        import warnings
+
+        shown = ", ".join(str(i) for i in plan.dropped_images[:10])
+        more = f" and {len(plan.dropped_images) - 10} more" if len(plan.dropped_images) > 10 else ""
+        warnings.warn(
+            f"denoise: {len(plan.dropped_images)} training image(s) left out of the memory bank, most of "
+            f"their patches being outliers: position(s) {shown}{more} of the fit's input",
+            stacklevel=4,
+        )

@@ -26,7 +26,7 @@ import torch
 
 from ..data.transforms import ImageTransform, load_image
 from ..fileio import atomic_write
-from .audit import RowSubset, audit_fit, audit_stats
+from .audit import RowSubset, audit_fit, audit_stats, coreset_audit, coreset_denoise
 from .backbones import BackboneError, FeatureExtractor, load_backbone
 from .coreset import bank_distances, continue_coreset, make_sampler, project
 from .features import PatchFeatures
@@ -137,6 +137,7 @@ class PatchCore:
     projection_dim: int | None
     num_starting_points: int
     audit: bool
+    audit_method: str
     denoise: bool
     num_neighbors: int
     distance: str
@@ -172,7 +173,8 @@ class PatchCore:
         percentage: float = 0.1,
         projection_dim: int | None = 128,
         num_starting_points: int = 10,
-        audit: bool = False,
+        audit: bool = True,
+        audit_method: str = "coreset",
         denoise: bool = False,
         num_neighbors: int = 1,
         distance: str = "euclidean",
@@ -422,11 +424,19 @@ class PatchCore:
         self._patch_features(refitting=True)
         device = self.torch_device
         audit, plan = None, None
-        if indices is None and (self.audit or self.denoise):
-            # The training-set audit (``audit``; ``denoise`` needs it too) and the robust fit's selection
-            # (``denoise``): engine/audit.py. Their random stream is their own: with denoise off the coreset
-            # is the same, bit for bit. Opt-in: on full ELPV mono at 112 px it took 346 of a 668 s fit.
+        selected_here = indices is None
+        if selected_here and self.denoise and self.audit_method == "exact":
+            # The robust fit's selection (``denoise``) from the exact audit, before the coreset:
+            # engine/audit.py. Its random stream is its own.
             audit, plan = audit_fit(train_features, meta, self.seed, self.denoise)
+        elif selected_here and self.denoise:
+            # The robust fit's selection from a first coreset of all rows (engine/audit.py, coreset_denoise);
+            # the bank is the coreset of the rows it keeps.
+            first_sampler = make_sampler(self.sampler, self.percentage, self.projection_dim, self.num_starting_points)
+            first, first_space = first_sampler.select_with_space(train_features, np.random.default_rng(self.seed))
+            audit, plan = coreset_denoise(
+                train_features, meta, first, "own" if first_space is None else first_space.projection, seed=self.seed
+            )  # fmt: skip
         t1 = time.perf_counter()
         space: CoresetSpace | None = None  # where partial_fit continues the coreset (None: it cannot)
         if indices is None:
@@ -438,6 +448,15 @@ class PatchCore:
             )
             if plan is not None:
                 indices = plan.keep[indices]
+        if selected_here and self.audit and audit is None and plan is None:
+            # The training-set audit from the coreset just chosen (engine/audit.py, coreset_audit): it only
+            # reads the features and the chosen rows, so the bank is the same with it on or off.
+            t_audit = time.perf_counter()
+            audit = coreset_audit(
+                train_features, meta, indices, "own" if space is None else space.projection,
+                seed=self.seed, method=self.audit_method,
+            )  # fmt: skip
+            t1 += time.perf_counter() - t_audit  # coreset_seconds stays the coreset's
         bank = np.array(train_features[indices], dtype=np.float32)  # a copy: the feature file may go
         bad = ~np.isfinite(bank).all(axis=1)
         if bad.any():  # features given directly (extract_features checks its own)

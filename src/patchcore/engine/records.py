@@ -87,6 +87,8 @@ class FitStats:
     audit_suspects: int | None = None
     audit_seconds: float | None = None
     audit_exact_fraction: float | None = None
+    audit_method: str | None = None  # exact | coreset (engine/audit.py)
+    audit_max_bound: float | None = None  # coreset audit: the largest per-image bound r_i
     denoise_kept_patches: int | None = None  # the coreset's candidates (denoise on)
     denoise_outlier_patches: int | None = None
     denoise_dropped_images: tuple[int, ...] | None = None  # positions in the fit's input
