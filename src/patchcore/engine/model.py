@@ -173,7 +173,7 @@ class PatchCore:
         percentage: float = 0.1,
         projection_dim: int | None = 128,
         num_starting_points: int = 10,
-        audit: bool = True,
+        audit: bool = False,
         audit_method: str = "coreset",
         denoise: bool = False,
         num_neighbors: int = 1,

@@ -148,8 +148,9 @@ PARAMS: tuple[Param, ...] = (
           in_range(0, 1, low_open=True), True),
     Param("projection_dim", int | None, 128, "coreset random projection size; null = none", at_least(1), True),
     Param("num_starting_points", int, 10, "approximate coreset start points", at_least(1), True),
-    Param("audit", bool, True, "rank the training images by a leave-one-image-out score during fit and warn "
-          "about outliers (engine/audit.py); reads only: the bank is the same with it off", None),
+    Param("audit", bool, False, "rank the training images by a leave-one-image-out score during fit and warn "
+          "about outliers (engine/audit.py); reads only: the bank is the same with it off. Opt-in: on ELPV mono "
+          "at 224 px it took 62.6 s beside a 47.6 s fit (NOTES.md issue 21)", None),
     Param("audit_method", str, "coreset", "coreset: distances to the coreset rows of the other images "
           "(within a measured bound of the exact score, no exact search); exact: the exact leave-one-image-out "
           "score, pruned by those distances (engine/audit.py)", choice("coreset", "exact")),
