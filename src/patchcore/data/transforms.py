@@ -187,7 +187,7 @@ class ImageTransform:
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
         """(3, H, W) float32 normalised tensor of ``image`` (converted to RGB first)."""
-        rgb = self._geometry(to_rgb(image), PIL.Image.BILINEAR)
+        rgb = self._geometry(to_rgb(image), PIL.Image.Resampling.BILINEAR)
         # ToTensor: uint8 HWC -> float32 CHW / 255; then Normalize: (x - mean) / std, in place.
         pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).view(rgb.size[1], rgb.size[0], 3)
         tensor = pixels.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
@@ -201,7 +201,7 @@ class ImageTransform:
         silently turning soft edge pixels into "good"; binarising is left to the caller.
         """
         pil = PIL.Image.fromarray(mask_to_array(mask), mode="L")
-        return torch.from_numpy(np.array(self._geometry(pil, PIL.Image.NEAREST), dtype=np.uint8))
+        return torch.from_numpy(np.array(self._geometry(pil, PIL.Image.Resampling.NEAREST), dtype=np.uint8))
 
     def resized_size(self, original_size_hw: tuple[int, int]) -> tuple[int, int]:
         """(h, w) after the resize step only (torchvision's rule for ``Resize(int)``)."""
