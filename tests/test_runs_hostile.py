@@ -341,3 +341,25 @@ def test_federated_sites_that_share_images_are_refused(data, tmp_path):
     )  # fmt: skip
     assert code == 2 and "share the image" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_results_printed_while_progress_bars_run_reach_a_piped_stdout(monkeypatch):
+    # Issue 24 row 20 (probe): with the bars on a terminal (stderr) and stdout a pipe, predict's JSON lines
+    # must go to stdout, not into the bars' console (rich redirects stdout into it by default).
+    import io
+
+    from rich.console import Console
+
+    from patchcore.app import runs
+    from patchcore.app.runs import Progress
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(runs, "_CONSOLE", Console(file=terminal, force_terminal=True))  # the bars' stderr
+    piped = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stdout", piped)
+    with Progress(True) as bars:
+        bars("score", 1, 2)
+        print('{"image": "a.png"}')
+        bars("score", 2, 2)
+    assert piped.getvalue().splitlines() == ['{"image": "a.png"}']
+    assert "a.png" not in terminal.getvalue()

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -345,6 +346,10 @@ class Progress:
                 TimeRemainingColumn(),
                 console=_console(),
                 transient=False,
+                # Results printed on stdout (predict's JSON lines) must reach a pipe or a file as they are:
+                # rich would otherwise capture them into the bars' console on stderr. Only a terminal shares
+                # the screen with the bars, and there rich keeps the two apart.
+                redirect_stdout=sys.stdout.isatty(),
             )
             self._progress.__enter__()
         return self
