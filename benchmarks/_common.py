@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "big_png",
     "cpu_flags",
     "cpu_model",
     "elpv_model_settings",
@@ -106,3 +107,18 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], align:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def big_png(side: int) -> bytes:
+    """A smooth horizontal gradient as PNG bytes: a small file that decodes to side x side RGB pixels (probes of
+    decoded-pixel budgets)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    image = (ramp[None, :, None] + np.zeros((side, 1, 3), np.float32)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()

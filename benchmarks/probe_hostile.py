@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _common import big_png  # noqa: E402 (benchmarks/ is on the path just above)
+
 KEY = "probe-operator-" + "k" * 24
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
@@ -230,15 +232,6 @@ class Server:
 def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def big_png(side: int) -> bytes:
-    """A smooth gradient: a small file that decodes to side^2 pixels."""
-    ramp = np.linspace(0, 255, side, dtype=np.float32)
-    image = (ramp[None, :, None] + np.zeros((side, 1, 3), np.float32)).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
 
 

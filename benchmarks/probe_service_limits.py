@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
+from _common import big_png
 from PIL import Image
 
 
@@ -43,15 +43,6 @@ def scored(url: str) -> float:
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
         total += sum(s.value for s in family.samples if s.name == "patchcore_images_total")
     return total
-
-
-def big_png(side: int) -> bytes:
-    """A smooth gradient with a little noise: compresses to a small file, decodes to side^2 pixels."""
-    ramp = np.linspace(0, 255, side, dtype=np.float32)
-    image = (ramp[None, :, None] + np.zeros((side, 1, 3), np.float32)).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG", optimize=True)
-    return buffer.getvalue()
 
 
 async def hang_up(url: str, data: bytes, after: float) -> str:
