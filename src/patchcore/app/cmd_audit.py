@@ -166,7 +166,7 @@ def audit_folder(
         )
     folder = Path(tempfile.mkdtemp(prefix="patchcore-audit-", dir=work_dir))
     try:
-        store = FeatureStore(folder / "features.f32")
+        store = FeatureStore(folder / "features.f32", durable=False)  # scratch: removed below
         meta = model.extract_features([str(p) for p in paths], store)
         features = store.array()
         model.input_size_ = tuple(int(s) for s in meta["input_size"])  # for the map pictures

@@ -88,7 +88,7 @@ def reduce_shard(task: ShardTask) -> LocalCoreset:
     work_dir = Path(tempfile.mkdtemp(prefix="patchcore-shard-", dir=model.work_dir))
     try:
         t0 = time.perf_counter()
-        store = FeatureStore(work_dir / "features.f32")
+        store = FeatureStore(work_dir / "features.f32", durable=False)  # scratch: removed after the shard
         meta = model.extract_features(task.images, store)
         features = store.array()
         t1 = time.perf_counter()
